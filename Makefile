@@ -1,0 +1,61 @@
+# The course's commands. `make book` and `make test` are the two the README starts with.
+SHELL  := /bin/bash
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+HOST   ?= 127.0.0.1
+PORT   ?= 8000
+
+.PHONY: book test serve lab student lint unit notebooks site clean
+
+# The virtual environment, rebuilt when the pinned toolchain changes.
+$(STAMP): requirements.txt code/pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is needed, found " + sys.version.split()[0])'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@start=$$(date +%s); \
+	$(BIN)/python -m pip install --quiet --upgrade pip && \
+	$(BIN)/python -m pip install --quiet -r requirements.txt && \
+	echo "installed requirements.txt in $$(( $$(date +%s) - start )) s"
+	touch $(STAMP)
+
+## book: build the website into _build/html, executing every notebook
+book: $(STAMP)
+	@start=$$(date +%s); \
+	$(BIN)/jupyter-book build . -W -n --keep-going || exit 1; \
+	echo "built the book in $$(( $$(date +%s) - start )) s; open _build/html/index.html (or: make serve)"
+
+## test: lint, unit tests, notebooks (nbval), the book build and the browser test
+test: $(STAMP)
+	@start=$$(date +%s); \
+	$(MAKE) --no-print-directory lint unit notebooks book site || exit 1; \
+	echo "make test passed in $$(( $$(date +%s) - start )) s"
+
+lint: $(STAMP)
+	$(BIN)/ruff check code tests chapters
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest tests --ignore=tests/site
+
+notebooks: $(STAMP)
+	$(BIN)/python -m pytest --nbval-lax --nbval-current-env -p no:cacheprovider chapters
+
+site: $(STAMP)
+	$(BIN)/python -m pytest tests/site
+
+## serve: serve the built website on http://$(HOST):$(PORT)
+serve:
+	@test -f _build/html/index.html || { echo "no site yet: run 'make book' first"; exit 1; }
+	@echo "serving http://$(HOST):$(PORT)/ (Ctrl-C stops)"
+	$(PYTHON) -m http.server $(PORT) --bind $(HOST) --directory _build/html
+
+## lab: JupyterLab in the course's environment
+lab: $(STAMP)
+	$(BIN)/jupyter lab --notebook-dir=.
+
+## student: write student notebooks (solutions replaced by stubs) into student/
+student: $(STAMP)
+	$(BIN)/python -m normlab.student chapters student
+
+clean:
+	rm -rf _build student .pytest_cache

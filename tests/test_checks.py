@@ -1,0 +1,76 @@
+"""normlab.checks: a correct solution passes, a wrong one fails with a message that helps."""
+
+import numpy as np
+import pytest
+
+from normlab import checks, scratch
+
+
+def forward(x, gamma, beta, eps):
+    return scratch.batch_norm_forward(x, gamma, beta, None, None, eps=eps)[0]
+
+
+def backward(dout, x, gamma, eps):
+    _, cache = scratch.batch_norm_forward(x, gamma, np.zeros_like(gamma), None, None, eps=eps)
+    return scratch.batch_norm_backward(dout, cache)
+
+
+def running(rm, rv, x, momentum):
+    axes = (0,) if x.ndim == 2 else (0, 2, 3)
+    n = x.size // x.shape[1]
+    return (1 - momentum) * rm + momentum * x.mean(axes), (1 - momentum) * rv + momentum * x.var(axes) * n / (n - 1)
+
+
+def test_correct_solutions_pass(capsys):
+    checks.check_forward(forward)
+    checks.check_backward(backward)
+    checks.check_running_stats(running)
+    assert capsys.readouterr().out.count("PASS") == 3
+
+
+def test_forward_that_forgets_beta_is_caught_with_the_element_and_values():
+    def wrong(x, gamma, beta, eps):
+        return forward(x, gamma, np.zeros_like(beta), eps)
+
+    message = r"forward, x of shape \(4, 3\): out: .* first at index \(0, 0\): expected .*, got"
+    with pytest.raises(AssertionError, match=message):
+        checks.check_forward(wrong)
+
+
+def test_forward_that_only_handles_2d_input_is_caught_on_the_4d_case():
+    def flat_only(x, gamma, beta, eps):
+        mu, var = x.mean(0), x.var(0)
+        return gamma * (x - mu) / np.sqrt(var + eps) + beta
+
+    with pytest.raises((AssertionError, ValueError)):
+        checks.check_forward(flat_only)
+
+
+def test_backward_that_ignores_the_mean_path_is_caught_naming_dx():
+    def naive(dout, x, gamma, eps):
+        dx, dgamma, dbeta = backward(dout, x, gamma, eps)
+        axes = (0,) if x.ndim == 2 else (0, 2, 3)
+        shape = (1, -1) if x.ndim == 2 else (1, -1, 1, 1)
+        return dout * (gamma / np.sqrt(x.var(axes) + eps)).reshape(shape), dgamma, dbeta
+
+    with pytest.raises(AssertionError, match="dx"):
+        checks.check_backward(naive)
+
+
+def test_running_stats_with_the_biased_variance_are_caught_naming_new_var():
+    def biased(rm, rv, x, momentum):
+        axes = (0,) if x.ndim == 2 else (0, 2, 3)
+        return (1 - momentum) * rm + momentum * x.mean(axes), (1 - momentum) * rv + momentum * x.var(axes)
+
+    with pytest.raises(AssertionError, match="new_var"):
+        checks.check_running_stats(biased)
+
+
+def test_missing_return_value_is_named():
+    with pytest.raises(AssertionError, match="got None"):
+        checks.check_forward(lambda x, g, b, e: None)
+
+
+def test_assert_close_reports_shape_mismatch():
+    with pytest.raises(AssertionError, match=r"shape \(2,\), expected \(3,\)"):
+        checks.assert_close("v", np.zeros(2), np.zeros(3))

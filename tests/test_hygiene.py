@@ -1,0 +1,88 @@
+"""The repository's conventions: clean notebooks, a complete toc, the standard first cell, citations."""
+
+import re
+
+import pytest
+
+from conftest import ROOT, cell_source, load_notebook, notebook_paths, toc_files
+
+NOTEBOOKS = notebook_paths()
+IDS = [str(p.relative_to(ROOT)) for p in NOTEBOOKS]
+
+
+def test_there_are_notebooks_to_check():
+    assert NOTEBOOKS, "no notebooks under chapters/"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_notebook_is_stored_without_outputs(path):
+    for i, cell in enumerate(load_notebook(path)["cells"]):
+        if cell["cell_type"] == "code":
+            assert not cell["outputs"], f"cell {i} has outputs: strip them (the book executes notebooks)"
+            assert cell["execution_count"] is None, f"cell {i} has an execution count"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_notebook_is_in_the_toc(path):
+    assert str(path.relative_to(ROOT).with_suffix("")) in toc_files()
+
+
+def test_every_toc_entry_exists():
+    for entry in toc_files():
+        found = [ROOT / f"{entry}{ext}" for ext in (".md", ".ipynb") if (ROOT / f"{entry}{ext}").exists()]
+        assert len(found) == 1, f"_toc.yml names {entry}: expected one .md or .ipynb, found {found}"
+
+
+def test_every_chapter_folder_has_a_narrative_page():
+    for folder in (ROOT / "chapters").iterdir():
+        if folder.is_dir():
+            assert (folder / "index.md").exists(), f"{folder.name}/ has no index.md"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_first_code_cell_is_the_standard_one(path, config):
+    cells = [c for c in load_notebook(path)["cells"] if c["cell_type"] == "code"]
+    first = cell_source(cells[0])
+    url = config["repository"]["url"]
+    assert 'if "google.colab" in sys.modules:' in first
+    installs = [line.strip() for line in first.splitlines() if "pip install" in line]
+    # Colab installs normlab from the repository named in _config.yml, and nothing else (never torch).
+    assert installs == [f'%pip install -q "normlab @ git+{url}#subdirectory=code"'], installs
+    assert "import normlab" in first
+    assert re.search(r"^ctx = normlab\.setup\(\)$", first, re.MULTILINE)
+
+
+def test_colab_launch_buttons_are_configured_from_the_repository(config):
+    assert config["launch_buttons"]["colab_url"] == "https://colab.research.google.com"
+    assert re.fullmatch(r"https://github\.com/[\w.-]+/[\w.-]+", config["repository"]["url"])
+    assert config["repository"]["branch"]
+
+
+def cited_keys():
+    texts = [p.read_text(encoding="utf-8") for p in ROOT.glob("*.md")]
+    texts += [p.read_text(encoding="utf-8") for p in (ROOT / "chapters").rglob("*.md")]
+    for path in NOTEBOOKS:
+        texts += [cell_source(c) for c in load_notebook(path)["cells"] if c["cell_type"] == "markdown"]
+    keys = set()
+    for text in texts:
+        for group in re.findall(r"\{cite(?::\w+)?\}`([^`]+)`", text):
+            keys.update(k.strip() for k in group.split(","))
+    return keys
+
+
+def test_every_citation_key_exists_in_references_bib():
+    bib = set(re.findall(r"^@\w+\{([^,]+),", (ROOT / "references.bib").read_text(), re.MULTILINE))
+    keys = cited_keys()
+    assert keys, "no citations found at all"
+    assert keys <= bib, f"cited but not in references.bib: {sorted(keys - bib)}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_every_solution_block_is_closed_and_followed_by_a_self_check(path):
+    cells = [c for c in load_notebook(path)["cells"]]
+    for i, cell in enumerate(cells):
+        src = cell_source(cell)
+        if cell["cell_type"] == "code" and "# BEGIN SOLUTION" in src:
+            assert src.count("# BEGIN SOLUTION") == src.count("# END SOLUTION"), f"cell {i}"
+            nxt = next(c for c in cells[i + 1 :] if c["cell_type"] == "code")
+            assert "checks." in cell_source(nxt), f"cell {i}: the next code cell should call normlab.checks"
