@@ -65,7 +65,7 @@ def cited_keys():
         texts += [cell_source(c) for c in load_notebook(path)["cells"] if c["cell_type"] == "markdown"]
     keys = set()
     for text in texts:
-        for group in re.findall(r"\{cite(?::\w+)?\}`([^`]+)`", text):
+        for group in re.findall(r"\{cite(?::\w+)?\}`([\w\-:, ]+)`", text):
             keys.update(k.strip() for k in group.split(","))
     return keys
 
