@@ -22,7 +22,7 @@ $(STAMP): requirements.txt code/pyproject.toml
 ## book: build the website into _build/html, executing every notebook
 book: $(STAMP)
 	@start=$$(date +%s); \
-	$(BIN)/jupyter-book build . -W -n --keep-going || exit 1; \
+	$(BIN)/jupyter-book build . --all -W -n --keep-going || exit 1; \
 	echo "built the book in $$(( $$(date +%s) - start )) s; open _build/html/index.html (or: make serve)"
 
 ## test: lint, unit tests, notebooks (nbval), the book build and the browser test

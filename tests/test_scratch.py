@@ -121,6 +121,11 @@ def test_numerical_gradient_notices_a_wrong_gradient():
         (lambda a: {**a, "gamma": [1.0, 1.0, 1.0]}, "numpy array"),
         (lambda a: {**a, "eps": 0.0}, "eps"),
         (lambda a: {**a, "momentum": 1.5}, "momentum"),
+        (lambda a: {**a, "momentum": True}, "momentum"),
+        (lambda a: {**a, "eps": True}, "eps"),
+        (lambda a: {**a, "running_mean": np.zeros(3, dtype=np.int64)}, "running_mean has dtype int64"),
+        (lambda a: {**a, "running_var": -np.ones(3), "training": False}, "running_var has a negative value"),
+        (lambda a: {**a, "running_mean": np.full(3, np.inf)}, "running_mean has a non-finite value"),
         (lambda a: {**a, "running_var": None}, "both be arrays or both be None"),
         (lambda a: {**a, "training": False, "running_mean": None, "running_var": None}, "running_mean is None"),
     ],
@@ -130,6 +135,11 @@ def test_bad_input_raises_a_value_error_naming_the_problem(change, message):
     args = dict(x=x, gamma=gamma, beta=beta, running_mean=rm, running_var=rv)
     with pytest.raises(ValueError, match=re.escape(message)):
         scratch.batch_norm_forward(**change(args))
+
+
+def test_numpy_scalars_are_accepted_as_momentum_and_eps():
+    x, gamma, beta, rm, rv = make((8, 3))
+    scratch.batch_norm_forward(x, gamma, beta, rm, rv, momentum=np.float32(0.1), eps=np.float32(1e-5))
 
 
 def test_single_value_per_channel_is_fine_in_eval_mode():

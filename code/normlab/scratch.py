@@ -14,6 +14,8 @@ Conventions that trip readers, stated where they bite:
 
 from __future__ import annotations
 
+from numbers import Real
+
 import numpy as np
 
 __all__ = [
@@ -40,6 +42,14 @@ def _check_vector(name, v, C, allow_none=False):
         raise ValueError(f"{name} must be a numpy array of shape ({C},), got {type(v).__name__}")
     if v.shape != (C,):
         raise ValueError(f"{name} has shape {v.shape}, expected ({C},) to match the channels of x")
+    if not np.issubdtype(v.dtype, np.floating):
+        raise ValueError(f"{name} has dtype {v.dtype}, expected a floating-point dtype")
+    if not np.all(np.isfinite(v)):
+        raise ValueError(f"{name} has a non-finite value")
+
+
+def _is_number(v):
+    return isinstance(v, Real) and not isinstance(v, (bool, np.bool_))
 
 
 def _check_forward_inputs(x, gamma, beta, running_mean, running_var, training, momentum, eps):
@@ -60,9 +70,13 @@ def _check_forward_inputs(x, gamma, beta, running_mean, running_var, training, m
     _check_vector("running_var", running_var, C, allow_none=training)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must both be arrays or both be None")
-    if not (isinstance(eps, (int, float)) and eps > 0):
+    if running_var is not None and np.any(running_var < 0):
+        raise ValueError("running_var has a negative value; a variance cannot be negative")
+    if running_mean is not None and training and not (running_mean.flags.writeable and running_var.flags.writeable):
+        raise ValueError("running_mean and running_var must be writable: training mode updates them in place")
+    if not (_is_number(eps) and eps > 0):
         raise ValueError(f"eps must be a positive number, got {eps!r}")
-    if not (isinstance(momentum, (int, float)) and 0.0 <= momentum <= 1.0):
+    if not (_is_number(momentum) and 0.0 <= momentum <= 1.0):
         raise ValueError(f"momentum must be a number in [0, 1], got {momentum!r}")
     if training:
         n = x.size // C
