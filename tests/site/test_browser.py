@@ -14,9 +14,9 @@ from pathlib import Path
 from urllib.parse import unquote, urldefrag, urlparse
 
 import pytest
-import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
+from conftest import ROOT, toc_files
+
 HTML = ROOT / "_build" / "html"
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = [
@@ -30,24 +30,7 @@ FLAGS = [
 ]
 
 
-def toc_pages():
-    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
-    files = [toc["root"]]
-
-    def walk(node):
-        if isinstance(node, dict):
-            files.extend([node["file"]] if "file" in node else [])
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for item in node:
-                walk(item)
-
-    walk(toc.get("parts", []))
-    return files
-
-
-PAGES = toc_pages()
+PAGES = toc_files()
 
 
 @pytest.fixture(scope="module")
@@ -79,11 +62,6 @@ def browser():
         b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
         yield b
         b.close()
-
-
-@pytest.fixture(scope="module")
-def config():
-    return yaml.safe_load((ROOT / "_config.yml").read_text())
 
 
 def visit(browser, url, shot=None):
