@@ -19,6 +19,9 @@ $(STAMP): requirements.txt code/pyproject.toml
 	echo "installed requirements.txt in $$(( $$(date +%s) - start )) s"
 	touch $(STAMP)
 
+# Pages and test logs show no progress bars (interactive runs, e.g. `make lab`, keep them).
+book notebooks unit: export NORMLAB_PROGRESS = 0
+
 ## book: build the website into _build/html, executing every notebook
 book: $(STAMP)
 	@start=$$(date +%s); \

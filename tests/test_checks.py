@@ -74,3 +74,39 @@ def test_missing_return_value_is_named():
 def test_assert_close_reports_shape_mismatch():
     with pytest.raises(AssertionError, match=r"shape \(2,\), expected \(3,\)"):
         checks.assert_close("v", np.zeros(2), np.zeros(3))
+
+
+def test_torch_checks_pass_correct_solutions_and_catch_wrong_ones(capsys):
+    import torch
+
+    from normlab.fold import fold_batch_norm
+
+    def backward(g, x_hat, invstd, w):
+        dims = [0] + list(range(2, g.dim()))
+        shape = (1, -1) + (1,) * (g.dim() - 2)
+        n = g.numel() // g.shape[1]
+        db, dw = g.sum(dims), (g * x_hat).sum(dims)
+        return (w * invstd / n).view(shape) * (n * g - db.view(shape) - x_hat * dw.view(shape)), dw, db
+
+    checks.check_bn_backward(backward)
+    checks.check_cumulative_average(lambda r, b, k: r + (b - r) / k)
+    checks.check_fold(fold_batch_norm)
+    assert capsys.readouterr().out.count("PASS") == 3
+
+    def no_mean_path(g, x_hat, invstd, w):
+        dx, dw, db = backward(g, x_hat, invstd, w)
+        return g * (w * invstd).view((1, -1) + (1,) * (g.dim() - 2)), dw, db
+
+    with pytest.raises(AssertionError, match="grad_input"):
+        checks.check_bn_backward(no_mean_path)
+    with pytest.raises(AssertionError, match="after batch 1"):
+        checks.check_cumulative_average(lambda r, b, k: 0.9 * r + 0.1 * b)
+
+    def fold_ignoring_bias(layer, bn):
+        folded = fold_batch_norm(layer, bn)
+        with torch.no_grad():
+            folded.bias.zero_()
+        return folded
+
+    with pytest.raises(AssertionError, match="fold, Linear with bias: output"):
+        checks.check_fold(fold_ignoring_bias)

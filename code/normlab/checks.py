@@ -15,6 +15,9 @@ __all__ = [
     "check_forward",
     "check_backward",
     "check_running_stats",
+    "check_bn_backward",
+    "check_cumulative_average",
+    "check_fold",
 ]
 
 
@@ -94,3 +97,92 @@ def check_running_stats(fn, momentum=0.1):
         assert_close(f"running stats, {desc}: new_var", got[1], exp_v)
         n += 1
     _pass("running statistics", n)
+
+
+def _torch_cases(seed=0):
+    """Yield (description, x) float64 tensors: 2-D and 4-D, odd shapes."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    for shape in [(5, 3), (16, 4), (2, 3, 4, 5), (4, 2, 1, 3)]:
+        yield f"x of shape {shape}", torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 1
+
+
+def check_bn_backward(fn):
+    """Check ``fn(grad_out, x_hat, invstd, weight) -> (grad_input, grad_weight, grad_bias)`` (training mode)."""
+    import torch
+
+    from normlab.functional import batch_norm
+
+    n = 0
+    for desc, x in _torch_cases():
+        C = x.shape[1]
+        gen = torch.Generator().manual_seed(n)
+        weight = (torch.rand(C, generator=gen, dtype=torch.float64) + 0.5).requires_grad_()
+        bias = torch.randn(C, generator=gen, dtype=torch.float64).requires_grad_()
+        x = x.requires_grad_()
+        out = batch_norm(x, None, None, weight, bias, training=True)
+        grad_out = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+        expected = torch.autograd.grad(out, (x, weight, bias), grad_out)
+        dims = [0] + list(range(2, x.dim()))
+        shape = (1, C) + (1,) * (x.dim() - 2)
+        with torch.no_grad():
+            var, mean = torch.var_mean(x, dim=dims, correction=0)
+            invstd = torch.rsqrt(var + 1e-5)
+            x_hat = (x - mean.view(shape)) * invstd.view(shape)
+            got = fn(grad_out.clone(), x_hat.clone(), invstd.clone(), weight.detach().clone())
+        if not isinstance(got, tuple) or len(got) != 3:
+            raise AssertionError(f"backward, {desc}: expected a tuple (grad_input, grad_weight, grad_bias)")
+        for name, g, e in zip(("grad_input", "grad_weight", "grad_bias"), got, expected, strict=True):
+            assert_close(f"backward, {desc}: {name}", None if g is None else g.detach().numpy(), e.numpy())
+        n += 1
+    _pass("autograd backward", n)
+
+
+def check_cumulative_average(fn):
+    """Check ``fn(running, batch_stat, k) -> new running``: the momentum=None update after batch k."""
+    import torch
+
+    from normlab.nn import BatchNorm1d
+
+    gen = torch.Generator().manual_seed(3)
+    bn = BatchNorm1d(4, momentum=None, dtype=torch.float64)
+    running = bn.running_mean.clone()
+    for k in range(1, 8):
+        x = torch.randn(6, 4, generator=gen, dtype=torch.float64) * k + k
+        bn(x)
+        running = fn(running.clone(), x.mean(0), k)
+        assert_close(f"cumulative average after batch {k}", None if running is None else running.numpy(),
+                     bn.running_mean.numpy())
+    _pass("cumulative average (momentum=None)", 7)
+
+
+def check_fold(fn):
+    """Check ``fn(layer, bn) -> new layer`` computing bn(layer(x)) for Linear / Conv2d, with and without bias."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    cases = [
+        ("Linear with bias", nn.Linear(5, 3), nn.BatchNorm1d(3), (8, 5)),
+        ("Linear without bias", nn.Linear(5, 3, bias=False), nn.BatchNorm1d(3), (8, 5)),
+        ("Conv2d with bias", nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), (3, 2, 6, 6)),
+        ("Conv2d without bias", nn.Conv2d(2, 4, 3, bias=False), nn.BatchNorm2d(4), (3, 2, 6, 6)),
+    ]
+    for desc, layer, bn, shape in cases:
+        layer, bn = layer.double(), bn.double()
+        with torch.no_grad():  # non-trivial statistics and affine parameters
+            bn.running_mean.normal_()
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.normal_()
+            bn.bias.normal_()
+        bn.eval()
+        x = torch.randn(shape, dtype=torch.float64)
+        with torch.no_grad():
+            expected = bn(layer(x))
+            folded = fn(layer, bn)
+            if not isinstance(folded, nn.Module):
+                raise AssertionError(f"{desc}: expected an nn.Module, got {type(folded).__name__}")
+            got = folded(x)
+        assert_close(f"fold, {desc}: output", got.numpy(), expected.numpy())
+    _pass("folding", len(cases))
