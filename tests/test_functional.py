@@ -30,8 +30,9 @@ def test_training_gradient_comes_from_the_autograd_function():
     x, w, b = inputs((4, 3))
     out = batch_norm(x.requires_grad_(), None, None, w, b, training=True)
     assert "BatchNormFunction" in out.grad_fn.name()
-    _, mean, invstd = BatchNormFunction.apply(x, w, b, 1e-5)
-    assert not mean.requires_grad and not invstd.requires_grad
+    _, mean, var = BatchNormFunction.apply(x, w, b, 1e-5)
+    assert not mean.requires_grad and not var.requires_grad
+    torch.testing.assert_close(var, x.var(0, unbiased=False))
 
 
 @settings(max_examples=40, deadline=None)
@@ -70,7 +71,15 @@ def test_constant_channel_gives_beta_and_a_zero_variance_estimate():
     w, b = torch.ones(2, dtype=torch.float64), torch.tensor([0.5, -1.0], dtype=torch.float64)
     out = batch_norm(x, rm, rv, w, b, True, 1.0)
     torch.testing.assert_close(out, torch.tensor([[0.5, -1.0]] * 4, dtype=torch.float64))
-    assert torch.all(rv >= 0) and torch.all(rv < 1e-12)
+    assert torch.all(rv == 0)
+
+
+def test_tiny_float32_variances_reach_the_running_estimate_like_torch():
+    x = torch.randn(64, 3, generator=torch.Generator().manual_seed(0)) * 1e-6  # variance ~1e-12
+    ours, ref = torch.ones(3), torch.ones(3)
+    batch_norm(x, torch.zeros(3), ours, training=True, momentum=1.0)
+    F.batch_norm(x, torch.zeros(3), ref, training=True, momentum=1.0)
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=0)
 
 
 @pytest.mark.parametrize(

@@ -28,7 +28,11 @@ def _channel_shape(x):
 
 
 class BatchNormFunction(torch.autograd.Function):
-    """Training-mode batch norm: normalize with batch statistics, scale, shift; closed-form backward."""
+    """Training-mode batch norm: normalize with batch statistics, scale, shift; closed-form backward.
+
+    forward returns (out, mean, var): the batch mean and biased variance per channel come back
+    (without gradients) so that the caller can update running statistics without a second pass.
+    """
 
     @staticmethod
     def forward(ctx, input, weight, bias, eps):
@@ -45,12 +49,12 @@ class BatchNormFunction(torch.autograd.Function):
             out = out + bias.to(x.dtype).view(shape)
         ctx.save_for_backward(x_hat, invstd, weight)
         ctx.has_bias = bias is not None
-        ctx.mark_non_differentiable(mean, invstd)
-        return out.to(input.dtype), mean, invstd
+        ctx.mark_non_differentiable(mean, var)
+        return out.to(input.dtype), mean, var
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out, _grad_mean, _grad_invstd):
+    def backward(ctx, grad_out, _grad_mean, _grad_var):
         x_hat, invstd, weight = ctx.saved_tensors
         dims = [0] + list(range(2, x_hat.dim()))
         shape = _channel_shape(x_hat)
@@ -110,16 +114,14 @@ def batch_norm(
     _check(input, running_mean, running_var, weight, bias, training)
     shape = _channel_shape(input)
     if training:
-        out, mean, invstd = BatchNormFunction.apply(input, weight, bias, eps)
+        out, mean, var = BatchNormFunction.apply(input, weight, bias, eps)
         if running_mean is not None or running_var is not None:
             with torch.no_grad():
                 n = input.numel() // input.shape[1]
                 if running_mean is not None:
                     running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
                 if running_var is not None:
-                    # The biased variance, recovered from invstd in float64 (exact enough; no second pass).
-                    var = (invstd.double().pow(-2) - eps).clamp_min(0)
-                    unbiased = var * n / (n - 1)
+                    unbiased = var * n / (n - 1)  # the running estimate stores the unbiased variance
                     running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
         return out
     # Eval mode: an affine map of the input with fixed statistics; autograd handles it.

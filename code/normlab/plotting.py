@@ -28,6 +28,10 @@ COLORS = {
     "ln": OKABE_ITO["sky"],
     "gn": OKABE_ITO["purple"],
     "in": OKABE_ITO["yellow"],
+    # Chapter 2: BN after the ReLU (BN before it, the paper's placement, is "bn"); running averages.
+    "bn_after": OKABE_ITO["green"],
+    "cumulative": OKABE_ITO["blue"],
+    "ema": OKABE_ITO["orange"],
 }
 
 

@@ -26,6 +26,7 @@ __all__ = [
     "PlacementResult",
     "make_cnn",
     "placement_experiment",
+    "recompute_bn_statistics",
     "eval_pitfall",
     "momentum_none_vs_ema",
     "fold_speedup",
@@ -68,37 +69,46 @@ def make_cnn(placement="before", bias=False, channels=(16, 32), norm=nn.BatchNor
 
 @dataclass
 class PlacementResult:
-    """Final test accuracies (one per seed) and the trained models, for each placement."""
+    """Final test accuracies (one per seed) and the trained models, for each placement.
+
+    ``acc`` holds the accuracies in eval mode with the running statistics that training left
+    (PyTorch's default EMA); ``acc_precise`` the same models' accuracies after
+    ``recompute_bn_statistics`` over the training set. Every summary takes ``precise`` to choose.
+    """
 
     seeds: list
-    acc: dict = field(default_factory=dict)  # placement -> [accuracy per seed]
+    acc: dict = field(default_factory=dict)  # placement -> [accuracy per seed], EMA statistics
+    acc_precise: dict = field(default_factory=dict)  # placement -> [accuracy per seed], recomputed
     models: dict = field(default_factory=dict)  # placement -> [trained model per seed]
 
-    def mean(self, placement) -> float:
-        return float(np.mean(self.acc[placement]))
+    def _acc(self, placement, precise):
+        if placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+        return (self.acc_precise if precise else self.acc)[placement]
 
-    def std(self, placement) -> float:
-        return float(np.std(self.acc[placement], ddof=1))  # the sample standard deviation over seeds
+    def mean(self, placement, precise=False) -> float:
+        return float(np.mean(self._acc(placement, precise)))
 
-    @property
-    def diff(self) -> float:
-        """Mean accuracy of 'after' minus that of 'before' (positive: 'after' wins)."""
-        return self.mean("after") - self.mean("before")
+    def std(self, placement, precise=False) -> float:
+        return float(np.std(self._acc(placement, precise), ddof=1))  # sample standard deviation over seeds
 
-    @property
-    def spread(self) -> float:
-        """The seed-to-seed spread: the larger of the two placements' standard deviations."""
-        return max(self.std(p) for p in PLACEMENTS)
+    def diff(self, precise=False) -> float:
+        """Return the mean accuracy of 'after' minus that of 'before' (positive: 'after' wins)."""
+        return self.mean("after", precise) - self.mean("before", precise)
 
-    @property
-    def winner(self) -> str:
-        return "after" if self.diff > 0 else "before"
+    def spread(self, precise=False) -> float:
+        """Return the seed-to-seed spread: the larger of the two placements' standard deviations."""
+        return max(self.std(p, precise) for p in PLACEMENTS)
 
-    @property
-    def wins(self) -> int:
-        """On how many seeds the winner's accuracy is higher (seeds pair the runs: same init and batches)."""
-        loser = "before" if self.winner == "after" else "after"
-        return sum(w > v for w, v in zip(self.acc[self.winner], self.acc[loser]))
+    def winner(self, precise=False) -> str:
+        """Return the placement with the higher mean accuracy."""
+        return "after" if self.diff(precise) > 0 else "before"
+
+    def wins(self, precise=False) -> int:
+        """Return on how many seeds the winner is ahead (a seed pairs the runs: same init and batches)."""
+        winner = self.winner(precise)
+        loser = "before" if winner == "after" else "after"
+        return sum(w > v for w, v in zip(self._acc(winner, precise), self._acc(loser, precise)))
 
 
 def placement_experiment(data, seeds, *, steps, lr, batch_size=64, channels=(16, 32), progress=None):
@@ -106,6 +116,8 @@ def placement_experiment(data, seeds, *, steps, lr, batch_size=64, channels=(16,
 
     A seed fixes the initial weights (the same for both placements: the layers are created in the
     same order) and the order of the mini-batches, so the two placements are compared in pairs.
+    Each trained model is tested twice: with the running statistics training left, and with
+    statistics recomputed over the training set (``recompute_bn_statistics``).
     """
     if not isinstance(data, Split):
         raise ValueError(f"data must be a normlab.data.Split, got {type(data).__name__}")
@@ -116,14 +128,52 @@ def placement_experiment(data, seeds, *, steps, lr, batch_size=64, channels=(16,
         raise ValueError(f"seeds must be distinct, got {seeds}")
     result = PlacementResult(seeds=seeds)
     for placement in PLACEMENTS:
-        result.acc[placement], result.models[placement] = [], []
+        result.acc[placement], result.acc_precise[placement], result.models[placement] = [], [], []
         for seed in seeds:
             torch.manual_seed(seed)
             model = make_cnn(placement, channels=channels)
             history = train(model, data, steps=steps, lr=lr, batch_size=batch_size, seed=seed, progress=progress)
+            precise = recompute_bn_statistics(model, data.x_train, batch_size=batch_size)
             result.acc[placement].append(history.final_test_acc)
+            result.acc_precise[placement].append(accuracy(precise, data.x_test, data.y_test))
             result.models[placement].append(model.eval())
     return result
+
+
+def _batch_norms(model):
+    return [m for m in model.modules() if isinstance(m, (nn.modules.batchnorm._BatchNorm, normlab_nn._BatchNorm))]
+
+
+def recompute_bn_statistics(model, x, batch_size=64):
+    """Return an eval-mode copy of ``model`` whose BN layers hold the average statistics of ``x``'s batches.
+
+    Every BN layer's running statistics are reset and, with ``momentum=None``, averaged over one
+    pass through ``x`` in consecutive batches of ``batch_size`` (a trailing batch of one is
+    skipped), with every other layer in eval mode and no weight changed ("precise" statistics).
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 2:
+        raise ValueError(f"batch_size must be an int >= 2, got {batch_size!r}")
+    if len(x) < 2:
+        raise ValueError(f"x must hold at least 2 examples, got {len(x)}")
+    model = copy.deepcopy(model).eval()
+    bns = [bn for bn in _batch_norms(model) if bn.track_running_stats]
+    if not bns:
+        raise ValueError("model has no batch norm layer with running statistics")
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # the k-th batch gets weight 1/k: a plain average
+        bn.train()
+    with torch.no_grad():
+        for i in range(0, len(x), batch_size):
+            if len(x[i : i + batch_size]) > 1:
+                model(x[i : i + batch_size])
+    for bn, m in zip(bns, momenta):
+        bn.momentum = m
+        bn.eval()
+    return model
 
 
 def eval_pitfall(models, x, y, batch_sizes):

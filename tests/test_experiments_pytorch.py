@@ -1,0 +1,186 @@
+"""normlab.experiments.pytorch: the CNN, the experiments' shapes and behaviours, their argument checks."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from normlab import nn as normlab_nn
+from normlab.data import Split
+from normlab.experiments import pytorch as ex
+
+
+def tiny_split(n_train=48, n_test=20, seed=0):
+    """A random stand-in for the digits: 64 features, 10 classes."""
+    gen = torch.Generator().manual_seed(seed)
+    return Split(
+        torch.randn(n_train, 64, generator=gen),
+        torch.arange(n_train) % 10,
+        torch.randn(n_test, 64, generator=gen),
+        torch.arange(n_test) % 10,
+        name="tiny",
+    )
+
+
+def layer_types(model):
+    return [type(m) for m in model]
+
+
+def test_make_cnn_maps_rows_of_64_pixels_to_10_logits():
+    model = ex.make_cnn("before", channels=(4, 6))
+    assert model(torch.randn(5, 64)).shape == (5, 10)
+
+
+def test_placement_changes_the_order_of_bn_and_relu():
+    before = layer_types(ex.make_cnn("before", channels=(4,)))
+    after = layer_types(ex.make_cnn("after", channels=(4,)))
+    assert before[1:4] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU]
+    assert after[1:4] == [nn.Conv2d, nn.ReLU, nn.BatchNorm2d]
+
+
+def test_both_placements_start_from_the_same_weights_for_the_same_seed():
+    models = []
+    for placement in ex.PLACEMENTS:
+        torch.manual_seed(3)
+        models.append(ex.make_cnn(placement, channels=(4, 6)))
+    a, b = ([p for p in m.parameters()] for m in models)
+    assert len(a) == len(b) and all(torch.equal(p, q) for p, q in zip(a, b))
+
+
+def test_bias_switch_and_norm_class_are_honoured():
+    model = ex.make_cnn("after", bias=True, channels=(4,), norm=normlab_nn.BatchNorm2d)
+    conv = next(m for m in model if isinstance(m, nn.Conv2d))
+    assert conv.bias is not None
+    assert sum(isinstance(m, normlab_nn.BatchNorm2d) for m in model) == 1
+    assert ex.make_cnn(channels=(4,))[1].bias is None  # no bias by default
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"placement": "middle"}, {"channels": ()}, {"channels": (4, 0)}, {"bias": 1}, {"num_classes": 0}],
+)
+def test_make_cnn_rejects_bad_arguments(kwargs):
+    with pytest.raises(ValueError):
+        ex.make_cnn(**kwargs)
+
+
+def test_placement_experiment_returns_one_accuracy_and_model_per_seed_and_placement():
+    result = ex.placement_experiment(tiny_split(), [0, 1], steps=2, lr=0.01, batch_size=8, channels=(4,),
+                                     progress=False)
+    for p in ex.PLACEMENTS:
+        for acc in (result.acc[p], result.acc_precise[p]):
+            assert len(acc) == 2 and all(0.0 <= a <= 1.0 for a in acc)
+        assert len(result.models[p]) == 2 and not result.models[p][0].training
+    assert result.winner() in ex.PLACEMENTS
+    assert result.diff() == pytest.approx(result.mean("after") - result.mean("before"))
+    assert result.spread(precise=True) == pytest.approx(max(result.std(p, precise=True) for p in ex.PLACEMENTS))
+
+
+def test_placement_result_summaries_and_the_choice_of_statistics():
+    r = ex.PlacementResult(
+        seeds=[0, 1, 2],
+        acc={"before": [0.9, 0.8, 0.85], "after": [0.95, 0.9, 0.8]},
+        acc_precise={"before": [0.9, 0.9, 0.9], "after": [0.8, 0.8, 0.8]},
+    )
+    assert r.mean("before") == pytest.approx(0.85)
+    assert r.std("before") == pytest.approx(0.05)  # sample standard deviation
+    assert r.winner() == "after" and r.wins() == 2
+    assert r.winner(precise=True) == "before" and r.wins(precise=True) == 3
+    with pytest.raises(ValueError, match="placement"):
+        r.mean("middle")
+
+
+def test_recompute_bn_statistics_averages_the_batches_and_leaves_the_model_alone():
+    model = ex.make_cnn(channels=(4,)).train()
+    x = torch.randn(30, 64) * 3 + 1
+    before = copy.deepcopy(model.state_dict())
+    precise = ex.recompute_bn_statistics(model, x, batch_size=10)
+    bn = precise[2]
+    conv_out = model[1](model[0](x))  # (30, 4, 8, 8): what the BN sees
+    batch_means = torch.stack([conv_out[i : i + 10].mean(dim=(0, 2, 3)) for i in (0, 10, 20)])
+    assert torch.allclose(bn.running_mean, batch_means.mean(0), atol=1e-5)
+    assert int(bn.num_batches_tracked) == 3 and bn.momentum == 0.1 and not precise.training
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the original is untouched
+
+
+@pytest.mark.parametrize("kwargs", [{"batch_size": 1}, {"x": torch.randn(1, 64)}, {"model": nn.Linear(64, 10)}])
+def test_recompute_bn_statistics_rejects_bad_arguments(kwargs):
+    args = {"model": ex.make_cnn(channels=(4,)), "x": torch.randn(8, 64)} | kwargs
+    with pytest.raises(ValueError):
+        ex.recompute_bn_statistics(**args)
+
+
+@pytest.mark.parametrize(
+    "seeds, match", [([0], "at least 2 seeds"), ([1, 1], "distinct")]
+)
+def test_placement_experiment_rejects_bad_seeds(seeds, match):
+    with pytest.raises(ValueError, match=match):
+        ex.placement_experiment(tiny_split(), seeds, steps=1, lr=0.01)
+
+
+def test_placement_experiment_rejects_data_that_is_not_a_split():
+    with pytest.raises(ValueError, match="Split"):
+        ex.placement_experiment((torch.zeros(4, 64), torch.zeros(4)), [0, 1], steps=1, lr=0.01)
+
+
+def test_eval_pitfall_shapes_and_it_leaves_the_running_statistics_alone():
+    data = tiny_split()
+    models = [ex.make_cnn(channels=(4,)).eval() for _ in range(2)]
+    with torch.no_grad():  # give the buffers values to protect
+        for m in models:
+            m[2].running_mean.fill_(0.5)
+    eval_acc, train_acc = ex.eval_pitfall(models, data.x_test, data.y_test, [1, 4])
+    assert eval_acc.shape == (2,) and train_acc.shape == (2, 2)
+    assert all(torch.all(m[2].running_mean == 0.5) for m in models)
+
+
+@pytest.mark.parametrize("models, sizes", [([], [1]), (["m"], []), (["m"], [0])])
+def test_eval_pitfall_rejects_bad_arguments(models, sizes):
+    models = [ex.make_cnn(channels=(4,)) for _ in models]
+    with pytest.raises(ValueError):
+        ex.eval_pitfall(models, torch.zeros(2, 64), torch.zeros(2, dtype=torch.long), sizes)
+
+
+def test_momentum_none_vs_ema_returns_errors_per_batch_and_the_cumulative_average_wins_when_stationary():
+    run = ex.momentum_none_vs_ema(300, batch_size=8, num_features=16, seed=1)
+    assert list(run["k"][:3]) == [1, 2, 3] and len(run["k"]) == 300
+    for name in ("cumulative", "ema"):
+        assert run[name]["mean_err"].shape == (300,) and run[name]["var_err"].shape == (300,)
+    assert run["cumulative"]["mean_err"][-1] < run["ema"]["mean_err"][-1]
+
+
+def test_momentum_none_vs_ema_the_ema_wins_when_the_mean_drifts():
+    run = ex.momentum_none_vs_ema(300, batch_size=8, num_features=16, drift=3.0, seed=1)
+    assert run["ema"]["mean_err"][-1] < run["cumulative"]["mean_err"][-1]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"num_batches": 0}, {"batch_size": 1}, {"num_features": 0}, {"momentum": 0.0}, {"momentum": 1.5},
+     {"momentum": None}, {"drift": float("nan")}],
+)
+def test_momentum_none_vs_ema_rejects_bad_arguments(kwargs):
+    args = {"num_batches": 5} | kwargs
+    with pytest.raises(ValueError):
+        ex.momentum_none_vs_ema(args.pop("num_batches"), **args)
+
+
+def test_fold_speedup_times_both_models_each_round():
+    model = ex.make_cnn(channels=(4,)).eval()
+    out = ex.fold_speedup(model, torch.randn(2, 64), rounds=2, min_run_time=0.001)
+    for key in ("unfolded", "folded", "ratio"):
+        assert out[key].shape == (2,) and np.all(out[key] > 0)
+    assert np.allclose(out["ratio"], out["unfolded"] / out["folded"])
+
+
+@pytest.mark.parametrize("kwargs", [{"rounds": 0}, {"min_run_time": 0.0}, {"num_threads": 0}])
+def test_fold_speedup_rejects_bad_arguments(kwargs):
+    with pytest.raises(ValueError):
+        ex.fold_speedup(ex.make_cnn(channels=(4,)), torch.randn(2, 64), **kwargs)
+
+
+def test_fold_speedup_rejects_a_model_that_is_not_a_module():
+    with pytest.raises(ValueError, match="nn.Module"):
+        ex.fold_speedup(lambda x: x, torch.randn(2, 64))
