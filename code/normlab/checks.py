@@ -18,6 +18,8 @@ __all__ = [
     "check_bn_backward",
     "check_cumulative_average",
     "check_fold",
+    "check_drift_ratio",
+    "check_noise",
 ]
 
 
@@ -186,3 +188,46 @@ def check_fold(fn):
             got = folded(x)
         assert_close(f"fold, {desc}: output", got.numpy(), expected.numpy())
     _pass("folding", len(cases))
+
+
+def check_drift_ratio(fn):
+    """Check ``fn(p15, p50, p85) -> ratio`` against ``drift_ratio`` on several percentile traces."""
+    from normlab.experiments.covariate_shift import drift_ratio
+
+    rng = np.random.default_rng(0)
+    cases = [
+        ("a constant distribution", np.full(5, -1.0), np.zeros(5), np.ones(5)),
+        ("a median that climbs", -np.ones(4), np.array([0.0, 1.0, 3.0, 2.0]), np.array([1.0, 2, 4, 3])),
+    ]
+    p50 = rng.normal(size=(20, 3)).cumsum(0)
+    spread = rng.uniform(0.5, 2.0, size=(20, 3))
+    cases.append(("random walks of 3 units over 20 steps", p50 - spread, p50, p50 + spread))
+    for desc, p15, p50, p85 in cases:
+        assert_close(f"drift ratio for {desc}", fn(p15, p50, p85), drift_ratio(p15, p50, p85), rtol=1e-9)
+    print(f"PASS drift ratio: matches the reference on {len(cases)} inputs.")
+
+
+def check_noise(fn):
+    """Check ``fn(a, mu_t, sigma_t, generator) -> s * a + m`` by the statistics of its noise."""
+    import math
+
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    n = 200_000
+    for mu_t, sigma_t in [(0.3, 1.1), (-0.45, 1.0)]:
+        zero = fn(torch.zeros(n, 2), mu_t, sigma_t, gen)
+        if zero is None or tuple(zero.shape) != (n, 2):
+            got = getattr(zero, "shape", None)
+            raise AssertionError(f"noise on a ({n}, 2) input: got shape {got}, expected ({n}, 2)")
+        case = f"mu_t={mu_t}, sigma_t={sigma_t}"
+        assert_close(f"{case}, a = 0: min of m", zero.min().item(), mu_t - 0.1, atol=2e-3)
+        assert_close(f"{case}, a = 0: max of m", zero.max().item(), mu_t + 0.1, atol=2e-3)
+        assert_close(f"{case}, a = 0: mean of m", zero.mean().item(), mu_t, atol=2e-3)
+        one = fn(torch.ones(n, 2), mu_t, sigma_t, gen)
+        assert_close(f"{case}, a = 1: mean of s + m", one.mean().item(), sigma_t + mu_t, atol=3e-3)
+        std = math.sqrt(0.1**2 + 0.2**2 / 12)  # s and m independent: N(., 0.1) plus U(width 0.2)
+        assert_close(f"{case}, a = 1: std of s + m", one.std().item(), std, rtol=0.02)
+        if torch.equal(zero[:, 0], zero[:, 1]):
+            raise AssertionError(f"{case}: both columns got the same noise; m must be drawn per element")
+    print("PASS noise: m and s have the right ranges, means and spreads on 2 settings.")

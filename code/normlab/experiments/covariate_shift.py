@@ -1,0 +1,544 @@
+"""Chapter 3's experiments: internal covariate shift, the 2015 evidence and the 2018 rebuttal.
+
+Every experiment trains a small *ensemble* of MLPs at once: K independent networks (members) that
+share an architecture but differ in seed, learning rate, initial weight scale, whether they use
+batch norm (BN) and whether they add Santurkar et al.'s time-varying noise after it. Their weights
+are stacked on a leading member axis, so one batched matrix product runs all of them; no operation
+mixes members, so a member that diverges never touches the others. This is what makes several seeds
+and whole learning-rate sweeps fit in the quick budget on two CPU cores.
+
+BN here is the training-mode formula of ``torch.nn.functional.batch_norm`` applied per member
+(``ensemble_batch_norm``; a test compares it with ``normlab.nn.BatchNorm1d``). The lab notebook
+``chapters/covariate_shift/lab.ipynb`` calls these functions and asserts what the chapter claims.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from normlab import nn as normlab_nn
+from normlab.data import Split
+
+__all__ = [
+    "NOISE",
+    "ACTIVATIONS",
+    "Run",
+    "time_varying_noise",
+    "NoisyBatchNorm1d",
+    "ensemble_batch_norm",
+    "train_ensemble",
+    "drift_ratio",
+    "run_drift",
+    "steps_to_target",
+    "budget",
+    "fig1_experiment",
+    "lr_sweep",
+    "init_sweep",
+    "noisy_bn_experiment",
+]
+
+# Santurkar et al.'s noise: per step mu_t ~ U(-0.5, 0.5), sigma_t ~ U(1, 1.25); per element
+# m ~ U(mu_t - 0.1, mu_t + 0.1) and s ~ N(sigma_t, 0.1); the activation a becomes s * a + m.
+NOISE = {"mu": (-0.5, 0.5), "sigma": (1.0, 1.25), "m_halfwidth": 0.1, "s_std": 0.1}
+ACTIVATIONS = {"sigmoid": torch.sigmoid, "relu": torch.relu}
+
+
+def _check_positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _check_scale(scale):
+    if scale not in ("quick", "full"):
+        raise ValueError(f"scale must be 'quick' or 'full', got {scale!r}")
+
+
+def _show_progress(progress):
+    if progress is not None:
+        return bool(progress)
+    return os.environ.get("NORMLAB_PROGRESS", "1") != "0"
+
+
+# --------------------------------------------------------------------------------------------
+# Noise and BN
+# --------------------------------------------------------------------------------------------
+
+
+def time_varying_noise(a, mu_t, sigma_t, generator=None):
+    """Return s * a + m with per-element m ~ U(mu_t - 0.1, mu_t + 0.1) and s ~ N(sigma_t, 0.1).
+
+    a: (..., N, D). mu_t, sigma_t: floats or tensors that broadcast against a (one draw per step,
+    and per member in an ensemble). The output has the shape of a.
+    """
+    h, s_std = NOISE["m_halfwidth"], NOISE["s_std"]
+    m = mu_t + h * (2 * torch.rand(a.shape, generator=generator, dtype=a.dtype) - 1)
+    s = sigma_t + s_std * torch.randn(a.shape, generator=generator, dtype=a.dtype)
+    return s * a + m
+
+
+def _draw_step_noise(shape, generator=None, dtype=torch.float32):
+    """Draw this step's (mu_t, sigma_t), each of ``shape``."""
+    (mu_lo, mu_hi), (s_lo, s_hi) = NOISE["mu"], NOISE["sigma"]
+    mu_t = mu_lo + (mu_hi - mu_lo) * torch.rand(shape, generator=generator, dtype=dtype)
+    sigma_t = s_lo + (s_hi - s_lo) * torch.rand(shape, generator=generator, dtype=dtype)
+    return mu_t, sigma_t
+
+
+class NoisyBatchNorm1d(normlab_nn.BatchNorm1d):
+    """Batch norm followed by time-varying noise in training mode (Santurkar et al. 2018).
+
+    Every forward pass in training mode draws a new (mu_t, sigma_t), then per-element noise around
+    them. In eval mode the layer is plain BN: the noise is a training-time perturbation only.
+    """
+
+    def __init__(self, num_features, *args, generator=None, **kwargs):
+        super().__init__(num_features, *args, **kwargs)
+        self.generator = generator
+
+    def forward(self, input):
+        out = super().forward(input)
+        if not self.training:
+            return out
+        mu_t, sigma_t = _draw_step_noise((), self.generator, out.dtype)
+        return time_varying_noise(out, mu_t, sigma_t, self.generator)
+
+
+def ensemble_batch_norm(h, gamma, beta, eps=1e-5):
+    """Normalize each member's features over its batch, then scale and shift.
+
+    h: (K, N, D); gamma, beta: (K, 1, D). Returns (out, mean, var), mean and var (K, 1, D) with the
+    biased variance (the one that normalizes), as in ``F.batch_norm`` in training mode.
+    """
+    mean = h.mean(dim=1, keepdim=True)  # (K, 1, D)
+    var = h.var(dim=1, unbiased=False, keepdim=True)  # (K, 1, D)
+    return gamma * (h - mean) / torch.sqrt(var + eps) + beta, mean, var
+
+
+# --------------------------------------------------------------------------------------------
+# The ensemble
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """What ``train_ensemble`` recorded for its K members.
+
+    eval_step: (E,) steps at which test accuracy was measured; test_acc: (K, E).
+    train_loss: (K, T) per-step training loss. probe_step: (P,); pct: (K, P, 3, U) the 15/50/85th
+    percentiles of U units' pre-activations in the probed layer over the probe batch.
+    ics: {step: {"rel": (K, L-1), "cos": (K, L-1)}} for layers 2..L. smooth: {step: {"loss_var":
+    (K,), "grad_change": (K,)}}.
+    """
+
+    eval_step: np.ndarray
+    test_acc: np.ndarray
+    train_loss: np.ndarray
+    probe_step: np.ndarray
+    pct: np.ndarray
+    ics: dict = field(default_factory=dict)
+    smooth: dict = field(default_factory=dict)
+
+
+def _members(values, name, k):
+    t = torch.as_tensor(values, dtype=torch.float32).reshape(-1)
+    if t.numel() == 1:
+        t = t.expand(k).clone()
+    if t.numel() != k:
+        raise ValueError(f"{name} has {t.numel()} entries, expected 1 or {k} (one per member)")
+    return t
+
+
+def _init_params(sizes, init_scale, seeds):
+    """Draw each member's weights ~ N(0, init_scale^2 / fan_in) from its own seed."""
+    params = [{"W": [], "b": [], "g": [], "beta": []} for _ in sizes[1:]]
+    for k, seed in enumerate(seeds):
+        gen = torch.Generator().manual_seed(int(seed))
+        for layer, d_in, d_out in zip(params, sizes[:-1], sizes[1:]):
+            layer["W"].append(torch.randn(d_in, d_out, generator=gen) * float(init_scale[k]) / math.sqrt(d_in))
+    K = len(seeds)
+    for layer, d_out in zip(params, sizes[1:]):
+        layer["W"] = torch.stack(layer["W"]).requires_grad_()  # (K, d_in, d_out)
+        layer["b"] = torch.zeros(K, 1, d_out, requires_grad=True)
+        layer["g"] = torch.ones(K, 1, d_out, requires_grad=True)  # gamma
+        layer["beta"] = torch.zeros(K, 1, d_out, requires_grad=True)
+    del params[-1]["g"], params[-1]["beta"]  # the output layer has no BN
+    return params
+
+
+def _flat(params):
+    return [t for layer in params for t in layer.values()]
+
+
+class _Net:
+    """The stacked MLP: linear -> (BN -> noise) -> activation per hidden layer, linear on top."""
+
+    def __init__(self, sizes, act, use_bn, use_noise, init_scale, seeds):
+        self.params = _init_params(sizes, init_scale, seeds)
+        K, hidden = len(seeds), len(sizes) - 2
+        self.act = ACTIVATIONS[act]
+        self.bn = use_bn.reshape(K, 1, 1)
+        self.noise = use_noise.reshape(K, 1, 1)
+        self.running = [
+            (torch.zeros(K, 1, d), torch.ones(K, 1, d)) for d in sizes[1:-1]
+        ]  # running (mean, var) per hidden layer
+        self.hidden = hidden
+
+    def forward(self, x, params=None, mode="train", gen=None, capture=None):
+        """Return logits (K, N, C); mode: 'train' (batch stats, noise), 'probe' (same, no running
+        update), 'clean' (batch stats, no noise, no update) or 'eval' (running stats, no noise)."""
+        params = self.params if params is None else params
+        h = x
+        for i, layer in enumerate(params):
+            z = torch.baddbmm(layer["b"], h, layer["W"])  # (K, N, d_out)
+            if i == self.hidden:
+                return z
+            if mode == "eval":
+                mean, var = self.running[i]
+                normed = layer["g"] * (z - mean) / torch.sqrt(var + 1e-5) + layer["beta"]
+            else:
+                normed, mean, var = ensemble_batch_norm(z, layer["g"], layer["beta"])
+                if mode == "train":
+                    with torch.no_grad():
+                        n = z.shape[1]
+                        rm, rv = self.running[i]
+                        rm.mul_(0.9).add_(0.1 * mean)
+                        rv.mul_(0.9).add_(0.1 * var * n / (n - 1))  # the running variance is unbiased
+            z = torch.where(self.bn, normed, z)
+            if mode in ("train", "probe"):  # noise after BN (or where BN would be)
+                mu_t, sigma_t = _draw_step_noise((z.shape[0], 1, 1), gen)
+                z = torch.where(self.noise, time_varying_noise(z, mu_t, sigma_t, gen), z)
+            if capture is not None and i == capture[0]:
+                capture[1].append(z.detach()[:, :, : capture[2]])
+            h = self.act(z)
+        return h
+
+
+def _loss(logits, y):
+    """Return the per-member mean cross-entropy, (K,)."""
+    K, N, C = logits.shape
+    return F.cross_entropy(logits.reshape(K * N, C), y.reshape(K * N), reduction="none").reshape(K, N).mean(1)
+
+
+def _grads(net, params, x, y, mode="clean", gen=None):
+    loss = _loss(net.forward(x, params, mode=mode, gen=gen), y)
+    grads = torch.autograd.grad(loss.sum(), _flat(params))
+    return loss.detach(), grads
+
+
+def _stepped(params, grads, lr, upto):
+    """Return a copy of params whose first ``upto`` layers took an SGD step (detached leaves)."""
+    out, it = [], iter(grads)
+    for i, layer in enumerate(params):
+        new = {}
+        for key, t in layer.items():
+            g = next(it)
+            new[key] = (t - lr * g if i < upto else t).detach().requires_grad_()
+        out.append(new)
+    return out
+
+
+def _ics(net, x, y, lr):
+    """Return {"rel": (K, L-1), "cos": (K, L-1)}: G vs G' for the weights of layers 2..L."""
+    params = [{k: t.detach().requires_grad_() for k, t in layer.items()} for layer in net.params]
+    _, grads = _grads(net, params, x, y)
+    n_per = len(params[0])
+    rel, cos = [], []
+    for i in range(1, len(params)):
+        G = grads[i * n_per].flatten(1)  # (K, d_in * d_out): layer i's weight gradient
+        _, grads2 = _grads(net, _stepped(params, grads, lr, i), x, y)
+        G2 = grads2[i * n_per].flatten(1)
+        rel.append((G - G2).norm(dim=1) / G.norm(dim=1))
+        cos.append(F.cosine_similarity(G, G2, dim=1))
+    return {"rel": torch.stack(rel, 1).numpy(), "cos": torch.stack(cos, 1).numpy()}
+
+
+def _smoothness(net, x, y, lr, multipliers):
+    """Return loss variation and gradient change along the gradient, steps lr * multipliers."""
+    params = [{k: t.detach().requires_grad_() for k, t in layer.items()} for layer in net.params]
+    loss0, g0 = _grads(net, params, x, y)
+    losses, changes = [loss0], []
+    for mult in multipliers:
+        it = iter(g0)
+        moved = [{k: (t - lr * mult * next(it)).detach().requires_grad_() for k, t in layer.items()}
+                 for layer in params]
+        loss, g = _grads(net, moved, x, y)
+        losses.append(loss)
+        diff = torch.sqrt(sum(((a - b).flatten(1) ** 2).sum(1) for a, b in zip(g, g0)))
+        changes.append(diff)
+    losses = torch.stack(losses, 1)  # (K, 1 + len(multipliers))
+    loss_var = torch.nan_to_num(losses.max(1).values - losses.min(1).values, nan=float("inf"))
+    grad_change = torch.nan_to_num(torch.stack(changes, 1).max(1).values, nan=float("inf"))
+    return {"loss_var": loss_var.numpy(), "grad_change": grad_change.numpy()}
+
+
+def train_ensemble(
+    data: Split,
+    *,
+    seeds,
+    use_bn,
+    lr,
+    steps: int,
+    hidden=(100, 100, 100),
+    act: str = "sigmoid",
+    use_noise=False,
+    init_scale=1.0,
+    batch_size: int = 60,
+    eval_every: int = 25,
+    probe_layer: int | None = None,
+    probe_units: int = 10,
+    check_every: int | None = None,
+    smooth_multipliers=(0.5, 1.0, 2.0, 4.0),
+    progress: bool | None = None,
+) -> Run:
+    """Train K MLPs at once with plain SGD on ``data``; return what they recorded (see ``Run``).
+
+    seeds: K ints (each fixes a member's initial weights and mini-batch order). use_bn, use_noise,
+    lr, init_scale: one value for all members or one per member. probe_layer: index of the hidden
+    layer whose pre-activations (after BN and noise) are recorded, on the test inputs, at each
+    evaluation. check_every: measure ICS and smoothness every that many steps (None: never).
+    """
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError("seeds must name at least one member")
+    K = len(seeds)
+    _check_positive_int("steps", steps)
+    _check_positive_int("batch_size", batch_size)
+    _check_positive_int("eval_every", eval_every)
+    if act not in ACTIVATIONS:
+        raise ValueError(f"act must be one of {sorted(ACTIVATIONS)}, got {act!r}")
+    if not hidden or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden):
+        raise ValueError(f"hidden must be a non-empty tuple of positive ints, got {hidden!r}")
+    if probe_layer is not None and not 0 <= probe_layer < len(hidden):
+        raise ValueError(f"probe_layer must be in [0, {len(hidden)}) or None, got {probe_layer!r}")
+    n = len(data.x_train)
+    if batch_size > n:
+        raise ValueError(f"batch_size must be <= {n} (the training set size), got {batch_size}")
+    lr = _members(lr, "lr", K)
+    if not (lr > 0).all():
+        raise ValueError(f"every lr must be positive, got {lr.tolist()}")
+    init_scale = _members(init_scale, "init_scale", K)
+    if not (init_scale > 0).all():
+        raise ValueError(f"every init_scale must be positive, got {init_scale.tolist()}")
+    use_bn = _members(use_bn, "use_bn", K).bool()
+    use_noise = _members(use_noise, "use_noise", K).bool()
+
+    # Saturated sigmoids and vanishing gradients make subnormal floats, which slow CPU arithmetic
+    # by up to 100x; flushing them to zero changes no result that matters and keeps runs in budget.
+    torch.set_flush_denormal(True)
+    try:
+        return _train_ensemble(data, seeds, use_bn, use_noise, lr, init_scale, steps, hidden, act, batch_size,
+                               eval_every, probe_layer, probe_units, check_every, smooth_multipliers, progress)
+    finally:
+        torch.set_flush_denormal(False)  # torch's default
+
+
+def _train_ensemble(data, seeds, use_bn, use_noise, lr, init_scale, steps, hidden, act, batch_size, eval_every,
+                    probe_layer, probe_units, check_every, smooth_multipliers, progress):
+    K, n = len(seeds), len(data.x_train)
+    sizes = [data.num_features, *hidden, data.num_classes]
+    net = _Net(sizes, act, use_bn, use_noise, init_scale, seeds)
+    gens = [torch.Generator().manual_seed(s + 7919) for s in seeds]  # mini-batch order per member
+    noise_gen = torch.Generator().manual_seed(seeds[0] + 104729)
+    lr_w = lr.reshape(K, 1, 1)
+    x_test = data.x_test.expand(K, *data.x_test.shape)  # (K, N_test, D), a view
+    eval_step, accs, probe_step, pcts, losses = [], [], [], [], []
+    ics, smooth = {}, {}
+    q = torch.tensor([0.15, 0.5, 0.85])
+
+    def evaluate(step):
+        with torch.no_grad():
+            logits = net.forward(x_test, mode="eval")
+            accs.append((logits.argmax(-1) == data.y_test).float().mean(1).numpy())
+            eval_step.append(step)
+            if probe_layer is not None:
+                cap = (probe_layer, [], probe_units)
+                net.forward(x_test, mode="probe", gen=noise_gen, capture=cap)
+                pcts.append(torch.quantile(cap[1][0], q, dim=1).permute(1, 0, 2).numpy())  # (K, 3, U)
+                probe_step.append(step)
+
+    evaluate(0)
+    bar = tqdm(range(1, steps + 1), desc="train", disable=not _show_progress(progress), leave=False)
+    for step in bar:
+        idx = torch.stack([torch.randperm(n, generator=g)[:batch_size] for g in gens])  # (K, B)
+        x, y = data.x_train[idx], data.y_train[idx]  # (K, B, D), (K, B)
+        if check_every and (step == 1 or step % check_every == 0):
+            ics[step] = _ics(net, x, y, lr_w)
+            smooth[step] = _smoothness(net, x, y, lr_w, smooth_multipliers)
+        loss = _loss(net.forward(x, mode="train", gen=noise_gen), y)
+        params = _flat(net.params)
+        grads = torch.autograd.grad(loss.sum(), params)
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                p -= lr_w * g
+        losses.append(loss.detach().numpy())
+        if step % eval_every == 0 or step == steps:
+            evaluate(step)
+            bar.set_postfix(acc=f"{np.median(accs[-1]):.3f}")
+    return Run(
+        eval_step=np.array(eval_step),
+        test_acc=np.stack(accs, 1),
+        train_loss=np.stack(losses, 1),
+        probe_step=np.array(probe_step),
+        pct=np.stack(pcts, 1) if pcts else np.zeros((K, 0, 3, 0)),
+        ics=ics,
+        smooth=smooth,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Measures
+# --------------------------------------------------------------------------------------------
+
+
+def drift_ratio(p15, p50, p85):
+    """Return the drift of the median relative to the spread: (max p50 - min p50) / mean(p85 - p15).
+
+    p15, p50, p85: (T, ...) percentiles over T recorded steps; the ratio is taken over axis 0.
+    """
+    p15, p50, p85 = (np.asarray(p, dtype=np.float64) for p in (p15, p50, p85))
+    if not p15.shape == p50.shape == p85.shape:
+        raise ValueError(f"percentiles have shapes {p15.shape}, {p50.shape}, {p85.shape}; expected equal")
+    if p50.ndim < 1 or p50.shape[0] < 2:
+        raise ValueError(f"need at least 2 recorded steps along axis 0, got shape {p50.shape}")
+    return (p50.max(0) - p50.min(0)) / (p85 - p15).mean(0)
+
+
+def run_drift(run):
+    """Return each member's drift ratio, the median over the probed units: (K,)."""
+    if run.pct.shape[1] < 2:
+        raise ValueError("the run recorded fewer than 2 probes; pass probe_layer to train_ensemble")
+    p15, p50, p85 = np.moveaxis(run.pct, 2, 0)  # each (K, P, U)
+    ratios = drift_ratio(*(np.swapaxes(p, 0, 1) for p in (p15, p50, p85)))  # (K, U)
+    return np.median(ratios, axis=1)
+
+
+def steps_to_target(eval_step, test_acc, target):
+    """Return the first step at which test_acc reaches target, per member (inf where never).
+
+    eval_step: (E,); test_acc: (..., E).
+    """
+    eval_step = np.asarray(eval_step, dtype=np.float64)
+    test_acc = np.asarray(test_acc)
+    if test_acc.shape[-1] != eval_step.shape[0]:
+        raise ValueError(f"test_acc has {test_acc.shape[-1]} evaluations, eval_step {eval_step.shape[0]}")
+    hit = test_acc >= target
+    first = np.where(hit.any(-1), eval_step[hit.argmax(-1)], np.inf)
+    return first
+
+
+def budget(scale="quick"):
+    """Return the step counts and seeds per experiment for a scale ('quick' or 'full')."""
+    _check_scale(scale)
+    if scale == "quick":
+        return {"seeds": 3, "fig1": 600, "lr": 300, "init": 300, "noisy": 400, "check_every": 100}
+    return {"seeds": 5, "fig1": 3000, "lr": 1000, "init": 1000, "noisy": 2000, "check_every": 250}
+
+
+# --------------------------------------------------------------------------------------------
+# Experiments
+# --------------------------------------------------------------------------------------------
+
+
+def _seeds(seed, n):
+    _check_positive_int("n_seeds", n)
+    return [1000 * int(seed) + i for i in range(n)]
+
+
+def fig1_experiment(data, *, seed=0, n_seeds=3, steps=1500, lr=0.5, eval_every=25, progress=None):
+    """Train the sigmoid MLP of Fig. 1 with and without BN at one learning rate; return (bn, plain).
+
+    Each is a ``Run`` of n_seeds members; the probe records 10 units of the last hidden layer.
+    """
+    seeds = _seeds(seed, n_seeds)
+    common = dict(steps=steps, lr=lr, act="sigmoid", batch_size=60, eval_every=eval_every, probe_layer=2,
+                  progress=progress)
+    run = train_ensemble(data, seeds=seeds * 2, use_bn=[1] * n_seeds + [0] * n_seeds, **common)
+    return _split_run(run, 2)
+
+
+def _split_run(run, groups):
+    """Split a Run whose members are ``groups`` consecutive equal blocks into one Run per block."""
+    K = run.test_acc.shape[0]
+    size = K // groups
+    out = []
+    for g in range(groups):
+        sl = slice(g * size, (g + 1) * size)
+        out.append(
+            Run(
+                eval_step=run.eval_step,
+                test_acc=run.test_acc[sl],
+                train_loss=run.train_loss[sl],
+                probe_step=run.probe_step,
+                pct=run.pct[sl],
+                ics={s: {k: v[sl] for k, v in d.items()} for s, d in run.ics.items()},
+                smooth={s: {k: v[sl] for k, v in d.items()} for s, d in run.smooth.items()},
+            )
+        )
+    return out
+
+
+def lr_sweep(data, lrs, *, seed=0, n_seeds=3, steps=400, hidden=(100, 100, 100), act="relu", eval_every=10,
+             progress=None):
+    """Train with and without BN at each learning rate; return (bn, plain) test accuracy curves.
+
+    Each is an array (len(lrs), n_seeds, E) of test accuracies, plus the eval steps: (acc_bn,
+    acc_plain, eval_step).
+    """
+    lrs = [float(v) for v in lrs]
+    if not lrs or min(lrs) <= 0:
+        raise ValueError(f"lrs must be a non-empty list of positive rates, got {lrs!r}")
+    seeds = _seeds(seed, n_seeds)
+    L = len(lrs)
+    members_lr = [v for v in lrs for _ in seeds] * 2
+    use_bn = [1] * (L * n_seeds) + [0] * (L * n_seeds)
+    run = train_ensemble(data, seeds=seeds * L * 2, use_bn=use_bn, lr=members_lr, steps=steps, hidden=hidden,
+                         act=act, eval_every=eval_every, progress=progress)
+    acc = np.nan_to_num(run.test_acc).reshape(2, L, n_seeds, -1)
+    return acc[0], acc[1], run.eval_step
+
+
+def init_sweep(data, scales, *, seed=0, n_seeds=3, steps=400, lr=0.1, hidden=(100, 100, 100), act="relu",
+               progress=None):
+    """Train with and without BN from each initial weight scale; return final accuracies (bn, plain).
+
+    Weights start ~ N(0, scale^2 / fan_in). Each result is (len(scales), n_seeds).
+    """
+    scales = [float(v) for v in scales]
+    if not scales or min(scales) <= 0:
+        raise ValueError(f"scales must be a non-empty list of positive numbers, got {scales!r}")
+    seeds = _seeds(seed, n_seeds)
+    S = len(scales)
+    init = [v for v in scales for _ in seeds] * 2
+    use_bn = [1] * (S * n_seeds) + [0] * (S * n_seeds)
+    run = train_ensemble(data, seeds=seeds * S * 2, use_bn=use_bn, lr=lr, init_scale=init, steps=steps,
+                         hidden=hidden, act=act, eval_every=steps, progress=progress)
+    acc = np.nan_to_num(run.test_acc[:, -1]).reshape(2, S, n_seeds)
+    return acc[0], acc[1]
+
+
+VARIANTS = ("bn", "noisy_bn", "plain", "noisy_plain")
+
+
+def noisy_bn_experiment(data, *, seed=0, n_seeds=3, steps=600, lr=0.1, hidden=(64,) * 6, batch_size=128,
+                        eval_every=20, check_every=None, progress=None):
+    """Train standard, BN, noisy-BN and noisy-standard ReLU MLPs; return {variant: Run}.
+
+    The probe records the last hidden layer (after BN and noise). check_every: also measure ICS
+    and smoothness every that many steps.
+    """
+    seeds = _seeds(seed, n_seeds)
+    bn = [1, 1, 0, 0]
+    noise = [0, 1, 0, 1]
+    run = train_ensemble(
+        data, seeds=seeds * 4, use_bn=[b for b in bn for _ in seeds], use_noise=[v for v in noise for _ in seeds],
+        lr=lr, steps=steps, hidden=hidden, act="relu", batch_size=batch_size, eval_every=eval_every,
+        probe_layer=len(hidden) - 1, check_every=check_every, progress=progress,
+    )
+    return dict(zip(VARIANTS, _split_run(run, 4)))

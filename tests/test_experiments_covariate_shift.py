@@ -1,0 +1,125 @@
+"""Chapter 3's experiments: the noise, the ensemble's BN, the measures, and tiny end-to-end runs."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from normlab import checks
+from normlab import nn as normlab_nn
+from normlab.data import load_digits
+from normlab.experiments import covariate_shift as cs
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits(seed=0)
+
+
+def test_noise_keeps_shape_and_ranges():
+    gen = torch.Generator().manual_seed(0)
+    out = cs.time_varying_noise(torch.zeros(1000, 7), 0.2, 1.1, gen)
+    assert out.shape == (1000, 7)
+    assert 0.1 - 1e-6 <= out.min() and out.max() <= 0.3 + 1e-6  # m ~ U(0.1, 0.3) where a = 0
+
+
+def test_noisy_bn_adds_noise_only_in_training():
+    torch.manual_seed(0)
+    x = torch.randn(32, 5)
+    noisy, plain = cs.NoisyBatchNorm1d(5, generator=torch.Generator().manual_seed(1)), normlab_nn.BatchNorm1d(5)
+    assert not torch.allclose(noisy(x), plain(x))  # training mode: noise on top of BN
+    noisy.eval(), plain.eval()
+    torch.testing.assert_close(noisy(x), plain(x))  # eval mode: plain BN (same running stats)
+
+
+def test_ensemble_batch_norm_matches_module():
+    torch.manual_seed(0)
+    h = torch.randn(3, 16, 4, dtype=torch.float64)
+    gamma, beta = torch.rand(3, 1, 4, dtype=torch.float64) + 0.5, torch.randn(3, 1, 4, dtype=torch.float64)
+    out, _, _ = cs.ensemble_batch_norm(h, gamma, beta)
+    bn = normlab_nn.BatchNorm1d(4, dtype=torch.float64)
+    with torch.no_grad():
+        bn.weight.copy_(gamma[1, 0]), bn.bias.copy_(beta[1, 0])
+    torch.testing.assert_close(out[1], bn(h[1]), rtol=1e-12, atol=1e-12)
+
+
+def test_drift_ratio_values_and_errors():
+    ratio = cs.drift_ratio(np.array([-1.0, -1.0]), np.array([0.0, 1.0]), np.array([1.0, 3.0]))
+    assert ratio == pytest.approx(1 / 3)  # median moves 1, mean spread (2 + 4) / 2
+    with pytest.raises(ValueError, match="shapes"):
+        cs.drift_ratio(np.zeros(3), np.zeros(2), np.zeros(3))
+    with pytest.raises(ValueError, match="2 recorded steps"):
+        cs.drift_ratio(np.zeros(1), np.zeros(1), np.ones(1))
+
+
+def test_steps_to_target_is_inf_when_never_reached():
+    got = cs.steps_to_target([0, 10, 20], np.array([[0.1, 0.5, 0.95], [0.1, 0.2, 0.3]]), 0.9)
+    assert got[0] == 20 and math.isinf(got[1])
+
+
+def test_budget_rejects_unknown_scale():
+    assert cs.budget("full")["fig1"] > cs.budget("quick")["fig1"]
+    with pytest.raises(ValueError, match="scale"):
+        cs.budget("huge")
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"act": "tanh"}, "act must be"),
+        ({"lr": [0.1, 0.2, 0.3]}, "lr has 3 entries"),
+        ({"lr": -1.0}, "lr must be positive"),
+        ({"init_scale": 0.0}, "init_scale must be positive"),
+        ({"probe_layer": 5}, "probe_layer"),
+        ({"steps": 0}, "steps must be"),
+        ({"seeds": []}, "seeds"),
+    ],
+)
+def test_train_ensemble_rejects_bad_arguments(digits, kwargs, match):
+    args = {"seeds": [0, 1], "use_bn": 1, "lr": 0.1, "steps": 2} | kwargs
+    with pytest.raises(ValueError, match=match):
+        cs.train_ensemble(digits, **args, progress=False)
+
+
+def test_members_do_not_interact(digits):
+    alone = cs.train_ensemble(digits, seeds=[3], use_bn=0, lr=0.1, steps=20, progress=False)
+    pair = cs.train_ensemble(digits, seeds=[3, 4], use_bn=[0, 0], lr=[0.1, 1e4], steps=20, progress=False)
+    np.testing.assert_allclose(pair.train_loss[0], alone.train_loss[0], rtol=1e-5)  # the diverging one is ignored
+
+
+def test_fig1_bn_learns_faster(digits):
+    bn, plain = cs.fig1_experiment(digits, n_seeds=2, steps=100, lr=0.5, progress=False)
+    assert bn.pct.shape == (2, 5, 3, 10)  # seeds, probes (step 0 and every 25), percentiles, units
+    assert np.median(bn.test_acc[:, -1]) >= 0.85 > np.median(plain.test_acc[:, -1])
+    assert np.median(cs.run_drift(plain)) > np.median(cs.run_drift(bn))
+
+
+def test_lr_sweep_bn_survives_a_large_rate(digits):
+    acc_bn, acc_plain, _ = cs.lr_sweep(digits, [10.0], n_seeds=2, steps=120, act="sigmoid", progress=False)
+    assert acc_bn.shape == (1, 2, 13)  # rates, seeds, evaluations (step 0 and every 10)
+    assert np.median(acc_bn[0, :, -1]) >= 0.6 and np.median(acc_plain[0, :, -1]) <= 0.2
+
+
+def test_init_sweep_bn_survives_a_tiny_scale(digits):
+    acc_bn, acc_plain = cs.init_sweep(digits, [1e-3], n_seeds=2, steps=100, progress=False)
+    assert np.median(acc_bn) >= 0.8 and np.median(acc_plain) <= 0.2
+
+
+def test_noisy_experiment_records_ics_and_smoothness(digits):
+    runs = cs.noisy_bn_experiment(digits, n_seeds=2, steps=40, hidden=(16, 16, 16), check_every=20, progress=False)
+    assert set(runs) == set(cs.VARIANTS)
+    assert sorted(runs["bn"].ics) == [1, 20, 40]
+    assert runs["bn"].ics[1]["rel"].shape == (2, 3)  # seeds, layers 2..4 (the output layer included)
+    assert runs["plain"].smooth[20]["loss_var"].shape == (2,)
+    assert np.median(runs["bn"].train_loss.mean(1)) < np.median(runs["plain"].train_loss.mean(1))
+
+
+def test_self_checks_accept_the_reference_and_reject_a_wrong_answer(capsys):
+    checks.check_drift_ratio(cs.drift_ratio)
+    checks.check_noise(cs.time_varying_noise)
+    assert capsys.readouterr().out.count("PASS") == 2
+    with pytest.raises(AssertionError, match="drift ratio"):
+        checks.check_drift_ratio(lambda p15, p50, p85: (p50.max(0) - p50.min(0)) / (p85 - p15).max(0))
+    with pytest.raises(AssertionError, match="a = 0"):
+        checks.check_noise(lambda a, mu_t, sigma_t, generator: cs.time_varying_noise(a, 0.0, sigma_t, generator))
