@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from normlab.data import Split
 
-__all__ = ["History", "accuracy", "train"]
+__all__ = ["History", "accuracy", "show_progress", "train"]
 
 
 @dataclass
@@ -32,7 +32,8 @@ class History:
         return self.test_acc[-1] if self.test_acc else float("nan")
 
 
-def _show_progress(progress):
+def show_progress(progress=None) -> bool:
+    """Return whether a loop should show a progress bar: ``progress`` if given, else ``NORMLAB_PROGRESS`` != 0."""
     if progress is not None:
         return bool(progress)
     return os.environ.get("NORMLAB_PROGRESS", "1") != "0"
@@ -104,7 +105,7 @@ def train(
     gen = torch.Generator().manual_seed(seed)
     history = History()
     model.train()
-    bar = tqdm(range(1, steps + 1), desc="train", disable=not _show_progress(progress), leave=False)
+    bar = tqdm(range(1, steps + 1), desc="train", disable=not show_progress(progress), leave=False)
     for step in bar:
         idx = torch.randperm(n, generator=gen)[:batch_size]
         loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])

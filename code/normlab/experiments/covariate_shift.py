@@ -15,7 +15,6 @@ BN here is the training-mode formula of ``torch.nn.functional.batch_norm`` appli
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,6 +24,8 @@ from tqdm import tqdm
 
 from normlab import nn as normlab_nn
 from normlab.data import Split
+from normlab.experiments import _check_positive_int
+from normlab.train import show_progress
 
 __all__ = [
     "NOISE",
@@ -50,20 +51,9 @@ NOISE = {"mu": (-0.5, 0.5), "sigma": (1.0, 1.25), "m_halfwidth": 0.1, "s_std": 0
 ACTIVATIONS = {"sigmoid": torch.sigmoid, "relu": torch.relu}
 
 
-def _check_positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
 def _check_scale(scale):
     if scale not in ("quick", "full"):
         raise ValueError(f"scale must be 'quick' or 'full', got {scale!r}")
-
-
-def _show_progress(progress):
-    if progress is not None:
-        return bool(progress)
-    return os.environ.get("NORMLAB_PROGRESS", "1") != "0"
 
 
 # --------------------------------------------------------------------------------------------
@@ -364,7 +354,7 @@ def _train_ensemble(data, seeds, use_bn, use_noise, lr, init_scale, steps, hidde
                 probe_step.append(step)
 
     evaluate(0)
-    bar = tqdm(range(1, steps + 1), desc="train", disable=not _show_progress(progress), leave=False)
+    bar = tqdm(range(1, steps + 1), desc="train", disable=not show_progress(progress), leave=False)
     for step in bar:
         idx = torch.stack([torch.randperm(n, generator=g)[:batch_size] for g in gens])  # (K, B)
         x, y = data.x_train[idx], data.y_train[idx]  # (K, B, D), (K, B)

@@ -18,6 +18,7 @@ from torch.utils import benchmark
 
 from normlab import nn as normlab_nn
 from normlab.data import Split
+from normlab.experiments import _check_positive_int
 from normlab.fold import fold_model
 from normlab.train import accuracy, train
 
@@ -33,11 +34,6 @@ __all__ = [
 ]
 
 PLACEMENTS = ("before", "after")  # BN before the ReLU (the paper's choice) or after it
-
-
-def _check_positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def make_cnn(placement="before", bias=False, channels=(16, 32), norm=nn.BatchNorm2d, num_classes=10):
