@@ -88,4 +88,6 @@ def setup(seed: int | None = None, scale: str | None = None, verbose: bool = Tru
     return ctx
 
 
-__all__ = ["Context", "SCALES", "setup", "__version__"]
+from normlab.stats import precise_bn  # noqa: E402  (the course's one top-level tool besides setup)
+
+__all__ = ["Context", "SCALES", "precise_bn", "setup", "__version__"]

@@ -14,13 +14,14 @@ the running average, ``running = (1 - momentum) * running + momentum * batch``.
 from __future__ import annotations
 
 import inspect
+import math
 
 import torch
 from torch import nn
 
-from normlab.functional import batch_norm
+from normlab.functional import _stat_dtype, batch_norm
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchRenorm1d", "BatchRenorm2d", "renorm_schedule"]
 
 # torch 2.13 added a keyword-only `bias` switch (gamma without beta); older versions lack it.
 _TORCH_HAS_BIAS_ARG = "bias" in inspect.signature(nn.BatchNorm1d.__init__).parameters
@@ -153,3 +154,281 @@ class BatchNorm3d(_BatchNorm):
     """Batch norm over (N, C, D, H, W) input: statistics per channel over (N, D, H, W)."""
 
     _ranks = (5,)
+
+
+# --------------------------------------------------------------------------------------------
+# Chapter 4: ghost batches and population normalization
+# --------------------------------------------------------------------------------------------
+
+
+def _ghost_normalize(x, virtual_batch_size, eps):
+    """Normalize each run of ``virtual_batch_size`` consecutive examples with its own statistics.
+
+    x: (N, C, *). The last group holds the remainder when N is not a multiple. Returns (x_hat, means,
+    unbiased variances, counts): one (C,) row of statistics per group, and the values per channel
+    that each group averaged over. Groups of equal size are normalized in one vectorized step.
+    """
+    n, v = x.shape[0], virtual_batch_size
+    full = n // v * v
+    chunks = [x[:full].reshape(n // v, v, *x.shape[1:])] if full else []
+    if full < n:
+        chunks.append(x[full:].unsqueeze(0))  # the remainder, as one more group
+    outs, means, variances, counts = [], [], [], []
+    for chunk in chunks:  # (groups, examples, C, *)
+        dims = [1] + list(range(3, chunk.dim()))  # all but the group and the channel
+        count = chunk[0].numel() // chunk.shape[2]  # values per channel in one group
+        if count < 2:
+            raise ValueError(
+                f"expected more than 1 value per channel when training, but a ghost batch of "
+                f"{chunk.shape[1]} example(s) of shape {tuple(x.shape[1:])} has {count}"
+            )
+        var, mean = torch.var_mean(chunk, dim=dims, correction=0, keepdim=True)
+        outs.append(((chunk - mean) * torch.rsqrt(var + eps)).reshape(-1, *x.shape[1:]))
+        g = chunk.shape[0]
+        means.append(mean.reshape(g, -1))
+        variances.append(var.reshape(g, -1) * count / (count - 1))
+        counts += [count] * g
+    return torch.cat(outs), torch.cat(means), torch.cat(variances), counts
+
+
+class _GhostBatchNorm(_BatchNorm):
+    """Batch norm whose training statistics come from virtual ("ghost") batches (Hoffer et al. 2017).
+
+    In training mode the batch is cut into consecutive groups of ``virtual_batch_size`` examples
+    (the last group takes the remainder) and each group is normalized with its own mean and
+    variance, as if it were a batch of its own. A large batch then carries the noise of small ones.
+    The running statistics are updated once per call, from the count-weighted average of the
+    groups' means and of their unbiased variances. With ``virtual_batch_size`` >= the batch size
+    the layer is exactly ``BatchNorm``; in eval mode it always is.
+    """
+
+    def __init__(self, num_features: int, virtual_batch_size: int, *args, **kwargs):
+        if isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, int) or virtual_batch_size < 1:
+            raise ValueError(f"virtual_batch_size must be a positive int, got {virtual_batch_size!r}")
+        super().__init__(num_features, *args, **kwargs)
+        self.virtual_batch_size = virtual_batch_size
+
+    def forward(self, input):
+        self._check_input_dim(input)
+        if not self.training or input.shape[0] <= self.virtual_batch_size:
+            return super().forward(input)
+        if input.shape[1] != self.num_features:
+            raise RuntimeError(
+                f"running_mean should contain {input.shape[1]} elements not {self.num_features}"
+            )
+        x = input.to(_stat_dtype(input))
+        x_hat, means, variances, counts = _ghost_normalize(x, self.virtual_batch_size, self.eps)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        out = x_hat
+        if self.weight is not None:
+            out = out * self.weight.to(x.dtype).view(shape)
+        if self.bias is not None:
+            out = out + self.bias.to(x.dtype).view(shape)
+        if self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+            with torch.no_grad():
+                w = torch.tensor(counts, dtype=x.dtype, device=x.device).unsqueeze(1) / sum(counts)
+                self.running_mean.lerp_((w * means).sum(0).to(self.running_mean.dtype), factor)
+                self.running_var.lerp_((w * variances).sum(0).to(self.running_var.dtype), factor)
+        return out.to(input.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}"
+
+
+class GhostBatchNorm1d(_GhostBatchNorm):
+    """Ghost batch norm over (N, C) or (N, C, L) input; see ``_GhostBatchNorm``."""
+
+    _ranks = (2, 3)
+
+
+class GhostBatchNorm2d(_GhostBatchNorm):
+    """Ghost batch norm over (N, C, H, W) input; see ``_GhostBatchNorm``."""
+
+    _ranks = (4,)
+
+
+class _PopulationNorm(_BatchNorm):
+    """Normalization with fixed statistics of the whole training set, in training as in eval.
+
+    The layer normalizes with its ``running_mean`` / ``running_var`` buffers in *both* modes, so
+    no example's output depends on the other examples in its batch: the normalization stays, the
+    batch noise goes. Gradients flow through the input and gamma/beta, not through the
+    statistics. Refresh the statistics (say, once an epoch) with
+    ``normlab.precise_bn(model, [x_train])``, which sets ``measuring`` during its pass so that
+    the layer then normalizes with, and measures, the statistics of what it is given.
+    """
+
+    def __init__(self, num_features: int, *args, **kwargs):
+        super().__init__(num_features, *args, **kwargs)
+        if not self.track_running_stats:
+            raise ValueError("a population norm layer keeps its statistics: track_running_stats must be True")
+        self.measuring = False
+
+    def forward(self, input):
+        if self.training and not self.measuring:
+            self._check_input_dim(input)
+            return batch_norm(
+                input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+            )
+        return super().forward(input)
+
+
+class PopulationNorm1d(_PopulationNorm):
+    """Population normalization over (N, C) or (N, C, L) input; see ``_PopulationNorm``."""
+
+    _ranks = (2, 3)
+
+
+class PopulationNorm2d(_PopulationNorm):
+    """Population normalization over (N, C, H, W) input; see ``_PopulationNorm``."""
+
+    _ranks = (4,)
+
+
+# --------------------------------------------------------------------------------------------
+# Batch renormalization (Ioffe 2017), Chapter 5
+# --------------------------------------------------------------------------------------------
+
+
+def _check_r_max(r_max):
+    if isinstance(r_max, bool) or not isinstance(r_max, (int, float)) or not r_max >= 1:
+        raise ValueError(f"r_max must be a number >= 1 (float('inf') allowed), got {r_max!r}")
+    return float(r_max)
+
+
+def _check_d_max(d_max):
+    if isinstance(d_max, bool) or not isinstance(d_max, (int, float)) or not d_max >= 0:
+        raise ValueError(f"d_max must be a number >= 0 (float('inf') allowed), got {d_max!r}")
+    return float(d_max)
+
+
+class _BatchRenorm(_BatchNorm):
+    """Batch renormalization: batch statistics, corrected towards the running ones by r and d.
+
+    Training mode, per channel, with the running statistics as they were *before* this step:
+
+        sigma_B = sqrt(var_B + eps)                  (biased batch variance)
+        sigma   = sqrt(running_var + eps)
+        r = clip(sigma_B / sigma, 1 / r_max, r_max)  (no gradient)
+        d = clip((mu_B - running_mean) / sigma, -d_max, d_max)   (no gradient)
+        y = gamma * ((x - mu_B) / sigma_B * r + d) + beta
+
+    then the running statistics update exactly as BatchNorm's. Eval mode is BatchNorm's eval.
+    With r_max = 1 and d_max = 0 this is BatchNorm; with r_max = d_max = inf the training output
+    is the eval output computed with the pre-step running statistics. ``r_max`` and ``d_max`` are
+    attributes a training loop may change (see ``renorm_schedule``). After each training step,
+    ``last_r`` and ``last_d`` hold that step's (C,) correction factors, before clipping in
+    ``last_r_raw`` / ``last_d_raw``, for inspection.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        r_max: float = 3.0,
+        d_max: float = 5.0,
+        affine: bool = True,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__(num_features, eps, momentum, affine, True, device, dtype)
+        self.r_max = r_max
+        self.d_max = d_max
+        self.last_r = self.last_d = self.last_r_raw = self.last_d_raw = None
+
+    @property
+    def r_max(self) -> float:
+        return self._r_max
+
+    @r_max.setter
+    def r_max(self, value):
+        self._r_max = _check_r_max(value)
+
+    @property
+    def d_max(self) -> float:
+        return self._d_max
+
+    @d_max.setter
+    def d_max(self, value):
+        self._d_max = _check_d_max(value)
+
+    def forward(self, input):
+        self._check_input_dim(input)
+        if input.shape[1] != self.num_features:
+            raise ValueError(f"expected {self.num_features} channels (dim 1), got input of shape {tuple(input.shape)}")
+        if not self.training:
+            return super().forward(input)  # BatchNorm's eval: the running statistics
+        C = self.num_features
+        n = input.numel() // C  # values per channel
+        if n <= 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
+        dims = [0] + list(range(2, input.dim()))  # every axis but the channel
+        shape = (1, C) + (1,) * (input.dim() - 2)  # broadcasts a (C,) vector against x
+        x = input.to(torch.float32) if input.dtype in (torch.float16, torch.bfloat16) else input
+        var_b, mu_b = torch.var_mean(x, dim=dims, correction=0)  # (C,), biased; gradients flow
+        sigma_b = torch.sqrt(var_b + self.eps)
+        with torch.no_grad():  # r and d are constants for autograd
+            sigma = torch.sqrt(self.running_var.to(x.dtype) + self.eps)
+            r_raw = sigma_b / sigma
+            d_raw = (mu_b - self.running_mean.to(x.dtype)) / sigma
+            r = r_raw.clamp(1.0 / self.r_max, self.r_max)
+            d = d_raw.clamp(-self.d_max, self.d_max)
+        x_hat = (x - mu_b.view(shape)) / sigma_b.view(shape) * r.view(shape) + d.view(shape)
+        out = x_hat
+        if self.weight is not None:
+            out = out * self.weight.to(x.dtype).view(shape)
+        if self.bias is not None:
+            out = out + self.bias.to(x.dtype).view(shape)
+        # Now, and only now, the running statistics take this batch in, as in BatchNorm.
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+            self.running_mean.mul_(1 - factor).add_(mu_b.to(self.running_mean.dtype), alpha=factor)
+            unbiased = var_b * n / (n - 1)  # the running estimate stores the unbiased variance
+            self.running_var.mul_(1 - factor).add_(unbiased.to(self.running_var.dtype), alpha=factor)
+        self.last_r, self.last_d, self.last_r_raw, self.last_d_raw = r, d, r_raw, d_raw
+        return out.to(input.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, r_max={self.r_max}, "
+            f"d_max={self.d_max}, affine={self.affine}"
+        )
+
+
+class BatchRenorm1d(_BatchRenorm):
+    """Batch renormalization over (N, C) or (N, C, L) input: statistics per channel C."""
+
+    _ranks = (2, 3)
+
+
+class BatchRenorm2d(_BatchRenorm):
+    """Batch renormalization over (N, C, H, W) input: statistics per channel over (N, H, W)."""
+
+    _ranks = (4,)
+
+
+def renorm_schedule(step, warmup_steps, relax_steps, r_max=3.0, d_max=5.0):
+    """Return (r_max, d_max) for a training step: plain BN, then a linear relaxation to the targets.
+
+    For ``step < warmup_steps`` it is (1, 0), batch norm, while the running statistics settle.
+    Over the next ``relax_steps`` steps both limits move linearly to ``r_max`` and ``d_max``, and
+    stay there. Ioffe (2017) kept BN for about 5k steps, then relaxed to r_max = 3, d_max = 5.
+    """
+    for name, v in (("step", step), ("warmup_steps", warmup_steps), ("relax_steps", relax_steps)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+    r_max, d_max = _check_r_max(r_max), _check_d_max(d_max)
+    if step < warmup_steps:
+        return 1.0, 0.0
+    if relax_steps == 0 or step >= warmup_steps + relax_steps:
+        return r_max, d_max
+    frac = (step - warmup_steps) / relax_steps
+
+    def lerp(start, target):  # an infinite target is reached as soon as the relaxation starts
+        return start if frac == 0 else target if math.isinf(target) else start + frac * (target - start)
+
+    return lerp(1.0, r_max), lerp(0.0, d_max)
