@@ -21,7 +21,18 @@ from torch import nn
 
 from normlab.functional import _stat_dtype, batch_norm
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchRenorm1d", "BatchRenorm2d", "renorm_schedule"]
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "GhostBatchNorm1d",
+    "GhostBatchNorm2d",
+    "PopulationNorm1d",
+    "PopulationNorm2d",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "renorm_schedule",
+]
 
 # torch 2.13 added a keyword-only `bias` switch (gamma without beta); older versions lack it.
 _TORCH_HAS_BIAS_ARG = "bias" in inspect.signature(nn.BatchNorm1d.__init__).parameters
