@@ -58,3 +58,20 @@ def test_accuracy_in_train_mode_restores_the_running_statistics(digits):
 def test_bad_arguments_raise_value_errors(digits, kwargs, message):
     with pytest.raises(ValueError, match=message):
         train(mlp(), digits, progress=False, **kwargs)
+
+
+def test_callback_runs_after_every_step_and_training_mode_is_restored():
+    from normlab.data import Split
+
+    torch.manual_seed(0)
+    x, y = torch.randn(40, 4), torch.arange(40) % 2
+    data = Split(x[:30], y[:30], x[30:], y[30:])
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.BatchNorm1d(5), torch.nn.Linear(5, 2))
+    seen = []
+
+    def callback(step, m):
+        seen.append((step, m.training))
+        m.eval()  # the loop must switch it back
+
+    train(model, data, steps=4, lr=0.1, batch_size=8, progress=False, callback=callback)
+    assert seen == [(1, True), (2, True), (3, True), (4, True)]

@@ -20,6 +20,11 @@ __all__ = [
     "check_fold",
     "check_drift_ratio",
     "check_noise",
+    "check_predicted_noise",
+    "check_ghost_forward",
+    "check_variance_shift",
+    "check_batch_renorm",
+    "check_grad_accumulation",
 ]
 
 
@@ -231,3 +236,126 @@ def check_noise(fn):
         if torch.equal(zero[:, 0], zero[:, 1]):
             raise AssertionError(f"{case}: both columns got the same noise; m must be drawn per element")
     print("PASS noise: m and s have the right ranges, means and spreads on 2 settings.")
+
+
+def check_predicted_noise(fn):
+    """Check ``fn(h, batch_sizes, examples) -> (len(B), U)``, the delta method's std of a normalized value."""
+    from normlab.experiments.regularization import predicted_noise
+
+    rng = np.random.default_rng(3)
+    cases = [
+        ("Gaussian units", rng.normal(size=(500, 3)), [4, 16], [0, 1, 2]),
+        ("skewed units", rng.exponential(size=(300, 2)), [8, 32, 128], [5, 7]),
+        ("one heavy-tailed unit", rng.standard_t(5, size=(400, 1)) * 3 + 1, [2, 64], [10]),
+    ]
+    for desc, h, sizes, examples in cases:
+        assert_close(f"predicted noise for {desc}", fn(h, sizes, examples), predicted_noise(h, sizes, examples),
+                     rtol=1e-9)
+    _pass("predicted noise", len(cases))
+
+
+def check_ghost_forward(fn):
+    """Check ``fn(x, gamma, beta, virtual_batch_size, eps) -> out``: ghost batch norm in training mode.
+
+    x is (N, D); consecutive groups of ``virtual_batch_size`` rows (the last takes the remainder)
+    are each normalized with their own mean and biased variance, then scaled and shifted.
+    """
+    rng = np.random.default_rng(1)
+    cases = [(12, 3, 4), (10, 2, 4), (8, 5, 8), (6, 3, 100)]
+    for n, d, v in cases:
+        x = rng.normal(1.0, 2.0, size=(n, d))
+        gamma, beta = rng.normal(1.0, 0.5, size=d), rng.normal(0.0, 0.5, size=d)
+        expected = np.concatenate(
+            [
+                scratch.batch_norm_forward(x[i : i + v], gamma, beta, np.zeros(d), np.ones(d), eps=1e-5)[0]
+                for i in range(0, n, v)
+            ]
+        )
+        got = fn(x, gamma, beta, v, 1e-5)
+        assert_close(f"ghost BN of x ({n}, {d}) with virtual batches of {v}", got, expected)
+    _pass("ghost batch norm forward", len(cases))
+
+
+def check_variance_shift(fn):
+    """Check ``fn(a, weight, p) -> ratio``, the predicted variance shift per output channel."""
+    from normlab.experiments.regularization import predicted_variance_ratio
+
+    rng = np.random.default_rng(2)
+    cases = [(200, 5, 3, 0.5), (50, 8, 4, 0.2), (100, 1, 2, 0.5), (100, 6, 6, 0.0)]
+    for n, d, c, p in cases:
+        a = np.maximum(rng.normal(0.3, 1.0, size=(n, d)), 0)  # ReLU outputs
+        w = rng.normal(size=(c, d))
+        assert_close(f"ratio for a ({n}, {d}), weight ({c}, {d}), p={p}", fn(a, w, p),
+                     predicted_variance_ratio(a, w, p), rtol=1e-9)
+    _pass("variance shift", len(cases))
+
+
+def check_batch_renorm(fn):
+    """Check ``fn(x, gamma, beta, running_mean, running_var, r_max, d_max, eps) -> out`` (renorm, training).
+
+    x: (N, C) or (N, C, H, W) float64 tensors; the reference is ``normlab.nn.BatchRenorm1d/2d``.
+    The cases include limits that clip r and d and limits that do not.
+    """
+    import math
+
+    import torch
+
+    from normlab.nn import BatchRenorm1d, BatchRenorm2d
+
+    gen = torch.Generator().manual_seed(5)
+    cases = [((16, 4), 3.0, 5.0), ((4, 3), 1.5, 0.5), ((3, 2, 4, 5), 3.0, 5.0), ((8, 5), 1.0, 0.0),
+             ((6, 3), math.inf, math.inf)]
+    for shape, r_max, d_max in cases:
+        C = shape[1]
+        layer = (BatchRenorm1d if len(shape) == 2 else BatchRenorm2d)(C, r_max=r_max, d_max=d_max,
+                                                                       dtype=torch.float64)
+        with torch.no_grad():
+            layer.weight.copy_(torch.rand(C, generator=gen, dtype=torch.float64) + 0.5)
+            layer.bias.copy_(torch.randn(C, generator=gen, dtype=torch.float64))
+            layer.running_mean.copy_(torch.randn(C, generator=gen, dtype=torch.float64))
+            layer.running_var.copy_(torch.rand(C, generator=gen, dtype=torch.float64) * 4 + 0.1)
+        x = torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 1
+        args = [t.detach().clone() for t in (x, layer.weight, layer.bias, layer.running_mean, layer.running_var)]
+        with torch.no_grad():
+            got = fn(*args, r_max, d_max, layer.eps)
+            expected = layer(x)
+        if got is None:
+            raise AssertionError(f"batch renorm, x of shape {shape}: got None (did the function forget to return?)")
+        got = got.detach().numpy() if isinstance(got, torch.Tensor) else got
+        assert_close(f"batch renorm, x of shape {shape}, r_max={r_max}, d_max={d_max}: out", got,
+                     expected.numpy(), rtol=1e-9, atol=1e-9)
+    _pass("batch renormalization", len(cases))
+
+
+def check_grad_accumulation(fn):
+    """Check ``fn(model, x, y, k) -> relative difference`` against ``experiments.small_batches.grad_accumulation``.
+
+    Cases: an MLP without normalization, with LayerNorm, with BN in train mode and with BN in eval
+    mode, float64, k = 1, 2, 4.
+    """
+    import torch
+    from torch import nn
+
+    from normlab.experiments.small_batches import grad_accumulation
+    from normlab.nn import BatchNorm1d
+
+    torch.manual_seed(0)
+    x = torch.randn(16, 6, dtype=torch.float64)
+    y = torch.randint(0, 3, (16,))
+    n = 0
+    for name, norm, train in [("no norm", nn.Identity(), True), ("LayerNorm", nn.LayerNorm(8), True),
+                              ("BN, train mode", BatchNorm1d(8), True), ("BN, eval mode", BatchNorm1d(8), False)]:
+        model = nn.Sequential(nn.Linear(6, 8), norm, nn.ReLU(), nn.Linear(8, 3)).double()
+        if not train:
+            with torch.no_grad():
+                model(x)  # give the eval-mode BN running statistics that are not (0, 1)
+        model.train(train)
+        for k in (1, 2, 4):
+            expected = grad_accumulation(model, x, y, k)
+            got = fn(model, x, y, k)
+            if got is None:
+                raise AssertionError(f"gradient accumulation, {name}, k={k}: got None")
+            assert_close(f"gradient accumulation, {name}, k={k}: relative difference", float(got), expected,
+                         rtol=1e-6, atol=1e-9)
+            n += 1
+    _pass("gradient accumulation", n)

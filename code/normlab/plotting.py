@@ -32,6 +32,14 @@ COLORS = {
     "bn_after": OKABE_ITO["green"],
     "cumulative": OKABE_ITO["blue"],
     "ema": OKABE_ITO["orange"],
+    # Chapter 4: normalization with fixed statistics, none at all, dropout, ghost batches, precise BN.
+    "population": OKABE_ITO["green"],
+    "none": OKABE_ITO["vermillion"],
+    "dropout": OKABE_ITO["orange"],
+    "ghost": OKABE_ITO["purple"],
+    "precise": OKABE_ITO["green"],
+    # Chapter 5: batch renormalization.
+    "brn": OKABE_ITO["green"],
 }
 
 

@@ -78,12 +78,15 @@ def train(
     seed: int = 0,
     eval_every: int | None = None,
     progress: bool | None = None,
+    callback=None,
 ) -> History:
     """Train ``model`` on ``data`` with cross-entropy for ``steps`` mini-batch steps; return the history.
 
     Mini-batches are drawn at random (with replacement across steps, without within a batch) by a
     generator seeded with ``seed``, so a run is reproducible. The model is evaluated on the test set
-    (in eval mode) every ``eval_every`` steps and after the last step.
+    (in eval mode) every ``eval_every`` steps and after the last step. ``callback(step, model)``,
+    if given, runs after every optimizer step (e.g. to refresh statistics); the model is put back
+    in training mode after it.
     """
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
@@ -112,6 +115,9 @@ def train(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if callback is not None:
+            callback(step, model)
+            model.train()
         history.step.append(step)
         history.train_loss.append(loss.item())
         if (eval_every and step % eval_every == 0) or step == steps:
