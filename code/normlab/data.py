@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["Split", "load_digits", "load_mnist1d"]
+__all__ = ["Split", "grouped_batches", "load_digits", "load_mnist1d"]
 
 
 @dataclass
@@ -103,3 +103,49 @@ def load_mnist1d(num_samples: int = 5000, test_fraction: float = 0.2, seed: int 
         random.setstate(py_state)
     # make_dataset already centres and scales the whole set to unit variance.
     return _as_split(d["x"], d["y"], d["x_test"], d["y_test"], False, "mnist1d")
+
+
+def grouped_batches(labels, batch_size: int, classes_per_batch: int, seed: int = 0, drop_last: bool = False):
+    """Return one epoch of mini-batches, each holding examples of at most ``classes_per_batch`` classes.
+
+    labels: (N,) integer class labels. Returns a list of int64 index tensors. Every example appears
+    exactly once (``drop_last=False``); batches are full (``batch_size``) except where the chosen
+    classes run out of examples. ``drop_last=True`` drops those short batches (their examples skip
+    this epoch). The choice of classes, of examples and the batch order depend only on ``seed``.
+    This is the non-i.i.d. case of Chapter 5: with one class per batch, a batch's statistics
+    reveal its class.
+    """
+    labels = torch.as_tensor(labels)
+    if labels.dim() != 1 or labels.numel() == 0 or labels.is_floating_point() or labels.is_complex():
+        raise ValueError(
+            f"labels must be a non-empty 1-D integer tensor, got {labels.dtype} of shape {tuple(labels.shape)}"
+        )
+    for name, v in (("batch_size", batch_size), ("classes_per_batch", classes_per_batch)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if classes_per_batch > batch_size:
+        raise ValueError(f"classes_per_batch ({classes_per_batch}) must be <= batch_size ({batch_size})")
+    classes = torch.unique(labels).tolist()
+    if classes_per_batch > len(classes):
+        raise ValueError(f"classes_per_batch is {classes_per_batch} but labels hold only {len(classes)} classes")
+    rng = np.random.default_rng(seed)
+    pools = {c: list(rng.permutation(np.flatnonzero(labels.numpy() == c))) for c in classes}
+    parts = [batch_size // classes_per_batch + (i < batch_size % classes_per_batch) for i in range(classes_per_batch)]
+    batches = []
+    while any(pools.values()):
+        # The classes with the most examples left (ties broken at random), so that no class is
+        # left alone at the end of the epoch while others could still share its batches.
+        left = [c for c in classes if pools[c]]
+        order = sorted(rng.permutation(left).tolist(), key=lambda c: -len(pools[c]))
+        chosen = order[:classes_per_batch]
+        batch = []
+        for c, k in zip(chosen, parts):
+            batch += pools[c][:k]
+            del pools[c][:k]
+        for c in chosen:  # fill a shortfall from the chosen classes only
+            k = batch_size - len(batch)
+            batch += pools[c][:k]
+            del pools[c][:k]
+        if len(batch) == batch_size or not drop_last:
+            batches.append(torch.as_tensor(rng.permutation(batch), dtype=torch.int64))
+    return [batches[i] for i in rng.permutation(len(batches))]

@@ -1,0 +1,527 @@
+"""Chapter 5's experiments: small and non-i.i.d. batches, and batch renormalization.
+
+The central experiment trains an *ensemble*: for each seed, one MLP per normalization (BN, batch
+renormalization, GroupNorm, LayerNorm), all starting from the same weights and seeing the same
+mini-batches, so that the normalization is the only difference. Their weights are stacked on a
+leading member axis and one batched matrix product runs all of them (as in Chapter 3), which is
+what fits six batch sizes x four normalizations x three seeds into the quick budget.
+
+Activations inside the ensemble have shape (K, M, B, H): K members, M groups of B examples that
+are normalized together (M = 1 while training; M = N / B when a test set is evaluated with batch
+statistics), H features. ``ensemble_norm`` is the one function that normalizes them; tests compare
+it with ``normlab.nn.BatchNorm1d``, ``normlab.nn.BatchRenorm1d``, ``torch.nn.GroupNorm`` and
+``torch.nn.LayerNorm``. The lab notebook ``chapters/small_batches/lab.ipynb`` calls these
+functions and asserts what the chapter claims.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from normlab import nn as normlab_nn
+from normlab.data import Split, grouped_batches
+from normlab.experiments import _check_positive_int
+from normlab.train import show_progress
+
+__all__ = [
+    "NORMS",
+    "LABELS",
+    "budget",
+    "seeds_for",
+    "batch_stat_noise",
+    "fit_slope",
+    "ensemble_norm",
+    "EnsembleRun",
+    "train_norms",
+    "batch_size_sweep",
+    "non_iid_experiment",
+    "batch_stats_sweep",
+    "grad_accumulation",
+    "renorm_trace",
+]
+
+NORMS = ("bn", "brn", "gn", "ln")
+LABELS = {"bn": "BatchNorm", "brn": "BatchRenorm", "gn": "GroupNorm", "ln": "LayerNorm"}
+EPS = 1e-5
+
+
+def _check_scale(scale):
+    if scale not in ("quick", "full"):
+        raise ValueError(f"scale must be 'quick' or 'full', got {scale!r}")
+
+
+def budget(scale="quick"):
+    """Return the epochs, seeds and sizes per experiment for a scale ('quick' or 'full')."""
+    _check_scale(scale)
+    if scale == "quick":
+        return {"seeds": 3, "epochs": 4, "non_iid_epochs": 8, "noise_batches": 2000, "trace_steps": 600}
+    return {"seeds": 5, "epochs": 20, "non_iid_epochs": 30, "noise_batches": 20000, "trace_steps": 5000}
+
+
+def seeds_for(seed, n):
+    """Return n seeds derived from one: seed * 100 + k for k < n."""
+    _check_positive_int("n", n)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    return [100 * seed + k for k in range(n)]
+
+
+# --------------------------------------------------------------------------------------------
+# 1. How noisy are batch statistics?
+# --------------------------------------------------------------------------------------------
+
+
+def batch_stat_noise(x, batch_sizes, n_batches=2000, seed=0):
+    """Measure how much mu_B and sigma_B vary across batches drawn from the rows of x.
+
+    x: (N, C) values of C channels (e.g. one layer's pre-activations on a dataset). For each batch
+    size B, draw ``n_batches`` batches of B rows without replacement, compute each channel's batch
+    mean and batch standard deviation (biased, as BN uses), and return two arrays (len(B),): the
+    median over channels of std(mu_B) / sigma and of std(sigma_B) / sigma, where sigma is the
+    channel's standard deviation over all N rows.
+    """
+    x = torch.as_tensor(x, dtype=torch.float64)
+    if x.dim() != 2 or x.shape[0] < 4:
+        raise ValueError(f"x must be (N, C) with N >= 4, got shape {tuple(x.shape)}")
+    _check_positive_int("n_batches", n_batches)
+    sizes = [int(b) for b in batch_sizes]
+    if not sizes or min(sizes) < 2 or max(sizes) > x.shape[0]:
+        raise ValueError(f"batch_sizes must lie in [2, {x.shape[0]}], got {batch_sizes!r}")
+    gen = torch.Generator().manual_seed(seed)
+    sigma = x.std(0, correction=0)  # (C,) the population's spread
+    keep = sigma > 0
+    x, sigma = x[:, keep], sigma[keep]
+    mu_spread, sd_spread = [], []
+    for B in sizes:
+        idx = torch.rand(n_batches, x.shape[0], generator=gen).argsort(1)[:, :B]  # (n_batches, B), no repeats
+        xb = x[idx]  # (n_batches, B, C)
+        var, mu = torch.var_mean(xb, 1, correction=0)  # (n_batches, C)
+        mu_spread.append((mu.std(0) / sigma).median().item())
+        sd_spread.append((var.sqrt().std(0) / sigma).median().item())
+    return np.array(mu_spread), np.array(sd_spread)
+
+
+def fit_slope(batch_sizes, spread):
+    """Return (slope, intercept) of a least-squares line through (log B, log spread)."""
+    b, s = np.log(np.asarray(batch_sizes, dtype=float)), np.log(np.asarray(spread, dtype=float))
+    if b.shape != s.shape or b.size < 2:
+        raise ValueError(f"need two arrays of equal length >= 2, got {b.shape} and {s.shape}")
+    slope, intercept = np.polyfit(b, s, 1)
+    return float(slope), float(intercept)
+
+
+# --------------------------------------------------------------------------------------------
+# The ensemble's normalizations
+# --------------------------------------------------------------------------------------------
+
+
+def ensemble_norm(kind, z, gamma, beta, running=None, mode="train", r_max=1.0, d_max=0.0, groups=8):
+    """Normalize z (K, M, B, H) with one kind of normalization; return (out, info).
+
+    kind: 'bn', 'brn', 'gn' or 'ln'. gamma, beta: (K, 1, 1, H). running: for 'bn' and 'brn', a
+    pair (mean, var) of (K, 1, 1, H) tensors, updated in place in mode 'train' (momentum 0.1,
+    unbiased variance). mode: 'train' (batch statistics over B, update running), 'batch' (batch
+    statistics, no update) or 'eval' (running statistics). GroupNorm uses ``groups`` groups of
+    H / groups features; LayerNorm all H features; neither looks at other examples.
+    info: for 'brn' in mode 'train', (r, d, r_raw, d_raw), each (K, H); otherwise None.
+    """
+    K, M, B, H = z.shape
+    info = None
+    if kind in ("gn", "ln"):
+        G = groups if kind == "gn" else 1
+        if H % G:
+            raise ValueError(f"{H} features do not split into {G} groups")
+        zg = z.reshape(K, M, B, G, H // G)
+        var, mean = torch.var_mean(zg, -1, correction=0, keepdim=True)
+        normed = ((zg - mean) / torch.sqrt(var + EPS)).reshape(K, M, B, H)
+    elif kind in ("bn", "brn"):
+        rm, rv = running
+        if mode == "eval":
+            normed = (z - rm) / torch.sqrt(rv + EPS)
+        else:
+            var, mean = torch.var_mean(z, 2, correction=0, keepdim=True)  # (K, M, 1, H)
+            sigma_b = torch.sqrt(var + EPS)
+            normed = (z - mean) / sigma_b
+            if kind == "brn" and mode == "train":
+                with torch.no_grad():  # r and d: constants for autograd, from the pre-step statistics
+                    sigma = torch.sqrt(rv + EPS)
+                    r_raw, d_raw = sigma_b / sigma, (mean - rm) / sigma
+                    r = r_raw.clamp(1.0 / r_max, r_max)
+                    d = d_raw.clamp(-d_max, d_max)
+                normed = normed * r + d
+                info = tuple(t.reshape(K, H) for t in (r, d, r_raw, d_raw))
+            if mode == "train":
+                if M != 1:
+                    raise ValueError(f"training normalizes one batch per member (M = 1), got M = {M}")
+                with torch.no_grad():
+                    rm.mul_(0.9).add_(0.1 * mean)
+                    rv.mul_(0.9).add_(0.1 * var * B / (B - 1))  # the running variance is unbiased
+    else:
+        raise ValueError(f"kind must be one of {NORMS}, got {kind!r}")
+    return gamma * normed + beta, info
+
+
+class _Ensemble:
+    """MLPs linear -> norm -> ReLU per hidden layer, linear on top; members grouped by norm kind."""
+
+    def __init__(self, sizes, kinds, seeds, groups):
+        self.kinds, self.groups = list(kinds), groups
+        S, K = len(seeds), len(kinds) * len(seeds)
+        self.S, self.K = S, K
+        self.W, self.b, self.g, self.beta, self.running = [], [], [], [], []
+        for d_in, d_out in zip(sizes[:-1], sizes[1:]):
+            W = []
+            for s in seeds:  # the same initial weights for every norm kind of one seed
+                gen = torch.Generator().manual_seed(int(s))
+                W.append(torch.randn(d_in, d_out, generator=gen) * math.sqrt(2.0 / d_in))  # He init
+            W = torch.stack(W).repeat(len(kinds), 1, 1)  # (K, d_in, d_out), kind-major
+            self.W.append(W.requires_grad_())
+            self.b.append(torch.zeros(K, 1, d_out, requires_grad=True))
+            self.g.append(torch.ones(K, 1, 1, d_out, requires_grad=True))
+            self.beta.append(torch.zeros(K, 1, 1, d_out, requires_grad=True))
+            self.running.append((torch.zeros(K, 1, 1, d_out), torch.ones(K, 1, 1, d_out)))
+        for lst in (self.g, self.beta, self.running):
+            lst.pop()  # the output layer has no normalization
+        self.r_max, self.d_max = 1.0, 0.0
+
+    def params(self):
+        return self.W + self.b + self.g + self.beta
+
+    def forward(self, x, mode="train", record=None):
+        """x: (K, M, B, D) -> logits (K, M, B, classes)."""
+        h = x
+        L = len(self.W)
+        for i in range(L):
+            K, M, B, D = h.shape
+            z = torch.baddbmm(self.b[i], h.reshape(K, M * B, D), self.W[i]).reshape(K, M, B, -1)
+            if i == L - 1:
+                return z
+            outs = []
+            for j, kind in enumerate(self.kinds):
+                sl = slice(j * self.S, (j + 1) * self.S)
+                run = tuple(t[sl] for t in self.running[i])  # views: updated in place
+                out, info = ensemble_norm(kind, z[sl], self.g[i][sl], self.beta[i][sl], run, mode,
+                                          self.r_max, self.d_max, self.groups)
+                if info is not None and record is not None:
+                    record.append((i, info))
+                outs.append(out)
+            h = torch.relu(torch.cat(outs))
+        return h
+
+
+@dataclass
+class EnsembleRun:
+    """What ``train_norms`` recorded. Arrays are indexed [kind, seed].
+
+    acc_eval: (len(kinds), S) test accuracy with running statistics (eval mode).
+    acc_batch: (len(kinds), S) test accuracy with the statistics of test batches of the training
+    batch size (train mode, the running statistics untouched), on i.i.d. (shuffled) test batches.
+    acc_batch_grouped: the same on test batches grouped like the training batches (None unless the
+    training batches were grouped). renorm: per training step, for BatchRenorm members, a dict of
+    (S,) arrays: fraction of channels whose r or d was clipped, median |log r| and |d| before
+    clipping, and the limits r_max and d_max in force.
+    """
+
+    kinds: list
+    seeds: list
+    batch_size: int
+    steps: int
+    acc_eval: np.ndarray
+    acc_batch: np.ndarray
+    acc_batch_grouped: np.ndarray | None = None
+    train_loss: np.ndarray | None = None
+    renorm: dict = field(default_factory=dict)
+
+    def median(self, which="acc_eval"):
+        """Return {kind: median over seeds} of one accuracy array."""
+        arr = getattr(self, which)
+        return {k: float(np.median(arr[i])) for i, k in enumerate(self.kinds)}
+
+
+def _accuracy(net, x, y, mode, group_size=None, order=None):
+    """Return (K,) accuracy of every member on x, y; batch statistics over consecutive groups."""
+    with torch.no_grad():
+        if order is not None:
+            x, y = x[order], y[order]
+        N = len(x)
+        if mode == "eval":
+            xb, yb = x.reshape(1, 1, N, -1), y.reshape(1, 1, N)
+        else:
+            M = N // group_size
+            xb = x[: M * group_size].reshape(1, M, group_size, -1)
+            yb = y[: M * group_size].reshape(1, M, group_size)
+        logits = net.forward(xb.expand(net.K, *xb.shape[1:]), mode=mode)
+        return (logits.argmax(-1) == yb).float().mean((1, 2)).numpy()
+
+
+def _epoch_batches(y, batch_size, seed, sampler, gen):
+    """One epoch of full batches (index tensors) for one seed."""
+    if sampler == "shuffled":
+        perm = torch.randperm(len(y), generator=gen)
+        n = len(y) // batch_size
+        return list(perm[: n * batch_size].reshape(n, batch_size))
+    return grouped_batches(y, batch_size, sampler, seed=seed, drop_last=True)
+
+
+def _check_sampler(sampler):
+    if sampler != "shuffled" and (isinstance(sampler, bool) or not isinstance(sampler, int) or sampler < 1):
+        raise ValueError(f"sampler must be 'shuffled' or a number of classes per batch (int >= 1), got {sampler!r}")
+
+
+def train_norms(
+    data: Split,
+    *,
+    seeds,
+    batch_size: int,
+    epochs: int,
+    lr: float,
+    kinds=NORMS,
+    hidden=(128, 128),
+    groups: int = 8,
+    sampler="shuffled",
+    renorm=(0.05, 0.25, 3.0, 5.0),
+    progress: bool | None = None,
+) -> EnsembleRun:
+    """Train one MLP per (kind, seed) with plain SGD for ``epochs`` epochs of ``batch_size``; return an EnsembleRun.
+
+    Members of one seed share initial weights and mini-batches. sampler: 'shuffled' (i.i.d.
+    batches) or k, an int: batches of k classes each from ``grouped_batches`` (short batches
+    dropped). renorm: (warm-up fraction, relaxation fraction, r_max, d_max) of the total steps for
+    the BatchRenorm members, passed to ``normlab.nn.renorm_schedule``.
+    """
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError("seeds must name at least one seed")
+    kinds = list(kinds)
+    if not kinds or any(k not in NORMS for k in kinds) or len(set(kinds)) != len(kinds):
+        raise ValueError(f"kinds must be distinct names from {NORMS}, got {kinds!r}")
+    _check_positive_int("batch_size", batch_size)
+    _check_positive_int("epochs", epochs)
+    _check_sampler(sampler)
+    if not lr > 0:
+        raise ValueError(f"lr must be positive, got {lr!r}")
+    n = len(data.x_train)
+    if not 2 <= batch_size <= n:
+        raise ValueError(f"batch_size must be in [2, {n}], got {batch_size}")
+    warm_frac, relax_frac, r_target, d_target = renorm
+    sizes = [data.num_features, *hidden, data.num_classes]
+    net = _Ensemble(sizes, kinds, seeds, groups)
+    S, K = len(seeds), net.K
+    gens = [torch.Generator().manual_seed(s + 7919) for s in seeds]
+    epoch_lists = [[_epoch_batches(data.y_train, batch_size, s + 31 * e, sampler, g) for s, g in zip(seeds, gens)]
+                   for e in range(epochs)]
+    per_epoch = [min(len(b) for b in ep) for ep in epoch_lists]  # grouped epochs may differ by a batch
+    total = sum(per_epoch)
+    warmup, relax = int(round(warm_frac * total)), int(round(relax_frac * total))
+    brn = "brn" in kinds
+    renorm_log = {k: [] for k in ("r_clipped", "d_clipped", "log_r", "abs_d", "r_max", "d_max")} if brn else {}
+    losses = []
+    bar = tqdm(total=total, desc=f"B={batch_size}", disable=not show_progress(progress), leave=False)
+    step = 0
+    for ep, count in zip(epoch_lists, per_epoch):
+        for t in range(count):
+            idx = torch.stack([ep[s][t] for s in range(S)])  # (S, B)
+            x = data.x_train[idx].repeat(len(kinds), 1, 1).unsqueeze(1)  # (K, 1, B, D)
+            y = data.y_train[idx].repeat(len(kinds), 1)  # (K, B)
+            if brn:
+                net.r_max, net.d_max = normlab_nn.renorm_schedule(step, warmup, relax, r_target, d_target)
+            record = []
+            logits = net.forward(x, mode="train", record=record)[:, 0]  # (K, B, classes)
+            loss = F.cross_entropy(logits.reshape(K * batch_size, -1), y.reshape(-1), reduction="none")
+            loss = loss.reshape(K, batch_size).mean(1)  # (K,)
+            params = net.params()
+            grads = torch.autograd.grad(loss.sum(), params)
+            with torch.no_grad():
+                for p, g in zip(params, grads):
+                    p -= lr * g
+            losses.append(loss.detach().numpy())
+            if brn:
+                r, d, r_raw, d_raw = (torch.cat([info[j] for _, info in record], 1) for j in range(4))  # (S, layers*H)
+                renorm_log["r_clipped"].append((r != r_raw).float().mean(1).numpy())
+                renorm_log["d_clipped"].append((d != d_raw).float().mean(1).numpy())
+                renorm_log["log_r"].append(r_raw.log().abs().median(1).values.numpy())
+                renorm_log["abs_d"].append(d_raw.abs().median(1).values.numpy())
+                renorm_log["r_max"].append(np.full(S, net.r_max))
+                renorm_log["d_max"].append(np.full(S, net.d_max))
+            step += 1
+            bar.update()
+    bar.close()
+    losses = np.nan_to_num(np.stack(losses, 1), nan=np.inf)  # (K, steps)
+    x_te, y_te = data.x_test, data.y_test
+    shuffle = torch.randperm(len(y_te), generator=torch.Generator().manual_seed(seeds[0] + 1))
+    acc_eval = _accuracy(net, x_te, y_te, "eval")
+    acc_batch = _accuracy(net, x_te, y_te, "batch", batch_size, shuffle)
+    acc_grouped = None
+    if sampler != "shuffled":  # test batches grouped like the training batches
+        order = torch.cat(grouped_batches(y_te, batch_size, sampler, seed=seeds[0] + 2, drop_last=True))
+        acc_grouped = _accuracy(net, x_te, y_te, "batch", batch_size, order).reshape(len(kinds), S)
+    shape = (len(kinds), S)
+    return EnsembleRun(
+        kinds=kinds,
+        seeds=seeds,
+        batch_size=batch_size,
+        steps=total,
+        acc_eval=np.nan_to_num(acc_eval).reshape(shape),
+        acc_batch=np.nan_to_num(acc_batch).reshape(shape),
+        acc_batch_grouped=acc_grouped,
+        train_loss=losses.reshape(*shape, -1),
+        renorm={k: np.stack(v, 1) for k, v in renorm_log.items()},
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# 2-4. Error vs batch size; train/test discrepancy; non-i.i.d. batches
+# --------------------------------------------------------------------------------------------
+
+
+def batch_size_sweep(data, batch_sizes, *, seeds, epochs, base_lr=0.1, base_batch=32, kinds=NORMS, progress=None,
+                     **kwargs):
+    """Train every kind at every batch size for the same number of epochs, lr = base_lr * B / base_batch.
+
+    Returns {B: EnsembleRun}.
+    """
+    sizes = [int(b) for b in batch_sizes]
+    if not sizes or min(sizes) < 2:
+        raise ValueError(f"batch_sizes must be ints >= 2, got {batch_sizes!r}")
+    if not base_lr > 0:
+        raise ValueError(f"base_lr must be positive, got {base_lr!r}")
+    _check_positive_int("base_batch", base_batch)
+    out = {}
+    for B in tqdm(sizes, desc="batch sizes", disable=not show_progress(progress), leave=False):
+        out[B] = train_norms(data, seeds=seeds, batch_size=B, epochs=epochs, lr=base_lr * B / base_batch,
+                             kinds=kinds, progress=progress, **kwargs)
+    return out
+
+
+def non_iid_experiment(data, *, seeds, epochs, batch_size=32, lr=0.1, samplers=("shuffled", 2, 1),
+                       kinds=("bn", "brn", "gn"), progress=None, **kwargs):
+    """Train every kind with each sampler ('shuffled' or k classes per batch); return {sampler: EnsembleRun}."""
+    for s in samplers:
+        _check_sampler(s)
+    return {s: train_norms(data, seeds=seeds, batch_size=batch_size, epochs=epochs, lr=lr, kinds=kinds,
+                           sampler=s, progress=progress, **kwargs) for s in samplers}
+
+
+def batch_stats_sweep(model, data, batch_sizes, seed=0):
+    """Return the test accuracy of a trained model run in train mode on test batches of each size.
+
+    model: an ``nn.Module`` with batch norm layers. Batches are consecutive slices of a seeded
+    shuffle of the test set (a last short batch is dropped). The model's running statistics are
+    left untouched. Returns an array (len(batch_sizes),).
+    """
+    from normlab.train import accuracy
+
+    sizes = [int(b) for b in batch_sizes]
+    if not sizes or min(sizes) < 1:
+        raise ValueError(f"batch_sizes must be positive ints, got {batch_sizes!r}")
+    perm = torch.randperm(len(data.y_test), generator=torch.Generator().manual_seed(seed))
+    out = []
+    for B in sizes:
+        n = len(perm) // B * B
+        x, y = data.x_test[perm[:n]], data.y_test[perm[:n]]
+        out.append(accuracy(model, x, y, batch_size=B, train_mode=True))
+    return np.array(out)
+
+
+# --------------------------------------------------------------------------------------------
+# 5. Gradient accumulation
+# --------------------------------------------------------------------------------------------
+
+
+def _flat_grad(model):
+    return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+
+
+def grad_accumulation(model, x, y, k):
+    """Return ||g_acc - g_full|| / ||g_full||: k micro-batches of len(x) / k vs one batch of len(x).
+
+    g_full is the gradient of the mean cross-entropy over the whole batch; g_acc sums the gradients
+    of the k micro-batches' mean losses, each divided by k (what a training loop that accumulates
+    does). The model's mode (train/eval) is used as it is; its running statistics are restored
+    afterwards, so the call changes nothing but the parameters' .grad.
+    """
+    _check_positive_int("k", k)
+    N = len(x)
+    if N % k:
+        raise ValueError(f"the batch of {N} does not split into k = {k} equal micro-batches")
+    state = {n: b.clone() for n, b in model.named_buffers()}
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    g_full = _flat_grad(model)
+    model.zero_grad(set_to_none=True)
+    for xm, ym in zip(x.chunk(k), y.chunk(k)):
+        (F.cross_entropy(model(xm), ym) / k).backward()
+    g_acc = _flat_grad(model)
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for n, b in model.named_buffers():
+            b.copy_(state[n])
+    return (torch.linalg.vector_norm(g_acc - g_full) / torch.linalg.vector_norm(g_full)).item()
+
+
+# --------------------------------------------------------------------------------------------
+# 6. Batch renormalization's schedule, with the library module
+# --------------------------------------------------------------------------------------------
+
+
+def renorm_trace(data, *, batch_size=4, steps=600, lr=None, warmup=0.1, relax=0.4, r_max=3.0, d_max=5.0,
+                 hidden=128, seed=0, progress=None):
+    """Train an MLP with ``normlab.nn.BatchRenorm1d`` under ``renorm_schedule``; record r and d.
+
+    Returns a dict of arrays over steps: 'r_max', 'd_max' (the limits in force), 'r_clipped',
+    'd_clipped' (fraction of channels clipped, both layers), 'r_lo', 'r_med', 'r_hi' and 'd_lo',
+    'd_med', 'd_hi' (10th, 50th, 90th percentiles over channels of r and d before clipping), and
+    'loss', plus 'test_acc' (eval mode, after training).
+    """
+    from torch import nn
+
+    _check_positive_int("steps", steps)
+    _check_positive_int("batch_size", batch_size)
+    if batch_size < 2:
+        raise ValueError(f"batch_size must be >= 2 for batch statistics, got {batch_size}")
+    lr = 0.1 * batch_size / 32 if lr is None else lr
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(data.num_features, hidden), normlab_nn.BatchRenorm1d(hidden), nn.ReLU(),
+                          nn.Linear(hidden, hidden), normlab_nn.BatchRenorm1d(hidden), nn.ReLU(),
+                          nn.Linear(hidden, data.num_classes))
+    layers = [m for m in model if isinstance(m, normlab_nn.BatchRenorm1d)]
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed + 7919)
+    w, rl = int(round(warmup * steps)), int(round(relax * steps))
+    rec = {k: [] for k in ("r_max", "d_max", "r_clipped", "d_clipped", "r_lo", "r_med", "r_hi", "d_lo", "d_med",
+                           "d_hi", "loss")}
+    q = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float32)
+    for step in tqdm(range(steps), desc="renorm", disable=not show_progress(progress), leave=False):
+        limits = normlab_nn.renorm_schedule(step, w, rl, r_max, d_max)
+        for layer in layers:
+            layer.r_max, layer.d_max = limits
+        idx = torch.randperm(len(data.y_train), generator=gen)[:batch_size]
+        loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        r = torch.cat([m.last_r for m in layers])
+        d = torch.cat([m.last_d for m in layers])
+        r_raw = torch.cat([m.last_r_raw for m in layers])
+        d_raw = torch.cat([m.last_d_raw for m in layers])
+        rec["r_max"].append(limits[0])
+        rec["d_max"].append(limits[1])
+        rec["r_clipped"].append((r != r_raw).float().mean().item())
+        rec["d_clipped"].append((d != d_raw).float().mean().item())
+        for name, v in (("r", r_raw), ("d", d_raw)):
+            lo, med, hi = torch.quantile(v.float(), q).tolist()
+            rec[f"{name}_lo"].append(lo)
+            rec[f"{name}_med"].append(med)
+            rec[f"{name}_hi"].append(hi)
+        rec["loss"].append(loss.item())
+    out = {k: np.array(v) for k, v in rec.items()}
+    model.eval()
+    with torch.no_grad():
+        out["test_acc"] = (model(data.x_test).argmax(1) == data.y_test).float().mean().item()
+    return out

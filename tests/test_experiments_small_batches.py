@@ -1,0 +1,182 @@
+"""Chapter 5's experiments: the ensemble's normalizations against the modules, the measures, tiny runs."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from normlab import checks
+from normlab import nn as normlab_nn
+from normlab.data import load_digits
+from normlab.experiments import small_batches as sb
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits(seed=0)
+
+
+def _stack(t):
+    return t.reshape(1, 1, 1, -1)
+
+
+def test_ensemble_bn_matches_module_and_updates_running_stats():
+    torch.manual_seed(0)
+    z = torch.randn(6, 8, dtype=torch.float64) * 2 + 1
+    g, b = torch.rand(8, dtype=torch.float64) + 0.5, torch.randn(8, dtype=torch.float64)
+    bn = normlab_nn.BatchNorm1d(8, dtype=torch.float64)
+    with torch.no_grad():
+        bn.weight.copy_(g), bn.bias.copy_(b)
+    running = (torch.zeros(1, 1, 1, 8, dtype=torch.float64), torch.ones(1, 1, 1, 8, dtype=torch.float64))
+    out, _ = sb.ensemble_norm("bn", z.reshape(1, 1, 6, 8), _stack(g), _stack(b), running, "train")
+    torch.testing.assert_close(out.reshape(6, 8), bn(z), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(running[0].reshape(8), bn.running_mean)
+    torch.testing.assert_close(running[1].reshape(8), bn.running_var)
+    bn.eval()
+    out, _ = sb.ensemble_norm("bn", z.reshape(1, 1, 6, 8), _stack(g), _stack(b), running, "eval")
+    torch.testing.assert_close(out.reshape(6, 8), bn(z), rtol=1e-12, atol=1e-12)
+
+
+def test_ensemble_brn_matches_module_with_clipping():
+    torch.manual_seed(1)
+    z = torch.randn(4, 8, dtype=torch.float64) * 3 + 1
+    g, b = torch.rand(8, dtype=torch.float64) + 0.5, torch.randn(8, dtype=torch.float64)
+    brn = normlab_nn.BatchRenorm1d(8, r_max=1.5, d_max=0.5, dtype=torch.float64)
+    rm, rv = torch.randn(8, dtype=torch.float64), torch.rand(8, dtype=torch.float64) + 0.5
+    with torch.no_grad():
+        brn.weight.copy_(g), brn.bias.copy_(b), brn.running_mean.copy_(rm), brn.running_var.copy_(rv)
+    running = (_stack(rm.clone()), _stack(rv.clone()))
+    out, (r, d, r_raw, d_raw) = sb.ensemble_norm("brn", z.reshape(1, 1, 4, 8), _stack(g), _stack(b), running,
+                                                 "train", r_max=1.5, d_max=0.5)
+    torch.testing.assert_close(out.reshape(4, 8), brn(z), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(r.reshape(8), brn.last_r)
+    assert (r != r_raw).any() and (d != d_raw).any()  # this case does clip
+    torch.testing.assert_close(running[1].reshape(8), brn.running_var)
+
+
+@pytest.mark.parametrize("kind,ref", [("gn", lambda: nn.GroupNorm(4, 8)), ("ln", lambda: nn.LayerNorm(8))])
+def test_ensemble_gn_and_ln_match_torch(kind, ref):
+    torch.manual_seed(2)
+    z = torch.randn(5, 8, dtype=torch.float64)
+    layer = ref().double()
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5), layer.bias.normal_()
+    out, _ = sb.ensemble_norm(kind, z.reshape(1, 1, 5, 8), _stack(layer.weight.detach()),
+                              _stack(layer.bias.detach()), groups=4)
+    torch.testing.assert_close(out.reshape(5, 8), layer(z).detach(), rtol=1e-10, atol=1e-10)
+
+
+def test_ensemble_norm_rejects_unknown_kind():
+    z = torch.randn(1, 1, 4, 8)
+    with pytest.raises(ValueError, match="kind"):
+        sb.ensemble_norm("rms", z, torch.ones(1, 1, 1, 8), torch.zeros(1, 1, 1, 8))
+    with pytest.raises(ValueError, match="groups"):
+        sb.ensemble_norm("gn", z, torch.ones(1, 1, 1, 8), torch.zeros(1, 1, 1, 8), groups=3)
+
+
+def test_batch_mean_spread_follows_one_over_sqrt_b():
+    x = torch.randn(5000, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    sizes = [2, 4, 8, 16, 32]
+    mu, sd = sb.batch_stat_noise(x, sizes, n_batches=500, seed=0)
+    slope, _ = sb.fit_slope(sizes, mu)
+    assert abs(slope + 0.5) < 0.05
+    assert mu[0] == pytest.approx(1 / math.sqrt(2), rel=0.1)
+    assert (np.diff(sd) < 0).all()
+    with pytest.raises(ValueError, match="batch_sizes"):
+        sb.batch_stat_noise(x, [1, 4])
+    with pytest.raises(ValueError, match="x must be"):
+        sb.batch_stat_noise(torch.zeros(10), [2])
+
+
+def test_fit_slope_recovers_a_power_law():
+    b = np.array([2, 4, 8, 16])
+    slope, intercept = sb.fit_slope(b, 3 * b**-0.5)
+    assert slope == pytest.approx(-0.5) and intercept == pytest.approx(math.log(3))
+
+
+def test_grad_accumulation_is_exact_without_bn_and_in_eval_mode_only():
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 6, dtype=torch.float64), torch.randint(0, 3, (32,))
+
+    def mlp(norm):
+        return nn.Sequential(nn.Linear(6, 8), norm, nn.ReLU(), nn.Linear(8, 3)).double()
+
+    for norm in (nn.Identity(), nn.LayerNorm(8)):
+        assert sb.grad_accumulation(mlp(norm), x, y, 4) < 1e-12
+    bn_model = mlp(normlab_nn.BatchNorm1d(8))
+    assert sb.grad_accumulation(bn_model, x, y, 1) < 1e-12
+    assert sb.grad_accumulation(bn_model, x, y, 4) > 1e-3
+    before = bn_model[1].running_mean.clone()
+    bn_model.eval()
+    assert sb.grad_accumulation(bn_model, x, y, 4) < 1e-12
+    assert torch.equal(bn_model[1].running_mean, before)  # the call changed no buffer
+    with pytest.raises(ValueError, match="micro-batches"):
+        sb.grad_accumulation(bn_model, x, y, 5)
+
+
+def test_self_checks_accept_the_reference(capsys):
+    checks.check_grad_accumulation(sb.grad_accumulation)
+
+    def reference_renorm(x, gamma, beta, rm, rv, r_max, d_max, eps):
+        layer = (normlab_nn.BatchRenorm1d if x.dim() == 2 else normlab_nn.BatchRenorm2d)(
+            x.shape[1], eps=eps, r_max=r_max, d_max=d_max, dtype=x.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(gamma), layer.bias.copy_(beta)
+            layer.running_mean.copy_(rm), layer.running_var.copy_(rv)
+        return layer(x)
+
+    checks.check_batch_renorm(reference_renorm)
+    assert capsys.readouterr().out.count("PASS") == 2
+
+
+def test_self_check_rejects_plain_batch_norm():
+    def plain_bn(x, gamma, beta, rm, rv, r_max, d_max, eps):
+        return torch.nn.functional.batch_norm(x, None, None, gamma, beta, True, 0.0, eps)
+
+    with pytest.raises(AssertionError, match="batch renorm"):
+        checks.check_batch_renorm(plain_bn)
+
+
+def test_train_norms_tiny_run_records_everything(digits):
+    run = sb.train_norms(digits, seeds=[0, 1], batch_size=16, epochs=1, lr=0.05, progress=False)
+    assert run.acc_eval.shape == run.acc_batch.shape == (4, 2)
+    assert (run.acc_eval > 0.5).all()  # one epoch on the digits already learns
+    assert run.renorm["r_clipped"].shape == (2, run.steps)
+    assert run.renorm["r_max"][0, 0] == 1.0 and run.renorm["r_max"][0, -1] == 3.0
+    assert set(run.median()) == set(sb.NORMS)
+
+
+def test_grouped_training_reports_grouped_test_accuracy(digits):
+    run = sb.train_norms(digits, seeds=[0], batch_size=16, epochs=1, lr=0.05, kinds=("bn", "gn"), sampler=1,
+                         progress=False)
+    assert run.acc_batch_grouped.shape == (2, 1)
+
+
+def test_train_norms_rejects_bad_arguments(digits):
+    with pytest.raises(ValueError, match="kinds"):
+        sb.train_norms(digits, seeds=[0], batch_size=8, epochs=1, lr=0.1, kinds=("bn", "xx"))
+    with pytest.raises(ValueError, match="sampler"):
+        sb.train_norms(digits, seeds=[0], batch_size=8, epochs=1, lr=0.1, sampler="grouped")
+    with pytest.raises(ValueError, match="batch_size"):
+        sb.train_norms(digits, seeds=[0], batch_size=1, epochs=1, lr=0.1)
+    with pytest.raises(ValueError, match="lr"):
+        sb.train_norms(digits, seeds=[0], batch_size=8, epochs=1, lr=0.0)
+    with pytest.raises(ValueError, match="seed"):
+        sb.seeds_for(-1, 3)
+
+
+def test_renorm_trace_follows_the_schedule(digits):
+    tr = sb.renorm_trace(digits, batch_size=4, steps=40, warmup=0.25, relax=0.5, progress=False)
+    assert tr["r_max"][0] == 1.0 and tr["d_max"][0] == 0.0 and tr["r_max"][-1] == 3.0
+    assert (tr["r_clipped"][:10] > 0.9).all()  # during warm-up (r_max = 1) nearly every r is clipped
+    assert 0 < tr["test_acc"] <= 1
+
+
+def test_batch_stats_sweep_leaves_the_model_alone(digits):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 16), normlab_nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 10))
+    before = model[1].running_mean.clone()
+    acc = sb.batch_stats_sweep(model, digits, [2, 8])
+    assert acc.shape == (2,) and torch.equal(model[1].running_mean, before)
