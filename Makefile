@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: book test serve lab student lint unit notebooks site clean
+.PHONY: book test serve lab student lint unit notebooks site clean bench
 
 # The virtual environment, rebuilt when the pinned toolchain changes.
 $(STAMP): requirements.txt code/pyproject.toml
@@ -55,6 +55,10 @@ serve:
 ## lab: JupyterLab in the course's environment
 lab: $(STAMP)
 	$(BIN)/jupyter lab --notebook-dir=.
+
+## bench: on a CUDA GPU, benchmark BN kernels vs PyTorch; writes chapters/gpu/results/<gpu>.json
+bench: $(STAMP)
+	PYTHONPATH=code $(BIN)/python -m normlab.gpu_bench --out chapters/gpu/results
 
 ## student: write student notebooks (solutions replaced by stubs) into student/
 student: $(STAMP)

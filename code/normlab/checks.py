@@ -25,6 +25,14 @@ __all__ = [
     "check_variance_shift",
     "check_batch_renorm",
     "check_grad_accumulation",
+    "check_group_norm",
+    "check_layer_norm_backward",
+    "check_adabn",
+    "check_prior_mix",
+    "check_chan_merge",
+    "check_channel_sums",
+    "check_merge_moments",
+    "check_sync_backward",
 ]
 
 
@@ -359,3 +367,251 @@ def check_grad_accumulation(fn):
                          rtol=1e-6, atol=1e-9)
             n += 1
     _pass("gradient accumulation", n)
+
+
+def _norm_cases(seed=0):
+    """Yield (description, x) float64 inputs (N, C, *) with channel counts that several group counts divide."""
+    rng = np.random.default_rng(seed)
+    for shape in [(2, 6, 5), (3, 4, 2, 3), (1, 8, 4), (4, 6)]:
+        yield f"x of shape {shape}", rng.normal(1.0, 2.0, size=shape)
+
+
+def check_group_norm(fn, eps=1e-5):
+    """Check ``fn(x, num_groups, weight, bias, eps) -> out`` against ``scratch.group_norm`` (float64).
+
+    Cases include num_groups = 1 (layer norm) and num_groups = C (instance norm).
+    """
+    rng = np.random.default_rng(3)
+    n = 0
+    for desc, x in _norm_cases():
+        C = x.shape[1]
+        for G in sorted({1, 2, C}):
+            w, b = rng.normal(1.0, 0.3, size=C), rng.normal(0.0, 0.3, size=C)
+            expected, _ = scratch.group_norm(x, G, w, b, eps)
+            got = fn(x.copy(), G, w.copy(), b.copy(), eps)
+            assert_close(f"group norm, {desc}, num_groups={G}: out", got, expected)
+            n += 1
+    _pass("group norm", n)
+
+
+def check_layer_norm_backward(fn, eps=1e-5):
+    """Check ``fn(dout, x, weight, eps) -> (dx, dweight, dbias)`` for layer norm over the last dim of x (N, D)."""
+    rng = np.random.default_rng(4)
+    cases = [(4, 5), (2, 8), (6, 3), (1, 7)]
+    for shape in cases:
+        x = rng.normal(0.5, 2.0, size=shape)
+        w, b = rng.normal(1.0, 0.3, size=shape[1]), rng.normal(size=shape[1])
+        dout = rng.normal(size=shape)
+        _, cache = scratch.layer_norm(x, shape[1], w, b, eps)
+        expected = scratch.layer_norm_backward(dout, cache)
+        got = fn(dout.copy(), x.copy(), w.copy(), eps)
+        if not isinstance(got, tuple) or len(got) != 3:
+            raise AssertionError(f"layer norm backward, x of shape {shape}: expected a tuple (dx, dweight, dbias)")
+        for name, g, e in zip(("dx", "dweight", "dbias"), got, expected):
+            assert_close(f"layer norm backward, x of shape {shape}: {name}", g, e)
+    _pass("layer norm backward", len(cases))
+
+
+def _adapt_models():
+    """Yield (description, model, batches): small float64 BN models and target batches of unequal sizes."""
+    import torch
+    from torch import nn
+
+    gen = torch.Generator().manual_seed(7)
+    torch.manual_seed(7)
+    mlp = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 4), nn.BatchNorm1d(4)).double()
+    cnn = nn.Sequential(nn.Conv1d(2, 3, 3, bias=False), nn.BatchNorm1d(3), nn.ReLU(),
+                        nn.Conv1d(3, 3, 3), nn.BatchNorm1d(3)).double()
+    for desc, model, shape in (("MLP with two BN layers", mlp, (5,)), ("1-D CNN with two BN layers", cnn, (2, 9))):
+        batches = [torch.randn((n, *shape), generator=gen, dtype=torch.float64) * 3 + 2 for n in (7, 4, 12)]
+        yield desc, model, batches
+
+
+def check_adabn(fn):
+    """Check ``fn(model, batches) -> model``: every BN layer gets the exact mean and unbiased variance
+    of its input over all the target batches (unequal sizes), with the earlier layers adapted first."""
+    import copy
+
+    from normlab.adapt import adabn
+
+    n = 0
+    for desc, model, batches in _adapt_models():
+        expected = adabn(copy.deepcopy(model), batches)
+        got = fn(copy.deepcopy(model), [b.clone() for b in batches])
+        if got is None:
+            raise AssertionError(f"AdaBN, {desc}: got None (did the function forget to return the model?)")
+        layers = [m for m in got.modules() if "BatchNorm" in type(m).__name__]
+        ref = [m for m in expected.modules() if "BatchNorm" in type(m).__name__]
+        for i, (g, e) in enumerate(zip(layers, ref)):
+            for stat in ("running_mean", "running_var"):
+                assert_close(f"AdaBN, {desc}, BN layer {i}: {stat}", getattr(g, stat).detach().numpy(),
+                             getattr(e, stat).numpy(), rtol=1e-9, atol=1e-9)
+        if got.training:
+            raise AssertionError(f"AdaBN, {desc}: the model is in training mode; return it in eval mode")
+        n += 1
+    _pass("AdaBN", n)
+
+
+def check_prior_mix(fn):
+    """Check ``fn(source_mean, source_var, x, n_prior) -> (mean, var)``: Schneider et al.'s mixture
+    with weight n_prior / (n_prior + N) on the source, N the batch size, and the batch's biased variance."""
+    import math
+
+    import torch
+
+    from normlab.adapt import mix_statistics
+
+    gen = torch.Generator().manual_seed(3)
+    n = 0
+    for shape in ((8, 3), (2, 4), (5, 3, 6)):
+        C = shape[1]
+        x = torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 1
+        mu_s = torch.randn(C, generator=gen, dtype=torch.float64)
+        var_s = torch.rand(C, generator=gen, dtype=torch.float64) + 0.5
+        for n_prior in (0, 8, 32, math.inf):
+            expected = mix_statistics(mu_s, var_s, x, n_prior)
+            got = fn(mu_s.clone(), var_s.clone(), x.clone(), n_prior)
+            if got is None or len(got) != 2:
+                raise AssertionError(f"prior mixing, x of shape {shape}, n_prior={n_prior}: expected (mean, var), "
+                                     f"got {got!r}")
+            for name, g, e in zip(("mean", "var"), got, expected):
+                g = g.detach().numpy() if isinstance(g, torch.Tensor) else np.asarray(g)
+                assert_close(f"prior mixing, x of shape {shape}, n_prior={n_prior}: {name}", g, e.numpy(),
+                             rtol=1e-9, atol=1e-12)
+            n += 1
+    _pass("prior mixing", n)
+
+
+def check_chan_merge(fn):
+    """Check ``fn(a, b) -> (n, mean, M2)``: Chan's merge of two (n, mean, M2) summaries, float64.
+
+    Cases: equal and unequal halves, a large offset, one side empty (n = 0), and a merge of many chunks.
+    """
+    rng = np.random.default_rng(4)
+
+    def summary(x):
+        if len(x) == 0:
+            return (0.0, 0.0, 0.0)
+        return (float(len(x)), float(x.mean()), float(((x - x.mean()) ** 2).sum()))
+
+    cases = [("equal halves", rng.normal(2, 3, 100), 50), ("unequal parts", rng.normal(-1, 0.5, 37), 5),
+             ("a large offset", 1e4 + rng.normal(size=64), 20), ("an empty first part", rng.normal(size=9), 0),
+             ("an empty second part", rng.normal(size=9), 9)]
+    for desc, x, k in cases:
+        got = fn(summary(x[:k]), summary(x[k:]))
+        if not isinstance(got, tuple) or len(got) != 3:
+            raise AssertionError(f"Chan merge, {desc}: expected a tuple (n, mean, M2), got {type(got).__name__}")
+        for name, g, e in zip(("n", "mean", "M2"), got, summary(x)):
+            assert_close(f"Chan merge, {desc}: {name}", float(g), e, rtol=1e-9, atol=1e-9)
+    x = rng.normal(5, 2, 1000)
+    acc = (0.0, 0.0, 0.0)
+    for part in np.array_split(x, 16):
+        acc = fn(acc, summary(part))
+    assert_close("Chan merge of 16 chunks, left to right: M2", float(acc[2]), summary(x)[2], rtol=1e-9)
+    _pass("Chan merge", len(cases) + 1)
+
+
+def check_channel_sums(fn):
+    """Check ``fn(dy, x, mean, invstd) -> (sum_dy, sum_dy_xhat)``: the backward's two (C,) per-channel sums.
+
+    x and dy are (N, C), (N, C, L) or (N, C, H, W) float64 tensors (one of them channels_last);
+    x_hat = (x - mean) * invstd per channel, and both sums run over every axis but the channel axis.
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(6)
+    cases = [((8, 3), False), ((4, 2, 5), False), ((3, 4, 5, 6), False), ((2, 3, 7, 7), True), ((5, 1, 1, 1), False)]
+    for shape, channels_last in cases:
+        C = shape[1]
+        x = torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 1
+        dy = torch.randn(shape, generator=gen, dtype=torch.float64)
+        if channels_last:
+            x, dy = x.to(memory_format=torch.channels_last), dy.to(memory_format=torch.channels_last)
+        dims = [0] + list(range(2, x.dim()))
+        mean = x.mean(dims)
+        invstd = torch.rsqrt(x.var(dims, correction=0) + 1e-5)
+        cshape = (1, C) + (1,) * (x.dim() - 2)
+        expected = (dy.sum(dims), (dy * (x - mean.view(cshape)) * invstd.view(cshape)).sum(dims))
+        got = fn(dy.clone(), x.clone(), mean.clone(), invstd.clone())
+        desc = f"x of shape {shape}" + (" (channels_last)" if channels_last else "")
+        if not isinstance(got, tuple) or len(got) != 2:
+            raise AssertionError(f"channel sums, {desc}: expected a tuple (sum_dy, sum_dy_xhat)")
+        for name, g, e in zip(("sum_dy", "sum_dy_xhat"), got, expected):
+            g = g.detach().numpy() if isinstance(g, torch.Tensor) else g
+            assert_close(f"channel sums, {desc}: {name}", g, e.numpy(), rtol=1e-9, atol=1e-9)
+    _pass("per-channel sums", len(cases))
+
+
+def _rank_slices(seed, sizes, C, trailing=()):
+    """A float64 global batch (N, C, *trailing) with a large offset, and its split into per-rank slices."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn((sum(sizes), C, *trailing), generator=gen, dtype=torch.float64) * 2 + 1000
+    return x, list(x.split(sizes))
+
+
+def check_merge_moments(fn):
+    """Check ``fn(counts, means, m2s) -> (mean, var)``: per-rank (count, mean, M2) merged into the global ones.
+
+    counts: (R,) float64 values per channel on each rank; means, m2s: (R, C). Expected: the mean and
+    the biased variance (C,) of all ranks' values together. Cases include a rank with one example,
+    an empty rank (count 0, mean and M2 zeros) and values around 1000 (a one-pass formula loses digits).
+    """
+    import torch
+
+    cases = [[4, 4], [7, 1, 3], [5, 0, 2], [1, 1], [3, 9, 2, 6]]
+    for i, sizes in enumerate(cases):
+        x, parts = _rank_slices(i, sizes, 5, (2,))
+        counts = torch.tensor([p.numel() / 5 for p in parts], dtype=torch.float64)
+        zero = torch.zeros(5, dtype=torch.float64)
+        means = torch.stack([p.transpose(0, 1).reshape(5, -1).mean(1) if len(p) else zero for p in parts])
+        m2s = torch.stack([((p.transpose(0, 1).reshape(5, -1) - m.unsqueeze(1)) ** 2).sum(1) if len(p) else zero
+                           for p, m in zip(parts, means)])
+        got = fn(counts.clone(), means.clone(), m2s.clone())
+        if got is None or len(got) != 2:
+            raise AssertionError(f"merge, ranks of {sizes}: expected (mean, var), got {got!r}")
+        var, mean = torch.var_mean(x.transpose(0, 1).reshape(5, -1), dim=1, correction=0)
+        for name, g, e in (("mean", got[0], mean), ("biased variance", got[1], var)):
+            g = g.detach().numpy() if isinstance(g, torch.Tensor) else g
+            assert_close(f"merge, ranks holding {sizes} examples: {name}", g, e.numpy(), rtol=1e-9, atol=1e-9)
+    _pass("merge of per-rank moments", len(cases))
+
+
+def check_sync_backward(fn):
+    """Check ``fn(dy, x_hat, invstd, weight, sum_dy, sum_dy_xhat, n) -> dx`` for one rank's slice.
+
+    dy, x_hat: this rank's (N_r, C, *) slices; invstd, weight: (C,); sum_dy, sum_dy_xhat: (C,) sums
+    over *all* ranks (what the backward's all-reduce returns); n: values per channel over all ranks.
+    Expected: the rank's slice of the input gradient of BN over the whole batch (torch autograd).
+    """
+    import torch
+
+    cases = [([4, 4], ()), ([5, 1, 2], ()), ([2, 3], (3, 2)), ([1, 6], (4,))]
+    for i, (sizes, trailing) in enumerate(cases):
+        C = 3
+        x, _ = _rank_slices(10 + i, sizes, C, trailing)
+        gen = torch.Generator().manual_seed(20 + i)
+        weight = torch.rand(C, generator=gen, dtype=torch.float64) + 0.5
+        dy = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+        xr = x.clone().requires_grad_(True)
+        torch.nn.functional.batch_norm(xr, None, None, weight, None, training=True).backward(dy)
+        dims = [0] + list(range(2, x.dim()))
+        var, mean = torch.var_mean(x, dim=dims, correction=0)
+        invstd = torch.rsqrt(var + 1e-5)
+        shape = (1, C) + (1,) * (x.dim() - 2)
+        x_hat = (x - mean.view(shape)) * invstd.view(shape)
+        n = x.numel() // C
+        sum_dy, sum_dy_xhat = dy.sum(dims), (dy * x_hat).sum(dims)
+        lo = 0
+        for rank, size in enumerate(sizes):
+            part = slice(lo, lo + size)
+            lo += size
+            got = fn(dy[part].clone(), x_hat[part].clone(), invstd.clone(), weight.clone(), sum_dy.clone(),
+                     sum_dy_xhat.clone(), n)
+            if got is None:
+                raise AssertionError(f"sync backward, ranks of {sizes}, rank {rank}: got None")
+            got = got.detach().numpy() if isinstance(got, torch.Tensor) else got
+            assert_close(f"sync backward, ranks holding {sizes} examples of shape {(C, *trailing)}, rank {rank}: dx",
+                         got, xr.grad[part].numpy(), rtol=1e-7, atol=1e-9)
+    _pass("synchronized backward", len(cases))

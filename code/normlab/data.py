@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["Split", "grouped_batches", "load_digits", "load_mnist1d"]
+__all__ = ["Split", "affine_shift", "add_noise", "grouped_batches", "load_digits", "load_mnist1d", "mnist1d_shifted"]
 
 
 @dataclass
@@ -149,3 +149,63 @@ def grouped_batches(labels, batch_size: int, classes_per_batch: int, seed: int =
         if len(batch) == batch_size or not drop_last:
             batches.append(torch.as_tensor(rng.permutation(batch), dtype=torch.int64))
     return [batches[i] for i in rng.permutation(len(batches))]
+
+
+# Domain shifts (Chapter 7): the same task, inputs from another distribution.
+
+
+def _shift(data: Split, fn, name) -> Split:
+    return Split(fn(data.x_train), data.y_train.clone(), fn(data.x_test), data.y_test.clone(), name=name)
+
+
+def affine_shift(data: Split, scale: float = 2.0, offset: float = 1.0) -> Split:
+    """Return ``data`` with every input x replaced by ``scale * x + offset`` (an intensity shift)."""
+    for name, v in (("scale", scale), ("offset", offset)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v):
+            raise ValueError(f"{name} must be a finite number, got {v!r}")
+    if scale == 0:
+        raise ValueError("scale must be non-zero: scale 0 erases the inputs")
+    return _shift(data, lambda x: scale * x + offset, f"{data.name} x{scale:g}{offset:+g}")
+
+
+def add_noise(data: Split, std: float = 0.5, seed: int = 0) -> Split:
+    """Return ``data`` with independent Gaussian noise of standard deviation ``std`` added to every input.
+
+    The noise is drawn from a generator seeded with ``seed`` (train first, then test).
+    """
+    if isinstance(std, bool) or not isinstance(std, (int, float)) or not (np.isfinite(std) and std >= 0):
+        raise ValueError(f"std must be a finite number >= 0, got {std!r}")
+    gen = torch.Generator().manual_seed(seed)
+    return _shift(data, lambda x: x + std * torch.randn(x.shape, generator=gen), f"{data.name} + noise {std:g}")
+
+
+def mnist1d_shifted(num_samples: int = 5000, test_fraction: float = 0.2, seed: int = 43, **changes) -> Split:
+    """Generate MNIST-1D with other generator parameters: a domain shift of the data-generating process.
+
+    changes: keyword arguments of ``mnist1d.data.get_dataset_args`` to override, e.g.
+    ``corr_noise_scale=0.6, shear_scale=1.5``; unknown names raise ValueError. Like
+    ``load_mnist1d``, the global RNG states are restored afterwards.
+    """
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    _check_fraction(test_fraction)
+    if not (isinstance(num_samples, int) and num_samples >= 20):
+        raise ValueError(f"num_samples must be an int >= 20, got {num_samples!r}")
+    args = get_dataset_args()
+    known = set(vars(args)) - {"num_samples", "train_split", "seed", "url"}
+    unknown = sorted(set(changes) - known)
+    if unknown:
+        raise ValueError(f"unknown MNIST-1D generator parameters {unknown}; known: {sorted(known)}")
+    for key, value in changes.items():
+        setattr(args, key, value)
+    args.num_samples = num_samples
+    args.train_split = 1.0 - test_fraction
+    args.seed = seed
+    np_state, py_state = np.random.get_state(), random.getstate()
+    try:
+        d = make_dataset(args)
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+    label = ", ".join(f"{k}={v}" for k, v in sorted(changes.items()))
+    return _as_split(d["x"], d["y"], d["x_test"], d["y_test"], False, f"mnist1d[{label}]")

@@ -32,6 +32,10 @@ __all__ = [
     "BatchRenorm1d",
     "BatchRenorm2d",
     "renorm_schedule",
+    "NormLSTMCell",
+    "NormLSTM",
+    "SyncBatchNorm",
+    "SyncBatchNormFunction",
 ]
 
 # torch 2.13 added a keyword-only `bias` switch (gamma without beta); older versions lack it.
@@ -443,3 +447,331 @@ def renorm_schedule(step, warmup_steps, relax_steps, r_max=3.0, d_max=5.0):
         return start if frac == 0 else target if math.isinf(target) else start + frac * (target - start)
 
     return lerp(1.0, r_max), lerp(0.0, d_max)
+
+
+# --------------------------------------------------------------------------------------------
+# Chapter 6: normalized LSTMs
+# --------------------------------------------------------------------------------------------
+
+LSTM_NORMS = ("none", "layer", "batch")
+
+
+class NormLSTMCell(nn.Module):
+    """One LSTM step with the gate pre-activations and the cell normalized (or not).
+
+    Gates (i, f, g, o order, as ``torch.nn.LSTMCell``) are
+    ``norm_ih(W_ih x) + norm_hh(W_hh h) + bias`` and ``h' = o * tanh(norm_c(c'))``.
+
+    norm='none': no normalization (with ``bias`` as the sum of torch's two biases, the same
+    function as ``torch.nn.LSTMCell``). norm='layer': each of the three is layer norm over its
+    features, per example and per step (Ba et al. 2016); it never looks at other examples.
+    norm='batch': each is batch norm over the examples, with separate running statistics for
+    each time step t < ``max_steps`` (Cooijmans et al. 2016, recurrent batch normalization). Rule
+    beyond the steps seen in training: in eval mode a step t >= max_steps uses the statistics of
+    step max_steps - 1, the last one estimated; in training mode it is an error.
+
+    The normalizations have gains (initialized to 1 for 'layer', to 0.1 for 'batch' as
+    Cooijmans et al. recommend) and the cell's norm a shift; the gates' shift is ``bias``, whose
+    forget-gate part starts at 1. Inputs: x (N, input_size); state (h, c), each (N, hidden_size),
+    or None for zeros; t, the step index. Returns (h, c).
+    """
+
+    def __init__(self, input_size, hidden_size, norm="none", max_steps=64, eps=1e-5, momentum=0.1):
+        super().__init__()
+        for name, v in (("input_size", input_size), ("hidden_size", hidden_size), ("max_steps", max_steps)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if norm not in LSTM_NORMS:
+            raise ValueError(f"norm must be one of {LSTM_NORMS}, got {norm!r}")
+        if not (isinstance(eps, (int, float)) and eps > 0):
+            raise ValueError(f"eps must be a positive number, got {eps!r}")
+        if not (isinstance(momentum, (int, float)) and 0 < momentum <= 1):
+            raise ValueError(f"momentum must be a number in (0, 1], got {momentum!r}")
+        self.input_size, self.hidden_size, self.norm = input_size, hidden_size, norm
+        self.max_steps, self.eps, self.momentum = max_steps, eps, momentum
+        H = hidden_size
+        self.weight_ih = nn.Parameter(torch.empty(4 * H, input_size))
+        self.weight_hh = nn.Parameter(torch.empty(4 * H, H))
+        self.bias = nn.Parameter(torch.empty(4 * H))
+        if norm != "none":
+            g0 = 1.0 if norm == "layer" else 0.1
+            self.gain_ih = nn.Parameter(torch.full((4 * H,), g0))
+            self.gain_hh = nn.Parameter(torch.full((4 * H,), g0))
+            self.gain_c = nn.Parameter(torch.full((H,), g0))
+            self.shift_c = nn.Parameter(torch.zeros(H))
+        if norm == "batch":
+            for site, width in (("ih", 4 * H), ("hh", 4 * H), ("c", H)):
+                self.register_buffer(f"running_mean_{site}", torch.zeros(max_steps, width))  # (T_max, width)
+                self.register_buffer(f"running_var_{site}", torch.ones(max_steps, width))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """Uniform(-1/sqrt(H), 1/sqrt(H)) weights as torch's LSTM; forget-gate bias 1, other biases 0."""
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        with torch.no_grad():
+            self.weight_ih.uniform_(-bound, bound)
+            self.weight_hh.uniform_(-bound, bound)
+            self.bias.zero_()
+            self.bias[self.hidden_size : 2 * self.hidden_size] = 1.0  # remember by default
+
+    def _norm(self, site, z, gain, shift, t):
+        """Normalize z (N, width) at one site and step."""
+        if self.norm == "layer":
+            var, mean = torch.var_mean(z, 1, correction=0, keepdim=True)  # per example, over features
+            z_hat = (z - mean) / torch.sqrt(var + self.eps)
+        else:
+            rm, rv = getattr(self, f"running_mean_{site}"), getattr(self, f"running_var_{site}")
+            if self.training:
+                if t >= self.max_steps:
+                    raise ValueError(
+                        f"step t={t} in training, but statistics exist for max_steps={self.max_steps} steps"
+                    )
+                if z.shape[0] < 2:
+                    raise ValueError("batch norm in training mode needs more than 1 example per batch")
+                var, mean = torch.var_mean(z, 0, correction=0)  # per feature, over the batch: (width,)
+                with torch.no_grad():
+                    n = z.shape[0]
+                    rm[t].mul_(1 - self.momentum).add_(self.momentum * mean)
+                    rv[t].mul_(1 - self.momentum).add_(self.momentum * var * n / (n - 1))  # unbiased
+            else:
+                s = min(t, self.max_steps - 1)  # beyond the steps seen in training: the last one
+                mean, var = rm[s], rv[s]
+            z_hat = (z - mean) / torch.sqrt(var + self.eps)
+        out = z_hat * gain
+        return out if shift is None else out + shift
+
+    def forward(self, x, state=None, t=0):
+        if x.dim() != 2 or x.shape[1] != self.input_size:
+            raise ValueError(f"x has shape {tuple(x.shape)}, expected (N, {self.input_size})")
+        if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+            raise ValueError(f"t must be an int >= 0, got {t!r}")
+        N, H = x.shape[0], self.hidden_size
+        if state is None:
+            h = c = x.new_zeros(N, H)
+        else:
+            h, c = state
+            for name, v in (("h", h), ("c", c)):
+                if tuple(v.shape) != (N, H):
+                    raise ValueError(f"{name} has shape {tuple(v.shape)}, expected ({N}, {H})")
+        zx, zh = x @ self.weight_ih.T, h @ self.weight_hh.T  # (N, 4H) each
+        if self.norm != "none":
+            zx = self._norm("ih", zx, self.gain_ih, None, t)
+            zh = self._norm("hh", zh, self.gain_hh, None, t)
+        i, f, g, o = (zx + zh + self.bias).chunk(4, dim=1)  # (N, H) each
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        c_out = c if self.norm == "none" else self._norm("c", c, self.gain_c, self.shift_c, t)
+        h = torch.sigmoid(o) * torch.tanh(c_out)
+        return h, c
+
+    def extra_repr(self):
+        return f"{self.input_size}, {self.hidden_size}, norm={self.norm!r}, max_steps={self.max_steps}"
+
+
+class NormLSTM(nn.Module):
+    """Run a ``NormLSTMCell`` over a sequence x (N, T, input_size), batch first.
+
+    Returns (outputs (N, T, hidden_size), (h, c)) with the final state. Arguments as the cell's.
+    """
+
+    def __init__(self, input_size, hidden_size, norm="none", max_steps=64, eps=1e-5, momentum=0.1):
+        super().__init__()
+        self.cell = NormLSTMCell(input_size, hidden_size, norm, max_steps, eps, momentum)
+
+    def forward(self, x, state=None):
+        if x.dim() != 3:
+            raise ValueError(f"x has shape {tuple(x.shape)}, expected (N, T, {self.cell.input_size})")
+        outputs = []
+        for t in range(x.shape[1]):
+            state = self.cell(x[:, t], state, t)
+            outputs.append(state[0])
+        if not outputs:
+            raise ValueError("x has no time steps (T = 0)")
+        return torch.stack(outputs, 1), state  # (N, T, H)
+
+
+# --------------------------------------------------------------------------------------------
+# Chapter 9: synchronized batch norm across processes
+# --------------------------------------------------------------------------------------------
+
+
+def _group_size(group) -> int:
+    """World size of ``group`` (None: the default group), or 1 outside an initialized process group."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(group)
+
+
+class SyncBatchNormFunction(torch.autograd.Function):
+    """Training-mode batch norm with the statistics of the batch on all ranks of a process group.
+
+    Forward: each rank summarizes its slice per channel as (count, mean, M2), 2C + 1 values; one
+    ``all_gather`` gives every rank every summary; each rank merges them with Chan's formula
+    (``normlab.distributed.merge_moments``) into the global mean and biased variance and
+    normalizes its own slice with them. Backward: one ``all_reduce`` of the 2C per-channel sums
+    (sum dy, sum dy * x_hat), then the closed form of ``BatchNormFunction`` with the global count.
+    The weight and bias gradients are the *local* sums: summed over ranks (or averaged, as DDP
+    does, with the loss averaged the same way) they are those of the whole batch.
+
+    forward returns (out, mean, var, count): the global statistics and the global number of
+    values per channel, without gradients, for the running-statistics update.
+    """
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, eps, group):
+        import torch.distributed as dist
+
+        from normlab.distributed import merge_moments
+
+        C = input.shape[1]
+        dims = [0] + list(range(2, input.dim()))  # every axis but the channel
+        shape = (1, C) + (1,) * (input.dim() - 2)  # broadcasts a (C,) vector against x
+        x = input.to(_stat_dtype(input))
+        n = x.numel() // C  # values per channel on this rank; 0 is allowed
+        if n > 0:
+            var, mean = torch.var_mean(x, dim=dims, correction=0)  # (C,), biased
+            m2 = var * n  # sum of squared deviations from the local mean
+        else:
+            mean = m2 = x.new_zeros(C)
+        local = torch.cat([x.new_tensor([float(n)]), mean, m2])  # (2C + 1,)
+        gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(gathered, local, group=group)
+        stats = torch.stack(gathered)  # (W, 2C + 1): every rank's summary, identical on every rank
+        count, mean, m2 = merge_moments(stats[:, 0], stats[:, 1 : C + 1], stats[:, C + 1 :])
+        if count <= 1:
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got {int(count)} over all ranks "
+                f"(this rank's input size {input.size()})"
+            )
+        var = m2 / count  # (C,), biased: the variance that normalizes
+        invstd = torch.rsqrt(var + eps)
+        x_hat = (x - mean.view(shape)) * invstd.view(shape)  # like input
+        out = x_hat
+        if weight is not None:
+            out = out * weight.to(x.dtype).view(shape)
+        if bias is not None:
+            out = out + bias.to(x.dtype).view(shape)
+        ctx.save_for_backward(x_hat, invstd, weight)
+        ctx.has_bias = bias is not None
+        ctx.count = float(count)
+        ctx.group = group
+        ctx.mark_non_differentiable(mean, var, count)
+        return out.to(input.dtype), mean, var, count
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, _grad_mean, _grad_var, _grad_count):
+        import torch.distributed as dist
+
+        x_hat, invstd, weight = ctx.saved_tensors
+        C = x_hat.shape[1]
+        dims = [0] + list(range(2, x_hat.dim()))
+        shape = (1, C) + (1,) * (x_hat.dim() - 2)
+        dy = grad_out.to(x_hat.dtype)
+        local = torch.cat([dy.sum(dim=dims), (dy * x_hat).sum(dim=dims)])  # (2C,) this rank's sums
+        grad_input = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            total = local.clone()
+            dist.all_reduce(total, group=ctx.group)  # (2C,) the sums over the whole batch
+            sum_dy, sum_dy_xhat = total[:C], total[C:]
+            n = ctx.count  # values per channel over all ranks
+            scale = invstd if weight is None else invstd * weight.to(x_hat.dtype)
+            # dx = gamma / (n sigma) * (n dy - sum(dy) - x_hat * sum(dy x_hat)), sums over all ranks
+            grad_input = (scale / n).view(shape) * (n * dy - sum_dy.view(shape) - x_hat * sum_dy_xhat.view(shape))
+            grad_input = grad_input.to(grad_out.dtype)
+        if weight is not None and ctx.needs_input_grad[1]:
+            grad_weight = local[C:].to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = local[:C].to(grad_out.dtype if weight is None else weight.dtype)
+        return grad_input, grad_weight, grad_bias, None, None
+
+
+class SyncBatchNorm(_BatchNorm):
+    """Batch norm whose training statistics are those of the whole batch across processes.
+
+    Under data parallelism each process (rank) holds a slice of the global batch. A plain BN layer
+    normalizes each slice with its own statistics; this one, in training mode, normalizes every
+    slice with the mean and variance of the union of the slices in ``process_group`` (None: all
+    ranks), and updates the running statistics from those global values (the unbiased variance
+    with the global count), identically on every rank. Ranks may hold different numbers of
+    examples, even none, as long as the group holds more than one value per channel. See
+    ``SyncBatchNormFunction`` for the two collectives per layer and pass.
+
+    Same semantics as ``torch.nn.SyncBatchNorm`` (input (N, C, *)), built here on
+    ``torch.distributed``. In eval mode, outside an initialized process group, or in a group of one
+    process it is exactly ``BatchNorm1d/2d/3d``. Every rank of the group must call it the same
+    number of times, as with any collective.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group=None,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self.process_group = process_group
+
+    def _check_input_dim(self, input):
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def forward(self, input):
+        self._check_input_dim(input)
+        if not self.training or _group_size(self.process_group) == 1:
+            return super().forward(input)  # nothing to synchronize: BatchNorm
+        if input.shape[1] != self.num_features:
+            raise RuntimeError(f"running_mean should contain {input.shape[1]} elements not {self.num_features}")
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative average: the k-th batch gets weight 1/k
+                factor = 1.0 / float(self.num_batches_tracked)
+        out, mean, var, count = SyncBatchNormFunction.apply(
+            input, self.weight, self.bias, self.eps, self.process_group
+        )
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.running_mean.mul_(1 - factor).add_(mean.to(self.running_mean.dtype), alpha=factor)
+                unbiased = var * (count / (count - 1))  # the running estimate stores the unbiased variance
+                self.running_var.mul_(1 - factor).add_(unbiased.to(self.running_var.dtype), alpha=factor)
+        return out
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module: nn.Module, process_group=None) -> nn.Module:
+        """Return ``module`` with every BatchNorm1d/2d/3d (``torch.nn`` or ``normlab.nn``) replaced by ours.
+
+        The new layers keep the old ones' parameters (the same ``Parameter`` objects, so an
+        optimizer built before still updates them), buffers and train/eval mode. Layers with other
+        semantics (ghost, population, renormalization) are left alone. A BN ``module`` itself is
+        returned converted; any other module is changed in place and returned.
+        """
+        kinds = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+                 BatchNorm1d, BatchNorm2d, BatchNorm3d)
+        converted = module
+        if type(module) in kinds:
+            ref = module.weight if module.affine else module.running_mean
+            factory = {} if ref is None else {"device": ref.device, "dtype": ref.dtype}
+            converted = cls(
+                module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
+                process_group, **factory,
+            )
+            if module.affine:
+                converted.weight = module.weight
+                converted.bias = module.bias
+            if module.track_running_stats:
+                converted.running_mean = module.running_mean
+                converted.running_var = module.running_var
+                converted.num_batches_tracked = module.num_batches_tracked
+            converted.train(module.training)
+            if hasattr(module, "qconfig"):
+                converted.qconfig = module.qconfig
+        for name, child in module.named_children():
+            converted.add_module(name, cls.convert_sync_batchnorm(child, process_group))
+        return converted

@@ -40,6 +40,21 @@ COLORS = {
     "precise": OKABE_ITO["green"],
     # Chapter 5: batch renormalization.
     "brn": OKABE_ITO["green"],
+    # Chapter 7: adaptation methods and fine-tuning modes; source and target domains.
+    "source": OKABE_ITO["vermillion"],
+    "adabn": OKABE_ITO["blue"],
+    "prior": OKABE_ITO["green"],
+    "tent": OKABE_ITO["purple"],
+    "frozen": OKABE_ITO["orange"],
+    "head": OKABE_ITO["sky"],
+    "bn_only": OKABE_ITO["green"],
+    "clean": OKABE_ITO["black"],
+    "affine": OKABE_ITO["orange"],
+    "noise": OKABE_ITO["sky"],
+    "generator": OKABE_ITO["purple"],
+    # Chapter 9: per-device BN under data parallelism, synchronized BN.
+    "local": OKABE_ITO["vermillion"],
+    "sync": OKABE_ITO["blue"],
 }
 
 

@@ -23,6 +23,17 @@ __all__ = [
     "batch_norm_backward",
     "batch_norm_backward_fast",
     "numerical_gradient",
+    "norm_forward",
+    "norm_backward",
+    "statistic_groups",
+    "layer_norm",
+    "layer_norm_backward",
+    "group_norm",
+    "group_norm_backward",
+    "instance_norm",
+    "instance_norm_backward",
+    "rms_norm",
+    "rms_norm_backward",
 ]
 
 
@@ -219,3 +230,294 @@ def numerical_gradient(f, x, dout, h=1e-5):
         x[i] = old
         grad[i] = (plus - minus) / (2 * h)
     return grad
+
+
+# --------------------------------------------------------------------------------------------
+# Chapter 6: one normalization over different axes
+# --------------------------------------------------------------------------------------------
+#
+# Batch, layer, instance and group norm differ only in the set of elements that share one mean
+# and one variance. ``norm_forward`` normalizes over any set of axes; the wrappers below choose
+# the axes (after a reshape, for group norm) and add torch's affine parameters. Batch norm in
+# training mode is ``norm_forward(x, (0,))`` for (N, D) and ``norm_forward(x, (0, 2, 3))`` for
+# (N, C, H, W); RMSNorm (rms=True) divides by the root mean square and subtracts no mean.
+
+
+def _check_array(name, x):
+    if not isinstance(x, np.ndarray):
+        raise ValueError(f"{name} must be a numpy array, got {type(x).__name__}")
+    if not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(f"{name} has dtype {x.dtype}, expected a floating-point dtype")
+    if not np.all(np.isfinite(x)):
+        bad = np.argwhere(~np.isfinite(x))[0]
+        raise ValueError(f"{name} has a non-finite value ({x[tuple(bad)]}) at index {tuple(int(i) for i in bad)}")
+
+
+def _check_eps(eps):
+    if not (_is_number(eps) and eps >= 0):
+        raise ValueError(f"eps must be a number >= 0, got {eps!r}")
+
+
+def _normalize_axes(axes, ndim):
+    if isinstance(axes, (int, np.integer)) and not isinstance(axes, bool):
+        axes = (axes,)
+    try:
+        axes = tuple(int(a) for a in axes)
+    except TypeError:
+        raise ValueError(f"axes must be an int or a tuple of ints, got {axes!r}") from None
+    if not axes:
+        raise ValueError("axes is empty: name at least one axis to normalize over")
+    out = []
+    for a in axes:
+        if not -ndim <= a < ndim:
+            raise ValueError(f"axis {a} is out of range for an array with {ndim} dimensions")
+        out.append(a % ndim)
+    if len(set(out)) != len(out):
+        raise ValueError(f"axes {axes} name an axis twice")
+    return tuple(sorted(out))
+
+
+def norm_forward(x, axes, eps=1e-5, rms=False):
+    """Normalize x over ``axes``: every slice along the other axes gets its own statistics.
+
+    x: any float array. axes: an int or tuple of ints (the elements that share one mean and one
+    variance). rms=False: x_hat = (x - mean) / sqrt(var + eps), var biased (divide by n).
+    rms=True: x_hat = x / sqrt(mean(x**2) + eps), no mean subtracted (RMSNorm).
+    Returns (x_hat, cache); x_hat has the shape of x.
+    """
+    _check_array("x", x)
+    _check_eps(eps)
+    axes = _normalize_axes(axes, x.ndim)
+    n = int(np.prod([x.shape[a] for a in axes]))
+    if n == 0:
+        raise ValueError(f"x of shape {x.shape} has no elements along axes {axes}")
+    xc = x if rms else x - x.mean(axis=axes, keepdims=True)  # keepdims: statistics broadcast back
+    var = (xc**2).mean(axis=axes, keepdims=True)  # the mean square for RMSNorm
+    if eps == 0 and np.any(var == 0):
+        raise ValueError("a slice has zero variance and eps = 0: its normalized value is undefined")
+    inv_std = 1.0 / np.sqrt(var + eps)
+    x_hat = xc * inv_std
+    return x_hat, {"x_hat": x_hat, "inv_std": inv_std, "axes": axes, "n": n, "rms": rms}
+
+
+def norm_backward(dx_hat, cache):
+    """Return dx from dx_hat for ``norm_forward``'s x_hat (the closed form; cache from the forward).
+
+    Mean-subtracting: dx = inv_std * (dx_hat - mean(dx_hat) - x_hat * mean(dx_hat * x_hat)).
+    RMSNorm: dx = inv_std * (dx_hat - x_hat * mean(dx_hat * x_hat)). Means over the same axes.
+    """
+    if not isinstance(cache, dict) or "rms" not in cache:
+        raise ValueError("cache must be the second value returned by norm_forward")
+    x_hat, axes = cache["x_hat"], cache["axes"]
+    if not isinstance(dx_hat, np.ndarray) or dx_hat.shape != x_hat.shape:
+        shape = getattr(dx_hat, "shape", type(dx_hat).__name__)
+        raise ValueError(f"dx_hat has shape {shape}, expected {x_hat.shape} (the shape of x)")
+    _check_array("dx_hat", dx_hat)
+    proj = (dx_hat * x_hat).mean(axis=axes, keepdims=True)  # the part along x_hat
+    centred = dx_hat if cache["rms"] else dx_hat - dx_hat.mean(axis=axes, keepdims=True)
+    return cache["inv_std"] * (centred - x_hat * proj)
+
+
+def _check_param(name, v, shape):
+    if v is None:
+        return
+    if not isinstance(v, np.ndarray):
+        raise ValueError(f"{name} must be a numpy array of shape {shape} or None, got {type(v).__name__}")
+    if v.shape != tuple(shape):
+        raise ValueError(f"{name} has shape {v.shape}, expected {tuple(shape)}")
+    _check_array(name, v)
+
+
+def _affine(x_hat, weight, bias, pshape):
+    out = x_hat
+    if weight is not None:
+        out = out * weight.reshape(pshape)
+    if bias is not None:
+        out = out + bias.reshape(pshape)
+    return out
+
+
+def _affine_backward(dout, cache):
+    """Return (dx_hat, dweight, dbias) for out = weight * x_hat + bias; None for absent parameters."""
+    x_hat, pshape, red = cache["x_hat_full"], cache["pshape"], cache["param_axes"]
+    weight, has_bias = cache["weight"], cache["has_bias"]
+    if not isinstance(dout, np.ndarray) or dout.shape != x_hat.shape:
+        shape = getattr(dout, "shape", type(dout).__name__)
+        raise ValueError(f"dout has shape {shape}, expected {x_hat.shape} (the shape of x)")
+    _check_array("dout", dout)
+    pdims = tuple(pshape[a] for a in range(len(pshape)) if a not in red)  # the parameters' shape
+    dweight = None if weight is None else (dout * x_hat).sum(axis=red).reshape(pdims)
+    dbias = dout.sum(axis=red).reshape(pdims) if has_bias else None
+    dx_hat = dout if weight is None else dout * weight.reshape(pshape)
+    return dx_hat, dweight, dbias
+
+
+def _trailing_shape(x, normalized_shape):
+    if isinstance(normalized_shape, (int, np.integer)) and not isinstance(normalized_shape, bool):
+        normalized_shape = (int(normalized_shape),)
+    try:
+        normalized_shape = tuple(int(d) for d in normalized_shape)
+    except TypeError:
+        raise ValueError(f"normalized_shape must be an int or a tuple of ints, got {normalized_shape!r}") from None
+    k = len(normalized_shape)
+    if k == 0 or k > x.ndim or x.shape[x.ndim - k :] != normalized_shape:
+        raise ValueError(
+            f"normalized_shape {normalized_shape} does not match the trailing dimensions of x {x.shape}"
+        )
+    return normalized_shape
+
+
+def _layout(kind, shape, normalized_shape=None, num_groups=None):
+    """Return (work_shape, axes): reshape x to work_shape, then normalize over axes.
+
+    The single place that says which elements share statistics; ``statistic_groups`` draws it.
+    """
+    ndim = len(shape)
+    if kind == "batch":
+        return shape, (0,) + tuple(range(2, ndim))  # per channel, over the batch and space
+    if kind in ("layer", "rms"):
+        k = len(normalized_shape)
+        return shape, tuple(range(ndim - k, ndim))  # per sample, over the trailing dims
+    if kind == "instance":
+        return shape, tuple(range(2, ndim))  # per sample and channel, over space
+    if kind == "group":
+        N, C = shape[:2]
+        return (N, num_groups, -1), (2,)  # per sample and group of C / G channels (and space)
+    raise ValueError(f"kind must be 'batch', 'layer', 'instance', 'group' or 'rms', got {kind!r}")
+
+
+def statistic_groups(kind, shape, num_groups=None, normalized_shape=None):
+    """Return an int array of ``shape``: elements with the same number share one mean and variance.
+
+    kind: 'batch', 'layer', 'instance', 'group' or 'rms'. For 'layer' and 'rms' the default
+    normalized_shape is shape[1:] (everything but the batch); 'group' needs num_groups.
+    Computed from the same layout the wrappers use.
+    """
+    shape = tuple(int(d) for d in shape)
+    if len(shape) < 2:
+        raise ValueError(f"shape must have at least 2 dimensions (N, C, ...), got {shape}")
+    if kind in ("layer", "rms") and normalized_shape is None:
+        normalized_shape = shape[1:]
+    if kind == "group":
+        _check_groups(shape, num_groups)
+    work, axes = _layout(kind, shape, normalized_shape, num_groups)
+    idx = np.zeros(shape).reshape(work)  # (work shape)
+    keep = [a for a in range(idx.ndim) if a not in axes]
+    grid = np.indices([idx.shape[a] for a in keep])  # one coordinate array per kept axis
+    labels = np.ravel_multi_index(tuple(grid), [idx.shape[a] for a in keep]) if keep else np.zeros((), int)
+    full = np.expand_dims(labels, axes) if keep else labels
+    return np.broadcast_to(full, idx.shape).reshape(shape).copy()
+
+
+def _check_groups(shape, num_groups):
+    if isinstance(num_groups, bool) or not isinstance(num_groups, (int, np.integer)) or num_groups < 1:
+        raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
+    C = shape[1]
+    if C % num_groups:
+        raise ValueError(f"num_groups={num_groups} does not divide the {C} channels of x")
+
+
+def _normalize(kind, x, weight, bias, eps, normalized_shape=None, num_groups=None, rms=False):
+    """Reshape, normalize, reshape back, apply the affine; return (out, cache)."""
+    work, axes = _layout(kind, x.shape, normalized_shape, num_groups)
+    x_hat, ncache = norm_forward(x.reshape(work), axes, eps=eps, rms=rms)
+    x_hat = x_hat.reshape(x.shape)
+    if kind in ("layer", "rms"):
+        lead = x.ndim - len(normalized_shape)
+        pshape = (1,) * lead + tuple(normalized_shape)  # elementwise over the normalized dims
+        param_axes = tuple(range(lead))  # the parameters' gradients sum over the leading dims
+    else:
+        pshape = (1, x.shape[1]) + (1,) * (x.ndim - 2)  # per channel
+        param_axes = (0,) + tuple(range(2, x.ndim))
+    out = _affine(x_hat, weight, bias, pshape)
+    cache = {"norm": ncache, "x_hat_full": x_hat, "pshape": pshape, "param_axes": param_axes,
+             "weight": weight, "has_bias": bias is not None, "work": work}
+    return out, cache
+
+
+def _backward(dout, cache):
+    if not isinstance(cache, dict) or "norm" not in cache:
+        raise ValueError("cache must be the second value returned by the matching forward")
+    dx_hat, dweight, dbias = _affine_backward(dout, cache)
+    dx = norm_backward(dx_hat.reshape(cache["norm"]["x_hat"].shape), cache["norm"])
+    return dx.reshape(dout.shape), dweight, dbias
+
+
+def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
+    """Normalize each sample over its trailing ``normalized_shape`` dims (torch's ``F.layer_norm``).
+
+    x: (*, *normalized_shape). weight, bias: ``normalized_shape`` or None (elementwise affine).
+    Returns (out, cache); out has the shape of x.
+    """
+    _check_array("x", x)
+    normalized_shape = _trailing_shape(x, normalized_shape)
+    _check_param("weight", weight, normalized_shape)
+    _check_param("bias", bias, normalized_shape)
+    return _normalize("layer", x, weight, bias, eps, normalized_shape=normalized_shape)
+
+
+def layer_norm_backward(dout, cache):
+    """Return (dx, dweight, dbias) for ``layer_norm``; dweight / dbias are None where absent."""
+    return _backward(dout, cache)
+
+
+def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5):
+    """Normalize each sample over groups of C / num_groups channels and all space (``F.group_norm``).
+
+    x: (N, C, *). weight, bias: (C,) or None. num_groups = 1 is layer norm over (C, *) with a
+    per-channel affine; num_groups = C is instance norm. Returns (out, cache).
+    """
+    _check_array("x", x)
+    if x.ndim < 2:
+        raise ValueError(f"x must be (N, C, *), got shape {x.shape}")
+    _check_groups(x.shape, num_groups)
+    C = x.shape[1]
+    _check_param("weight", weight, (C,))
+    _check_param("bias", bias, (C,))
+    return _normalize("group", x, weight, bias, eps, num_groups=int(num_groups))
+
+
+def group_norm_backward(dout, cache):
+    """Return (dx, dweight, dbias) for ``group_norm``; dweight / dbias are None where absent."""
+    return _backward(dout, cache)
+
+
+def instance_norm(x, weight=None, bias=None, eps=1e-5):
+    """Normalize each sample and channel over space (``F.instance_norm`` with input statistics).
+
+    x: (N, C, L) or (N, C, H, W) (any number of spatial dims >= 1, more than one spatial element).
+    weight, bias: (C,) or None. No running statistics: every input is normalized with its own.
+    Returns (out, cache).
+    """
+    _check_array("x", x)
+    if x.ndim < 3:
+        raise ValueError(f"x must be (N, C, *spatial) with at least one spatial dim, got shape {x.shape}")
+    if int(np.prod(x.shape[2:])) < 2:
+        raise ValueError(f"instance norm needs more than 1 spatial element per channel, got shape {x.shape}")
+    C = x.shape[1]
+    _check_param("weight", weight, (C,))
+    _check_param("bias", bias, (C,))
+    return _normalize("instance", x, weight, bias, eps)
+
+
+def instance_norm_backward(dout, cache):
+    """Return (dx, dweight, dbias) for ``instance_norm``; dweight / dbias are None where absent."""
+    return _backward(dout, cache)
+
+
+def rms_norm(x, normalized_shape, weight=None, eps=1e-6):
+    """Divide each sample by its root mean square over the trailing dims (``F.rms_norm``); no mean, no bias.
+
+    x: (*, *normalized_shape). weight: ``normalized_shape`` or None. Returns (out, cache).
+    torch's ``F.rms_norm`` defaults to eps=None (the dtype's machine epsilon); pass eps explicitly.
+    """
+    _check_array("x", x)
+    normalized_shape = _trailing_shape(x, normalized_shape)
+    _check_param("weight", weight, normalized_shape)
+    return _normalize("rms", x, weight, None, eps, normalized_shape=normalized_shape, rms=True)
+
+
+def rms_norm_backward(dout, cache):
+    """Return (dx, dweight) for ``rms_norm``; dweight is None when there was no weight."""
+    dx, dweight, _ = _backward(dout, cache)
+    return dx, dweight

@@ -1,0 +1,376 @@
+"""Chapter 6's experiments: the normalizations as one operation over different axes.
+
+- A small CNN on 8x8 digits with one of six normalizations after each convolution (none, batch,
+  layer, instance, group, RMS), trained at a normal and at a tiny batch size (``cnn_table``).
+- Timing RMSNorm against LayerNorm on the same shape (``time_norms``).
+- Instance statistics as "style": adaptive instance normalization (Huang & Belongie 2017) and an
+  image optimized to carry one input's content with another's statistics (``style_transfer``).
+- An LSTM classifier reading digits row by row with no, layer or per-step batch normalization
+  (``train_rnn``), evaluated at batch size 1 and on sequences longer than in training.
+
+The lab notebooks in ``chapters/alternatives/`` call these functions and assert what the chapter
+claims.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from normlab.bench import median_time
+from normlab.data import Split
+from normlab.experiments import _check_positive_int
+from normlab.nn import NormLSTM
+from normlab.train import accuracy, train
+
+__all__ = [
+    "CNN_NORMS",
+    "RNN_NORMS",
+    "LABELS",
+    "budget",
+    "seeds_for",
+    "ChannelRMSNorm",
+    "make_norm",
+    "DigitCNN",
+    "as_images",
+    "train_cnn",
+    "cnn_table",
+    "time_norms",
+    "channel_stats",
+    "adain",
+    "FeatureNet",
+    "style_transfer",
+    "as_sequences",
+    "pad_front",
+    "SeqClassifier",
+    "train_rnn",
+    "seq_accuracy",
+    "rnn_experiment",
+]
+
+CNN_NORMS = ("none", "bn", "ln", "in", "gn", "rms")
+RNN_NORMS = ("none", "layer", "batch")
+LABELS = {"none": "none", "bn": "BatchNorm", "ln": "LayerNorm", "in": "InstanceNorm", "gn": "GroupNorm",
+          "rms": "RMSNorm", "layer": "LayerNorm", "batch": "BatchNorm per step"}
+
+
+def budget(scale="quick"):
+    """Return the seeds, epochs and steps per experiment for a scale ('quick' or 'full')."""
+    if scale == "quick":
+        return {"seeds": 3, "cnn_epochs": 1, "rnn_steps": 250, "style_steps": 150, "time_repeat": 15}
+    if scale == "full":
+        return {"seeds": 5, "cnn_epochs": 10, "rnn_steps": 3000, "style_steps": 600, "time_repeat": 51}
+    raise ValueError(f"scale must be 'quick' or 'full', got {scale!r}")
+
+
+def seeds_for(seed, n):
+    """Return n seeds derived from one: seed * 100 + k for k < n."""
+    _check_positive_int("n", n)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    return [100 * seed + k for k in range(n)]
+
+
+# --------------------------------------------------------------------------------------------
+# Six normalizations in one CNN
+# --------------------------------------------------------------------------------------------
+
+
+class ChannelRMSNorm(nn.Module):
+    """RMSNorm over (C, H, W) of each example with a per-channel gain (no mean, no shift)."""
+
+    def __init__(self, num_channels, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(num_channels))
+
+    def forward(self, x):
+        ms = x.pow(2).mean((1, 2, 3), keepdim=True)  # (N, 1, 1, 1): one statistic per example
+        return x * torch.rsqrt(ms + self.eps) * self.weight[:, None, None]
+
+
+def make_norm(kind, channels, groups=4):
+    """Return the normalization layer for (N, C, H, W) activations: one of ``CNN_NORMS``.
+
+    'ln' is GroupNorm with one group (layer norm over (C, H, W), per-channel affine, as Wu & He
+    define it for CNNs); 'in' is GroupNorm with C groups (instance norm with an affine).
+    """
+    if kind == "none":
+        return nn.Identity()
+    if kind == "bn":
+        return nn.BatchNorm2d(channels)
+    if kind == "ln":
+        return nn.GroupNorm(1, channels)
+    if kind == "in":
+        return nn.GroupNorm(channels, channels)
+    if kind == "gn":
+        if channels % groups:
+            raise ValueError(f"groups={groups} does not divide channels={channels}")
+        return nn.GroupNorm(groups, channels)
+    if kind == "rms":
+        return ChannelRMSNorm(channels)
+    raise ValueError(f"kind must be one of {CNN_NORMS}, got {kind!r}")
+
+
+class DigitCNN(nn.Module):
+    """conv3x3(1->c1) - norm - ReLU - conv3x3 stride 2 (c1->c2) - norm - ReLU - flatten - linear.
+
+    Input (N, 1, 8, 8); the second convolution gives (N, c2, 4, 4), flattened for the linear layer
+    (no global pooling: where a stroke is matters for a digit).
+    """
+
+    def __init__(self, norm="bn", c1=16, c2=32, classes=10, groups=4):
+        super().__init__()
+        bias = norm == "none"  # a shift before a mean-subtracting norm is cancelled by it
+        self.features = nn.Sequential(
+            nn.Conv2d(1, c1, 3, padding=1, bias=bias), make_norm(norm, c1, groups), nn.ReLU(),
+            nn.Conv2d(c1, c2, 3, stride=2, padding=1, bias=bias), make_norm(norm, c2, groups), nn.ReLU(),
+        )
+        self.head = nn.Linear(c2 * 16, classes)
+
+    def forward(self, x):
+        return self.head(self.features(x).flatten(1))  # (N, c2 * 16) -> (N, classes)
+
+
+def as_images(data):
+    """Return a copy of a digits Split with inputs shaped (N, 1, 8, 8)."""
+    if data.x_train.shape[1] != 64:
+        raise ValueError(f"expected 8x8 digits (64 features), got {data.x_train.shape[1]}")
+    return Split(data.x_train.reshape(-1, 1, 8, 8), data.y_train, data.x_test.reshape(-1, 1, 8, 8), data.y_test,
+                 data.name + " (images)")
+
+
+def train_cnn(kind, images, batch_size=32, epochs=3, lr=0.05, seed=0):
+    """Train a DigitCNN with one normalization; return its test accuracy in eval mode.
+
+    Equal epochs at every batch size; the learning rate scales linearly with the batch,
+    ``lr * batch_size / 32`` (as Wu & He did); SGD with momentum 0.9.
+    """
+    _check_positive_int("batch_size", batch_size)
+    _check_positive_int("epochs", epochs)
+    torch.manual_seed(seed)
+    model = DigitCNN(kind)
+    steps = max(1, epochs * len(images.x_train) // batch_size)
+    train(model, images, steps=steps, lr=lr * batch_size / 32, batch_size=batch_size, seed=seed, progress=False)
+    return accuracy(model, images.x_test, images.y_test)
+
+
+def cnn_table(images, kinds=CNN_NORMS, batch_sizes=(32, 2), seeds=(0, 1, 2), epochs=3, lr=0.05):
+    """Return {(kind, batch_size): (S,) array of test accuracies}, one entry per seed."""
+    return {(k, b): np.array([train_cnn(k, images, b, epochs, lr, s) for s in seeds]) for k in kinds
+            for b in batch_sizes}
+
+
+# --------------------------------------------------------------------------------------------
+# RMSNorm vs LayerNorm: time
+# --------------------------------------------------------------------------------------------
+
+
+def _rms_norm(x, shape, eps):
+    """torch's F.rms_norm where it exists (torch >= 2.4), else its definition."""
+    if hasattr(F, "rms_norm"):
+        return F.rms_norm(x, shape, None, eps)
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def time_norms(rows=4096, features=1024, repeat=15):
+    """Return median seconds per forward of layer norm and RMSNorm over the last dim of (rows, features).
+
+    Keys: 'torch_ln', 'torch_rms' (float32, torch's F.layer_norm / F.rms_norm) and 'numpy_ln',
+    'numpy_rms' (float64, ``normlab.scratch.norm_forward``).
+    """
+    from normlab import scratch
+
+    _check_positive_int("rows", rows)
+    _check_positive_int("features", features)
+    x = torch.randn(rows, features, generator=torch.Generator().manual_seed(0))
+    xn = x.double().numpy()
+    with torch.no_grad():
+        return {
+            "torch_ln": median_time(F.layer_norm, x, (features,), None, None, 1e-5, repeat=repeat, warmup=2),
+            "torch_rms": median_time(_rms_norm, x, (features,), 1e-5, repeat=repeat, warmup=2),
+            "numpy_ln": median_time(scratch.norm_forward, xn, 1, repeat=repeat, warmup=1),
+            "numpy_rms": median_time(scratch.norm_forward, xn, 1, rms=True, repeat=repeat, warmup=1),
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# Instance statistics as style
+# --------------------------------------------------------------------------------------------
+
+
+def channel_stats(f, eps=1e-5):
+    """Return the per-example, per-channel mean and standard deviation of f (N, C, H, W): (N, C, 1, 1) each."""
+    if f.dim() != 4:
+        raise ValueError(f"expected features (N, C, H, W), got shape {tuple(f.shape)}")
+    var, mean = torch.var_mean(f, (2, 3), correction=0, keepdim=True)
+    return mean, torch.sqrt(var + eps)
+
+
+def adain(content, style, eps=1e-5):
+    """Adaptive instance normalization: instance-normalize ``content``, then give it ``style``'s statistics.
+
+    content, style: (N, C, H, W) features (style may have another H, W). Returns (N, C, H, W).
+    """
+    if content.dim() != 4 or style.dim() != 4 or content.shape[:2] != style.shape[:2]:
+        raise ValueError(f"content {tuple(content.shape)} and style {tuple(style.shape)} must be (N, C, *, *) alike")
+    mc, sc = channel_stats(content, eps)
+    ms, ss = channel_stats(style, eps)
+    return (content - mc) / sc * ss + ms
+
+
+class FeatureNet(nn.Module):
+    """A fixed, randomly initialized feature extractor: three conv3x3 + ReLU layers (the second strided).
+
+    Random convolutional features are enough to show statistics as style on small images; its
+    weights never train. Returns the feature maps of every layer.
+    """
+
+    def __init__(self, channels=(32, 64, 64), seed=0):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        layers, c_in = [], 1
+        for i, c in enumerate(channels):
+            conv = nn.Conv2d(c_in, c, 3, stride=2 if i == 1 else 1, padding=1)
+            with torch.no_grad():
+                conv.weight.normal_(0.0, math.sqrt(2.0 / (9 * c_in)), generator=gen)  # He init
+                conv.bias.zero_()
+            layers.append(conv)
+            c_in = c
+        self.layers = nn.ModuleList(layers)
+        self.requires_grad_(False)
+
+    def forward(self, x):
+        feats = []
+        for conv in self.layers:
+            x = torch.relu(conv(x))
+            feats.append(x)
+        return feats
+
+
+def _style_loss(fa, fb):
+    loss = 0.0
+    for a, b in zip(fa, fb):
+        ma, sa = channel_stats(a)
+        mb, sb = channel_stats(b)
+        loss = loss + F.mse_loss(ma, mb) + F.mse_loss(sa, sb)
+    return loss
+
+
+def style_transfer(content, style, steps=150, style_weight=10.0, lr=0.05, seed=0):
+    """Optimize an image to carry ``content``'s features with ``style``'s channel statistics.
+
+    content, style: (1, 1, H, W) images. The target at the last layer is
+    ``adain(f(content), f(style))``; the loss adds the squared differences of per-channel means and
+    standard deviations at every layer (Huang & Belongie's style loss). The image starts from the
+    content. Returns a dict: 'image' (1, 1, H, W), and the style loss of the content image, of the
+    result, and of the style image against itself (0).
+    """
+    for name, t in (("content", content), ("style", style)):
+        if t.dim() != 4 or t.shape[:2] != (1, 1):
+            raise ValueError(f"{name} must be one grey image (1, 1, H, W), got {tuple(t.shape)}")
+    _check_positive_int("steps", steps)
+    net = FeatureNet(seed=seed)
+    fs = net(style)
+    target = adain(net(content)[-1], fs[-1]).detach()
+    img = content.clone().requires_grad_()
+    opt = torch.optim.Adam([img], lr=lr)
+    for _ in range(steps):
+        f = net(img)
+        loss = F.mse_loss(f[-1], target) + style_weight * _style_loss(f, fs)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return {"image": img.detach(), "style_loss_before": float(_style_loss(net(content), fs)),
+                "style_loss_after": float(_style_loss(net(img), fs))}
+
+
+# --------------------------------------------------------------------------------------------
+# Recurrent networks
+# --------------------------------------------------------------------------------------------
+
+
+def as_sequences(data):
+    """Return a copy of a digits Split whose inputs are (N, 8, 8) sequences: 8 rows of 8 pixels, top first."""
+    if data.x_train.shape[1] != 64:
+        raise ValueError(f"expected 8x8 digits (64 features), got {data.x_train.shape[1]}")
+    return Split(data.x_train.reshape(-1, 8, 8), data.y_train, data.x_test.reshape(-1, 8, 8), data.y_test,
+                 data.name + " (rows)")
+
+
+def pad_front(x, steps, value=0.0):
+    """Prepend ``steps`` rows of ``value`` to sequences x (N, T, D): the digit at the bottom of a taller canvas."""
+    if x.dim() != 3:
+        raise ValueError(f"x must be (N, T, D), got shape {tuple(x.shape)}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be an int >= 0, got {steps!r}")
+    return torch.cat([x.new_full((x.shape[0], steps, x.shape[2]), value), x], 1)
+
+
+class SeqClassifier(nn.Module):
+    """A NormLSTM reading (N, T, D) and a linear layer on its last hidden state."""
+
+    def __init__(self, norm, input_size=8, hidden_size=64, classes=10, max_steps=8):
+        super().__init__()
+        self.lstm = NormLSTM(input_size, hidden_size, norm, max_steps=max_steps)
+        self.head = nn.Linear(hidden_size, classes)
+
+    def forward(self, x):
+        _, (h, _) = self.lstm(x)
+        return self.head(h)
+
+
+def train_rnn(norm, seqs, steps=500, batch_size=32, lr=0.005, seed=0, eval_every=50):
+    """Train a SeqClassifier with Adam; return (model, History) with test accuracy every ``eval_every`` steps."""
+    torch.manual_seed(seed)
+    model = SeqClassifier(norm, input_size=seqs.x_train.shape[2], max_steps=seqs.x_train.shape[1])
+    hist = train(model, seqs, steps=steps, lr=lr, batch_size=batch_size, optimizer="adam", seed=seed,
+                 eval_every=eval_every, progress=False)
+    return model, hist
+
+
+@torch.no_grad()
+def seq_accuracy(model, x, y, batch_size=None, train_mode=False):
+    """Return accuracy on (x, y) in batches of ``batch_size`` (all at once when None).
+
+    train_mode=True normalizes a per-step batch-norm model with the statistics of each test batch
+    (its running statistics are restored afterwards); see ``normlab.train.accuracy``.
+    """
+    return accuracy(model, x, y, batch_size=batch_size, train_mode=train_mode)
+
+
+def rnn_experiment(seqs, seeds, steps=300, batch_size=32, lr=0.005, pad=8, eval_every=25, n_single=100):
+    """Train a SeqClassifier per norm and seed; return what the lab plots and asserts.
+
+    Returns a dict: 'eval_step' (E,); for each norm in ``RNN_NORMS`` a dict of arrays over seeds:
+    'curve' (S, E) test accuracy during training; 'full' (S,) test accuracy in eval mode on the
+    whole test set at once; 'b1_max_diff' (S,) the largest change of any logit when the first
+    ``n_single`` test sequences are evaluated one at a time instead of together; 'long' (S,)
+    accuracy with ``pad`` blank rows in front (sequences of T + pad steps); for 'batch' also
+    'batch2' (S,), accuracy with the statistics of test batches of 2 instead of the running ones.
+    """
+    out = {"eval_step": None}
+    x_long = pad_front(seqs.x_test, pad)
+    for norm in RNN_NORMS:
+        rec = {"curve": [], "full": [], "b1_max_diff": [], "long": [], "batch2": []}
+        for s in seeds:
+            model, hist = train_rnn(norm, seqs, steps, batch_size, lr, s, eval_every)
+            out["eval_step"] = np.array(hist.eval_step)
+            rec["curve"].append(hist.test_acc)
+            model.eval()
+            with torch.no_grad():
+                x_some = seqs.x_test[:n_single]
+                logits = model(x_some)
+                one = torch.cat([model(x_some[i : i + 1]) for i in range(len(x_some))])
+            rec["full"].append(accuracy(model, seqs.x_test, seqs.y_test))
+            rec["b1_max_diff"].append(float((logits - one).abs().max()))
+            rec["long"].append(accuracy(model, x_long, seqs.y_test))
+            if norm == "batch":
+                rec["batch2"].append(accuracy(model, seqs.x_test, seqs.y_test, batch_size=2, train_mode=True))
+        out[norm] = {k: np.array(v) for k, v in rec.items() if len(v)}
+    return out

@@ -1,0 +1,331 @@
+"""Chapter 7's experiments: batch norm in transfer learning.
+
+A small 1-D CNN with BN (``make_cnn``) is trained on MNIST-1D, the *source* domain, and tested on
+*target* domains built from it (``domains``): the same signals with an affine intensity shift
+(2x + 1), with Gaussian noise, and MNIST-1D drawn with other generator parameters. The functions
+here adapt the trained models with ``normlab.adapt`` (AdaBN, Schneider et al.'s prior, TENT),
+fine-tune them on a few labelled target examples in four modes, and train only BN's affine
+parameters on top of frozen random weights. They return plain numbers (numpy arrays, dicts) that
+the lab notebooks tabulate, plot and assert.
+
+The first convolution has no bias and no padding ("valid"), and BN follows it directly. Then
+every output position of the first layer sees a full kernel, an input shift x -> a x + b moves
+each channel's pre-activation to a h + b sum(w), and BN with the target's statistics undoes it
+exactly (up to epsilon): AdaBN's exact recovery, which the tests check.
+
+Seeds: a seed fixes the initial weights and the mini-batches of a run, and the choice of labelled
+target examples; the datasets depend on the notebook's seed only.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from normlab.adapt import adabn, bn_only_parameters, bn_statistics, freeze_bn, prior_adapt, tent
+from normlab.data import Split, add_noise, affine_shift, load_mnist1d, mnist1d_shifted
+from normlab.experiments import _check_positive_int
+from normlab.experiments.regularization import make_mlp
+from normlab.train import accuracy, show_progress, train
+
+__all__ = [
+    "DOMAINS",
+    "MODES",
+    "MODE_LABELS",
+    "budget",
+    "seeds_for",
+    "make_cnn",
+    "domains",
+    "train_source",
+    "adaptation_results",
+    "labelled_split",
+    "set_mode",
+    "finetune",
+    "finetune_results",
+    "bn_only_vs_width",
+    "summarize",
+]
+
+DOMAINS = ("clean", "affine", "noise", "generator")
+# Fine-tuning modes: what trains and what BN does while it trains.
+MODES = ("all_bn_train", "all_bn_frozen", "head", "bn_only")
+MODE_LABELS = {
+    "all_bn_train": "all layers, BN in train mode",
+    "all_bn_frozen": "all layers, BN frozen",
+    "head": "only the head",
+    "bn_only": "only BN's gamma and beta",
+}
+
+
+def budget(scale: str = "quick") -> dict:
+    """Seeds, steps and sizes per experiment at a scale ('quick': the 60 s notebooks; 'full')."""
+    if scale == "quick":
+        return {"seeds": 3, "num_samples": 5000, "source_steps": 600, "finetune_steps": 100,
+                "bn_only_steps": 800, "widths": (32, 128, 512), "labelled": (50,)}
+    if scale == "full":
+        return {"seeds": 5, "num_samples": 10000, "source_steps": 2000, "finetune_steps": 300,
+                "bn_only_steps": 3000, "widths": (32, 128, 512, 2048), "labelled": (50, 500)}
+    raise ValueError(f"scale must be 'quick' or 'full', got {scale!r}")
+
+
+def seeds_for(seed: int, n: int) -> list:
+    """Return n seeds derived from one: seed * 100 + k for k < n."""
+    _check_positive_int("n", n)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    return [100 * seed + k for k in range(n)]
+
+
+def _bar(iterable, desc, progress):
+    return tqdm(iterable, desc=desc, disable=not show_progress(progress), leave=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Model and domains
+# --------------------------------------------------------------------------------------------
+
+
+def make_cnn(length: int = 40, num_classes: int = 10, *, width: int = 32, norm: bool = True, seed: int = 0):
+    """Return a 1-D CNN for (N, length) signals: three bias-free valid convolutions, each followed
+    by BN (or nothing, ``norm=False``) and ReLU, then a Linear head (the last module).
+
+    Kernel sizes 5, 3, 3; strides 1, 2, 2; ``width`` channels throughout.
+    """
+    _check_positive_int("width", width)
+    _check_positive_int("num_classes", num_classes)
+    out = ((length - 4 - 3) // 2 + 1 - 3) // 2 + 1  # positions left after the three valid convs
+    if out < 1:
+        raise ValueError(f"length must be at least 11 for three valid convolutions, got {length}")
+
+    def norm_layer():
+        return nn.BatchNorm1d(width) if norm else nn.Identity()
+
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Unflatten(1, (1, length)),  # (N, L) -> (N, 1, L)
+        nn.Conv1d(1, width, 5, bias=False), norm_layer(), nn.ReLU(),
+        nn.Conv1d(width, width, 3, stride=2, bias=False), norm_layer(), nn.ReLU(),
+        nn.Conv1d(width, width, 3, stride=2, bias=False), norm_layer(), nn.ReLU(),
+        nn.Flatten(),  # (N, width, out) -> (N, width * out)
+        nn.Linear(width * out, num_classes),
+    )
+
+
+def domains(seed: int = 0, num_samples: int = 5000, noise_std: float = 0.5) -> dict:
+    """Return the source domain and three target domains, {name: Split}, names as in ``DOMAINS``.
+
+    clean: MNIST-1D (generator seed 42 + seed). affine: the same signals, 2x + 1. noise: the same
+    plus Gaussian noise of std ``noise_std``. generator: MNIST-1D generated afresh (another seed)
+    with more correlated background noise (0.6 instead of 0.25) and more shear (1.5 instead of
+    0.75). A target's training part stands for unlabelled target data (or the pool that labelled
+    examples are drawn from); its test part is where accuracy is measured.
+    """
+    clean = load_mnist1d(num_samples=num_samples, seed=42 + seed)
+    return {
+        "clean": clean,
+        "affine": affine_shift(clean, 2.0, 1.0),
+        "noise": add_noise(clean, noise_std, seed=seed),
+        "generator": mnist1d_shifted(num_samples=num_samples, seed=10_000 + seed, corr_noise_scale=0.6,
+                                     shear_scale=1.5),
+    }
+
+
+def train_source(data: Split, seed: int, *, steps: int = 600, width: int = 32, lr: float = 0.05, batch_size=64):
+    """Train ``make_cnn`` on the source domain with SGD (momentum 0.9); return it in eval mode."""
+    model = make_cnn(data.num_features, data.num_classes, width=width, seed=seed)
+    train(model, data, steps=steps, lr=lr, batch_size=batch_size, seed=seed, progress=False)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------------
+# 1. Adapting statistics without labels: AdaBN, the prior, TENT
+# --------------------------------------------------------------------------------------------
+
+
+def adaptation_results(models, targets: dict, *, batch_sizes=(2, 64), priors=(0, 8, 32, math.inf),
+                       tent_lr=1e-3, tent_batch=64, chunk=500, small_batch_examples=500, progress=None) -> dict:
+    """Target test accuracy of source-trained models under each unsupervised adaptation.
+
+    models: one trained model per seed (left unchanged). targets: {domain: Split}. Methods:
+    "source" (the source statistics); "adabn" (statistics of the target's training inputs, in
+    chunks of ``chunk``); ("prior", N, B): test batches of B normalized with the source mixed with
+    the batch at pseudo sample size N (N = 0: the test batch's own statistics); "tent" (one online
+    pass of TENT over the test set in batches of ``tent_batch``, then evaluated with test-batch
+    statistics at that batch size). Batch sizes below 16 are evaluated on the first
+    ``small_batch_examples`` test examples only (hundreds of forward passes of two examples are
+    slow); ("prior", math.inf, B) is the source model by construction and is copied from "source".
+    Returns {method: {domain: (seeds,) array}}.
+    """
+    out = {}
+
+    def put(method, domain, j, value):
+        out.setdefault(method, {}).setdefault(domain, np.zeros(len(models)))[j] = value
+
+    jobs = [(j, d) for j in range(len(models)) for d in targets]
+    for j, name in _bar(jobs, "adaptation", progress):
+        data = targets[name]
+        model = copy.deepcopy(models[j]).eval()
+        source = bn_statistics(model)
+        put("source", name, j, accuracy(model, data.x_test, data.y_test))
+        for n_prior in priors:
+            prior_adapt(model, source, n_prior)
+            for b in batch_sizes:
+                if math.isinf(n_prior):
+                    put(("prior", n_prior, b), name, j, out["source"][name][j])
+                    continue
+                k = small_batch_examples if b < 16 else len(data.y_test)
+                put(("prior", n_prior, b), name, j, accuracy(model, data.x_test[:k], data.y_test[:k], batch_size=b))
+        prior_adapt(model, source, math.inf)  # back to the source model
+        put("adabn", name, j, accuracy(adabn(copy.deepcopy(model), data.x_train.split(chunk)),
+                                       data.x_test, data.y_test))
+        tent(model, data.x_test.split(tent_batch), lr=tent_lr)
+        put("tent", name, j, accuracy(model, data.x_test, data.y_test, batch_size=tent_batch, train_mode=True))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Fine-tuning on a few labelled target examples
+# --------------------------------------------------------------------------------------------
+
+
+def labelled_split(data: Split, n: int, n_val: int, seed: int = 0):
+    """Draw ``n`` labelled target examples (class-balanced) and ``n_val`` others for validation.
+
+    Both come from ``data``'s training part, disjoint. Returns (train Split: the n examples, with
+    data's test part; validation (x, y)).
+    """
+    _check_positive_int("n", n)
+    _check_positive_int("n_val", n_val)
+    classes = data.y_train.unique()
+    if n < len(classes) or n + n_val > len(data.y_train):
+        raise ValueError(f"need {len(classes)} <= n and n + n_val <= {len(data.y_train)}, got n={n}, n_val={n_val}")
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(data.y_train), generator=gen)
+    y = data.y_train[order]
+    # Round-robin over classes: the k-th example of every class before the (k+1)-th of any.
+    rank = torch.zeros_like(order)
+    for c in classes:
+        rank[y == c] = torch.arange(int((y == c).sum()))
+    picked = order[torch.argsort(rank * len(classes) + y, stable=True)[:n]]
+    rest = order[~torch.isin(order, picked)][:n_val]
+    train_split = Split(data.x_train[picked], data.y_train[picked], data.x_test, data.y_test,
+                        name=f"{data.name}[{n} labelled]")
+    return train_split, (data.x_train[rest], data.y_train[rest])
+
+
+def set_mode(model: nn.Module, mode: str) -> nn.Module:
+    """Prepare ``model`` for fine-tuning in ``mode`` (one of ``MODES``); return it.
+
+    all_bn_train: everything trains, BN normalizes with the fine-tuning batches and updates its
+    running statistics. all_bn_frozen: everything but BN trains; BN keeps the source statistics
+    and affine parameters (``freeze_bn``). head: only the last module (the Linear head) trains;
+    BN frozen. bn_only: only BN's gamma and beta train; BN in train mode, so its statistics follow
+    the target too.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode in ("all_bn_frozen", "head"):
+        freeze_bn(model)
+    if mode in ("head", "bn_only"):
+        for p in model.parameters():
+            p.requires_grad_(False)
+        trainable = list(model[-1].parameters()) if mode == "head" else bn_only_parameters(model)
+        for p in trainable:
+            p.requires_grad_(True)
+    return model
+
+
+def finetune(model, data: Split, validation, mode: str, *, lrs=(0.001, 0.01, 0.1), steps=100, batch_size=10,
+             seed=0):
+    """Fine-tune copies of ``model`` on ``data`` in ``mode``, one per learning rate; keep the best.
+
+    Each copy trains with SGD (momentum 0.9) for ``steps`` steps of ``batch_size``; the learning
+    rate with the best accuracy on ``validation`` = (x, y) wins (ties: the smaller rate). Returns
+    (test accuracy of the winner, its learning rate).
+    """
+    best = (-1.0, None, None)
+    for lr in lrs:
+        tuned = set_mode(copy.deepcopy(model), mode)
+        train(tuned, data, steps=steps, lr=lr, batch_size=batch_size, seed=seed, progress=False)
+        val = accuracy(tuned, *validation)
+        if val > best[0]:
+            best = (val, lr, tuned)
+    return accuracy(best[2], data.x_test, data.y_test), best[1]
+
+
+def finetune_results(models, targets: dict, seeds, *, labelled=(50,), n_val=500, modes=MODES,
+                     lrs=(0.001, 0.01, 0.1), steps=100, batch_size=10, progress=None) -> dict:
+    """Fine-tune every model on every target, for each number of labelled examples and mode.
+
+    Returns {"acc": {(n, mode): {domain: (seeds,) array}}, "lr": the same with the chosen learning
+    rates}, plus "source" and "adabn" ({domain: (seeds,)}): the accuracies without labels, for
+    comparison. The labelled examples of seed j are ``labelled_split(target, n, n_val, seeds[j])``.
+    """
+    acc, lr_chosen, base = {}, {}, {"source": {}, "adabn": {}}
+    jobs = [(j, d, n) for j in range(len(models)) for d in targets for n in labelled]
+    for j, name, n in _bar(jobs, "fine-tuning", progress):
+        data = targets[name]
+        part, validation = labelled_split(data, n, n_val, seed=seeds[j])
+        for mode in modes:
+            a, lr = finetune(models[j], part, validation, mode, lrs=lrs, steps=steps,
+                             batch_size=min(batch_size, n), seed=seeds[j])
+            acc.setdefault((n, mode), {}).setdefault(name, np.zeros(len(models)))[j] = a
+            lr_chosen.setdefault((n, mode), {}).setdefault(name, np.zeros(len(models)))[j] = lr
+        if n == labelled[0]:
+            base["source"].setdefault(name, np.zeros(len(models)))[j] = accuracy(models[j], data.x_test, data.y_test)
+            adapted = adabn(copy.deepcopy(models[j]), data.x_train.split(500))
+            base["adabn"].setdefault(name, np.zeros(len(models)))[j] = accuracy(adapted, data.x_test, data.y_test)
+    return {"acc": acc, "lr": lr_chosen, **base}
+
+
+# --------------------------------------------------------------------------------------------
+# 3. Training only BN (Frankle et al. 2021)
+# --------------------------------------------------------------------------------------------
+
+
+def bn_only_vs_width(data: Split, widths, seeds, *, steps=800, lr=0.5, batch_size=64, full_width=None,
+                     full_lr=0.05, progress=None) -> dict:
+    """Train only BN's gamma and beta of MLPs whose other weights stay at their random initialization.
+
+    The MLP is ``regularization.make_mlp`` (two blocks of Linear -> BN -> ReLU, then a Linear
+    classifier), all its weights frozen at initialization except BN's affine parameters, trained
+    with SGD (momentum 0.9). Returns {"bn_only": (widths, seeds) test accuracies, "params":
+    trainable parameter counts per width, "gamma_small": (widths, seeds) fraction of |gamma| < 0.1
+    after training}; with ``full_width``, also "full": (seeds,) accuracies of the same MLP at that
+    width with every weight trained (lr ``full_lr``), for reference.
+    """
+    out = {"bn_only": np.zeros((len(widths), len(seeds))), "gamma_small": np.zeros((len(widths), len(seeds))),
+           "params": []}
+    for w in widths:
+        model = make_mlp(data.num_features, data.num_classes, width=w)
+        out["params"].append(sum(p.numel() for p in bn_only_parameters(model)))
+    jobs = [(i, j) for i in range(len(widths)) for j in range(len(seeds))]
+    for i, j in _bar(jobs, "BN only", progress):
+        model = make_mlp(data.num_features, data.num_classes, width=widths[i], seed=seeds[j])
+        for p in model.parameters():
+            p.requires_grad_(False)
+        params = bn_only_parameters(model)
+        for p in params:
+            p.requires_grad_(True)
+        train(model, data, steps=steps, lr=lr, batch_size=batch_size, seed=seeds[j], progress=False)
+        out["bn_only"][i, j] = accuracy(model, data.x_test, data.y_test)
+        gammas = torch.cat([p.detach() for p in params[0::2]])
+        out["gamma_small"][i, j] = (gammas.abs() < 0.1).float().mean().item()
+    if full_width is not None:
+        out["full"] = np.zeros(len(seeds))
+        for j in _bar(range(len(seeds)), "full training", progress):
+            model = make_mlp(data.num_features, data.num_classes, width=full_width, seed=seeds[j])
+            train(model, data, steps=steps, lr=full_lr, batch_size=batch_size, seed=seeds[j], progress=False)
+            out["full"][j] = accuracy(model, data.x_test, data.y_test)
+    return out
+
+
+def summarize(values) -> str:
+    """Format accuracies over seeds (fractions) as 'mean ± sd' in percent, e.g. '95.3 ± 0.4'."""
+    v = 100 * np.asarray(values, dtype=float)
+    return f"{v.mean():.1f} ± {v.std(ddof=1) if v.size > 1 else 0.0:.1f}"

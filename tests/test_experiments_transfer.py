@@ -1,0 +1,116 @@
+"""Chapter 7's experiments: small, fast versions of each, checking shapes, protocol and invariants."""
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from normlab import adapt
+from normlab.data import Split
+from normlab.experiments import transfer as tr
+from normlab.train import accuracy
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one thread is faster, and unaffected by a busy CPU."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+def toy(n_train=200, n_test=100, length=40, seed=0):
+    """Ten classes of noisy 1-D bumps at class-dependent positions: learnable in a few steps."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def part(n):
+        y = torch.arange(n) % 10
+        pos = torch.arange(length).view(1, -1)
+        x = torch.exp(-((pos - 3 - 3.5 * y.view(-1, 1)) ** 2) / 4) + 0.3 * torch.randn(n, length, generator=gen)
+        return x, y
+
+    return Split(*part(n_train), *part(n_test), name="toy")
+
+
+def test_budget_and_seeds():
+    assert tr.budget("quick")["seeds"] >= 3
+    assert tr.budget("full")["source_steps"] > tr.budget("quick")["source_steps"]
+    with pytest.raises(ValueError, match="scale"):
+        tr.budget("huge")
+    assert tr.seeds_for(2, 3) == [200, 201, 202]
+    with pytest.raises(ValueError):
+        tr.seeds_for(-1, 3)
+
+
+def test_make_cnn_has_a_bias_free_first_conv_followed_by_bn_and_a_linear_head():
+    model = tr.make_cnn(width=8)
+    assert model(torch.randn(5, 40)).shape == (5, 10)
+    assert model[1].bias is None and isinstance(model[2], nn.BatchNorm1d)
+    assert isinstance(model[-1], nn.Linear)
+    assert not any(isinstance(m, nn.BatchNorm1d) for m in tr.make_cnn(width=8, norm=False).modules())
+    with pytest.raises(ValueError, match="length"):
+        tr.make_cnn(length=8)
+
+
+def test_labelled_split_is_class_balanced_and_disjoint_from_validation():
+    data = toy()
+    part, (xv, yv) = tr.labelled_split(data, 20, 50, seed=1)
+    assert torch.bincount(part.y_train, minlength=10).tolist() == [2] * 10
+    assert len(yv) == 50
+    rows = {tuple(r.tolist()) for r in part.x_train}
+    assert not rows & {tuple(r.tolist()) for r in xv}
+    with pytest.raises(ValueError):
+        tr.labelled_split(data, 5, 10)  # fewer than one example per class
+
+
+def test_set_mode_trains_exactly_what_the_mode_says():
+    def trainable(mode):
+        model = tr.set_mode(tr.make_cnn(width=4), mode)
+        return {n for n, p in model.named_parameters() if p.requires_grad}
+
+    every = {n for n, _ in tr.make_cnn(width=4).named_parameters()}
+    bn = {n for n in every if n.split(".")[0] in ("2", "5", "8")}
+    assert trainable("all_bn_train") == every
+    assert trainable("all_bn_frozen") == every - bn
+    assert trainable("head") == {"11.weight", "11.bias"}
+    assert trainable("bn_only") == bn
+    with pytest.raises(ValueError, match="mode"):
+        tr.set_mode(tr.make_cnn(width=4), "everything")
+
+
+def test_adaptation_and_finetuning_results_on_a_toy_problem():
+    data = toy()
+    seeds = [0, 1]
+    models = [tr.train_source(data, s, steps=40, width=8) for s in seeds]
+    targets = {"clean": data, "shifted": Split(2 * data.x_train + 1, data.y_train, 2 * data.x_test + 1, data.y_test)}
+    res = tr.adaptation_results(models, targets, batch_sizes=(2, 50), priors=(0, math.inf), progress=False)
+    assert set(res) == {"source", "adabn", "tent", ("prior", 0, 2), ("prior", 0, 50), ("prior", math.inf, 2),
+                        ("prior", math.inf, 50)}
+    for b in (2, 50):  # an infinite prior is the source model
+        np.testing.assert_array_equal(res[("prior", math.inf, b)]["shifted"], res["source"]["shifted"])
+    # ... which tr copies: check it against an actual evaluation of the prior-adapted model
+    model = adapt.prior_adapt(copy.deepcopy(models[0]), adapt.bn_statistics(models[0]), math.inf)
+    assert accuracy(model, targets["shifted"].x_test, targets["shifted"].y_test, batch_size=2) == \
+        res["source"]["shifted"][0]
+    # AdaBN on 2x + 1 equals AdaBN on x (the bias-free first layer), up to epsilon and rounding.
+    np.testing.assert_allclose(res["adabn"]["shifted"], res["adabn"]["clean"], atol=0.011)
+    ft = tr.finetune_results(models, {"shifted": targets["shifted"]}, seeds, labelled=(20,), n_val=30,
+                             lrs=(0.01,), steps=5, progress=False)
+    assert set(ft["acc"]) == {(20, m) for m in tr.MODES}
+    assert all(ft["lr"][k]["shifted"].tolist() == [0.01, 0.01] for k in ft["lr"])
+    np.testing.assert_array_equal(ft["source"]["shifted"], res["source"]["shifted"])
+    assert models[0].training is False  # the source models are left as they were
+
+
+def test_bn_only_vs_width_counts_parameters_and_trains_only_bn():
+    res = tr.bn_only_vs_width(toy(), (4, 8), [0, 1], steps=5, full_width=8, progress=False)
+    assert res["bn_only"].shape == (2, 2) and res["full"].shape == (2,)
+    assert res["params"] == [4 * 4, 4 * 8]  # two BN layers, gamma and beta each
+    assert ((0 <= res["gamma_small"]) & (res["gamma_small"] <= 1)).all()
+
+
+def test_summarize_formats_mean_and_sd_in_percent():
+    assert tr.summarize([0.9, 0.92, 0.94]) == "92.0 ± 2.0"
