@@ -17,6 +17,7 @@ import inspect
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from normlab.functional import _stat_dtype, batch_norm
@@ -179,9 +180,14 @@ class BatchNorm3d(_BatchNorm):
 def _ghost_normalize(x, virtual_batch_size, eps):
     """Normalize each run of ``virtual_batch_size`` consecutive examples with its own statistics.
 
-    x: (N, C, *). The last group holds the remainder when N is not a multiple. Returns (x_hat, means,
-    unbiased variances, counts): one (C,) row of statistics per group, and the values per channel
-    that each group averaged over. Groups of equal size are normalized in one vectorized step.
+    x: (N, C, *). The last group holds the remainder when N is not a multiple. Returns (x_hat,
+    means, unbiased variances, counts): one (C,) row of statistics per group, and the number of
+    values per channel that each group averaged over.
+
+    The trick: G groups of v examples with C channels are one batch of v examples with G * C
+    channels, (v, G * C, *), so PyTorch's own fused batch norm normalizes them all in one call.
+    With momentum 1 it also leaves each (group, channel)'s mean and unbiased variance in the
+    buffers it is given.
     """
     n, v = x.shape[0], virtual_batch_size
     full = n // v * v
@@ -190,18 +196,20 @@ def _ghost_normalize(x, virtual_batch_size, eps):
         chunks.append(x[full:].unsqueeze(0))  # the remainder, as one more group
     outs, means, variances, counts = [], [], [], []
     for chunk in chunks:  # (groups, examples, C, *)
-        dims = [1] + list(range(3, chunk.dim()))  # all but the group and the channel
-        count = chunk[0].numel() // chunk.shape[2]  # values per channel in one group
+        g, m, c = chunk.shape[:3]
+        count = chunk[0].numel() // c  # values per channel in one group
         if count < 2:
             raise ValueError(
                 f"expected more than 1 value per channel when training, but a ghost batch of "
-                f"{chunk.shape[1]} example(s) of shape {tuple(x.shape[1:])} has {count}"
+                f"{m} example(s) of shape {tuple(x.shape[1:])} has {count}"
             )
-        var, mean = torch.var_mean(chunk, dim=dims, correction=0, keepdim=True)
-        outs.append(((chunk - mean) * torch.rsqrt(var + eps)).reshape(-1, *x.shape[1:]))
-        g = chunk.shape[0]
-        means.append(mean.reshape(g, -1))
-        variances.append(var.reshape(g, -1) * count / (count - 1))
+        folded = chunk.transpose(0, 1).reshape(m, g * c, *chunk.shape[3:])  # (examples, groups * C, *)
+        mean = torch.zeros(g * c, dtype=x.dtype, device=x.device)
+        var = torch.ones(g * c, dtype=x.dtype, device=x.device)
+        out = F.batch_norm(folded, mean, var, training=True, momentum=1.0, eps=eps)
+        outs.append(out.reshape(m, g, c, *chunk.shape[3:]).transpose(0, 1).reshape(g * m, *x.shape[1:]))
+        means.append(mean.view(g, c))
+        variances.append(var.view(g, c))
         counts += [count] * g
     return torch.cat(outs), torch.cat(means), torch.cat(variances), counts
 
