@@ -151,12 +151,12 @@ def test_ema_vs_precise_trains_the_same_network_for_every_momentum(tiny):
     assert (r[0.001]["var_error"] > r[0.5]["var_error"]).all()  # after 20 steps, 0.001 is still near 1
 
 
-def test_budget_and_seed_list():
+def test_budget_and_seeds():
     assert rg.budget("full")["seeds"] > rg.budget("quick")["seeds"] >= 3
     assert rg.budget("quick")["table_seeds"] >= 5
     with pytest.raises(ValueError, match="scale"):
         rg.budget("huge")
-    assert rg.seed_list(2, 3) == [2000, 2001, 2002]
+    assert rg.seeds_for(2, 3) == [200, 201, 202]
 
 
 def test_chapter_4_self_checks_pass_the_reference_and_catch_mistakes(capsys):

@@ -23,7 +23,7 @@ from torch import nn
 
 from normlab.bench import median_time
 from normlab.data import Split
-from normlab.experiments import _check_positive_int
+from normlab.experiments import _check_positive_int, seeds_for
 from normlab.nn import NormLSTM
 from normlab.train import accuracy, train
 
@@ -65,14 +65,6 @@ def budget(scale="quick"):
     if scale == "full":
         return {"seeds": 5, "cnn_epochs": 10, "rnn_steps": 3000, "style_steps": 600, "time_repeat": 51}
     raise ValueError(f"scale must be 'quick' or 'full', got {scale!r}")
-
-
-def seeds_for(seed, n):
-    """Return n seeds derived from one: seed * 100 + k for k < n."""
-    _check_positive_int("n", n)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
-    return [100 * seed + k for k in range(n)]
 
 
 # --------------------------------------------------------------------------------------------

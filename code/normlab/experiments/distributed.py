@@ -23,6 +23,7 @@ from torch import nn
 
 from normlab import nn as normlab_nn
 from normlab.data import Split
+from normlab.experiments import _check_positive_int, seeds_for
 
 __all__ = [
     "MODES",
@@ -44,11 +45,6 @@ __all__ = [
 MODES = ("local", "sync")  # per-device BN, synchronized BN
 
 
-def _check_positive_int(name, v):
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"{name} must be a positive int, got {v!r}")
-
-
 def budget(scale="quick"):
     """Return the world size, per-device batch, steps of the global batch, seeds and timing sizes for a scale."""
     if scale == "quick":
@@ -56,14 +52,6 @@ def budget(scale="quick"):
     if scale == "full":
         return {"world": 4, "per_device": 2, "steps": 1700, "seeds": 5, "timing_steps": 200, "timing_layers": 16}
     raise ValueError(f"scale must be 'quick' or 'full', got {scale!r}")
-
-
-def seeds_for(seed, n):
-    """Return n seeds derived from one: seed * 100 + k for k < n."""
-    _check_positive_int("n", n)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
-    return [100 * seed + k for k in range(n)]
 
 
 def make_model(num_features, num_classes, seed, hidden=(128, 128), sync=False):

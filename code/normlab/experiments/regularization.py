@@ -21,7 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from normlab.data import Split
-from normlab.experiments import _check_positive_int
+from normlab.experiments import _check_positive_int, seeds_for
 from normlab.nn import GhostBatchNorm1d, PopulationNorm1d
 from normlab.stats import batch_norm_layers, precise_bn
 from normlab.train import accuracy, show_progress, train
@@ -30,7 +30,7 @@ __all__ = [
     "NORMS",
     "DROPOUT_PLACES",
     "budget",
-    "seed_list",
+    "seeds_for",
     "make_mlp",
     "subset",
     "fit",
@@ -63,12 +63,6 @@ def budget(scale: str = "quick") -> dict:
         return {"seeds": 5, "table_seeds": 10, "gap_epochs": 30, "table_steps": 2000, "shift_steps": 3000,
                 "ghost_epochs": 15, "ema_steps": 2000}
     raise ValueError(f"scale must be 'quick' or 'full', got {scale!r}")
-
-
-def seed_list(seed: int, n: int) -> list:
-    """The n seeds of a notebook run with ``NORMLAB_SEED=seed``: disjoint for different seeds."""
-    _check_positive_int("n", n)
-    return [1000 * int(seed) + i for i in range(n)]
 
 
 # --------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from normlab import nn as normlab_nn
 from normlab.data import Split, grouped_batches
-from normlab.experiments import _check_positive_int
+from normlab.experiments import _check_positive_int, seeds_for
 from normlab.train import show_progress
 
 __all__ = [
@@ -62,14 +62,6 @@ def budget(scale="quick"):
     if scale == "quick":
         return {"seeds": 3, "epochs": 4, "non_iid_epochs": 8, "noise_batches": 2000, "trace_steps": 600}
     return {"seeds": 5, "epochs": 20, "non_iid_epochs": 30, "noise_batches": 20000, "trace_steps": 5000}
-
-
-def seeds_for(seed, n):
-    """Return n seeds derived from one: seed * 100 + k for k < n."""
-    _check_positive_int("n", n)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
-    return [100 * seed + k for k in range(n)]
 
 
 # --------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from normlab.adapt import adabn, bn_only_parameters, bn_statistics, freeze_bn, prior_adapt, tent
 from normlab.data import Split, add_noise, affine_shift, load_mnist1d, mnist1d_shifted
-from normlab.experiments import _check_positive_int
+from normlab.experiments import _check_positive_int, seeds_for
 from normlab.experiments.regularization import make_mlp
 from normlab.train import accuracy, show_progress, train
 
@@ -71,14 +71,6 @@ def budget(scale: str = "quick") -> dict:
         return {"seeds": 5, "num_samples": 10000, "source_steps": 2000, "finetune_steps": 300,
                 "bn_only_steps": 3000, "widths": (32, 128, 512, 2048), "labelled": (50, 500)}
     raise ValueError(f"scale must be 'quick' or 'full', got {scale!r}")
-
-
-def seeds_for(seed: int, n: int) -> list:
-    """Return n seeds derived from one: seed * 100 + k for k < n."""
-    _check_positive_int("n", n)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
-    return [100 * seed + k for k in range(n)]
 
 
 def _bar(iterable, desc, progress):
