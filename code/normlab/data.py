@@ -86,12 +86,23 @@ def load_mnist1d(num_samples: int = 5000, test_fraction: float = 0.2, seed: int 
     The generator reseeds numpy's and python's global RNGs; their state is restored afterwards
     so that loading data never changes a notebook's other random draws.
     """
+    return _mnist1d(num_samples, test_fraction, seed, {}, "mnist1d")
+
+
+def _mnist1d(num_samples, test_fraction, seed, changes, name):
+    """Run MNIST-1D's generator with ``changes`` to its default arguments; restore the global RNGs."""
     from mnist1d.data import get_dataset_args, make_dataset
 
     _check_fraction(test_fraction)
     if not (isinstance(num_samples, int) and num_samples >= 20):
         raise ValueError(f"num_samples must be an int >= 20, got {num_samples!r}")
     args = get_dataset_args()
+    known = set(vars(args)) - {"num_samples", "train_split", "seed", "url"}
+    unknown = sorted(set(changes) - known)
+    if unknown:
+        raise ValueError(f"unknown MNIST-1D generator parameters {unknown}; known: {sorted(known)}")
+    for key, value in changes.items():
+        setattr(args, key, value)
     args.num_samples = num_samples
     args.train_split = 1.0 - test_fraction
     args.seed = seed
@@ -102,7 +113,7 @@ def load_mnist1d(num_samples: int = 5000, test_fraction: float = 0.2, seed: int 
         np.random.set_state(np_state)
         random.setstate(py_state)
     # make_dataset already centres and scales the whole set to unit variance.
-    return _as_split(d["x"], d["y"], d["x_test"], d["y_test"], False, "mnist1d")
+    return _as_split(d["x"], d["y"], d["x_test"], d["y_test"], False, name)
 
 
 def grouped_batches(labels, batch_size: int, classes_per_batch: int, seed: int = 0, drop_last: bool = False):
@@ -186,26 +197,5 @@ def mnist1d_shifted(num_samples: int = 5000, test_fraction: float = 0.2, seed: i
     ``corr_noise_scale=0.6, shear_scale=1.5``; unknown names raise ValueError. Like
     ``load_mnist1d``, the global RNG states are restored afterwards.
     """
-    from mnist1d.data import get_dataset_args, make_dataset
-
-    _check_fraction(test_fraction)
-    if not (isinstance(num_samples, int) and num_samples >= 20):
-        raise ValueError(f"num_samples must be an int >= 20, got {num_samples!r}")
-    args = get_dataset_args()
-    known = set(vars(args)) - {"num_samples", "train_split", "seed", "url"}
-    unknown = sorted(set(changes) - known)
-    if unknown:
-        raise ValueError(f"unknown MNIST-1D generator parameters {unknown}; known: {sorted(known)}")
-    for key, value in changes.items():
-        setattr(args, key, value)
-    args.num_samples = num_samples
-    args.train_split = 1.0 - test_fraction
-    args.seed = seed
-    np_state, py_state = np.random.get_state(), random.getstate()
-    try:
-        d = make_dataset(args)
-    finally:
-        np.random.set_state(np_state)
-        random.setstate(py_state)
     label = ", ".join(f"{k}={v}" for k, v in sorted(changes.items()))
-    return _as_split(d["x"], d["y"], d["x_test"], d["y_test"], False, f"mnist1d[{label}]")
+    return _mnist1d(num_samples, test_fraction, seed, changes, f"mnist1d[{label}]")
