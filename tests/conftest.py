@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,3 +44,21 @@ def cell_source(cell):
 @pytest.fixture(scope="session")
 def config():
     return yaml.safe_load((ROOT / "_config.yml").read_text())
+
+
+@pytest.fixture
+def float64():
+    """Run a test with float64 as torch's default dtype (exact comparisons), then restore it."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one torch thread: tiny tensors run faster, and unaffected by a busy CPU."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -24,21 +24,7 @@ from normlab.data import Split, add_noise, affine_shift, mnist1d_shifted
 from normlab.experiments.transfer import make_cnn
 from normlab.stats import precise_bn
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is faster, and unaffected by a busy CPU."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-@pytest.fixture
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is faster
 
 
 def mlp(seed=0):
@@ -76,7 +62,6 @@ def test_adabn_recovers_an_affine_input_shift_exactly(scale, offset):
         assert (model(scale * x + offset) - clean).abs().max() > 0.1
 
 
-@pytest.mark.usefixtures("float64")
 @pytest.mark.usefixtures("float64")
 def test_adabn_recovers_a_shift_up_to_epsilon_at_the_default_epsilon():
     model = make_cnn(width=6, seed=2).double()

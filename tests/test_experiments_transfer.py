@@ -13,14 +13,8 @@ from normlab.data import Split
 from normlab.experiments import transfer as tr
 from normlab.train import accuracy
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is faster
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is faster, and unaffected by a busy CPU."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 def toy(n_train=200, n_test=100, length=40, seed=0):
     """Ten classes of noisy 1-D bumps at class-dependent positions: learnable in a few steps."""

@@ -11,16 +11,6 @@ from normlab.nn import BatchNorm1d, GhostBatchNorm1d, GhostBatchNorm2d, Populati
 pytestmark = pytest.mark.usefixtures("float64")
 
 
-@pytest.fixture
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
-
-
 def _pair(ghost, reference, shape, steps=4, seed=0):
     """Run ghost and reference side by side for several train/eval steps; compare everything."""
     gen = torch.Generator().manual_seed(seed)

@@ -27,6 +27,17 @@ def _channel_shape(x):
     return (1, x.shape[1]) + (1,) * (x.dim() - 2)  # broadcasts a (C,) vector against x
 
 
+def scale_shift(x_hat, weight, bias):
+    """Return weight * x_hat + bias per channel (either may be None), in x_hat's dtype: BN's affine step."""
+    shape = _channel_shape(x_hat)
+    out = x_hat
+    if weight is not None:
+        out = out * weight.to(x_hat.dtype).view(shape)
+    if bias is not None:
+        out = out + bias.to(x_hat.dtype).view(shape)
+    return out
+
+
 class BatchNormFunction(torch.autograd.Function):
     """Training-mode batch norm: normalize with batch statistics, scale, shift; closed-form backward.
 
@@ -42,11 +53,7 @@ class BatchNormFunction(torch.autograd.Function):
         var, mean = torch.var_mean(x, dim=dims, correction=0)  # (C,), biased
         invstd = torch.rsqrt(var + eps)  # (C,)
         x_hat = (x - mean.view(shape)) * invstd.view(shape)  # like input
-        out = x_hat
-        if weight is not None:
-            out = out * weight.to(x.dtype).view(shape)
-        if bias is not None:
-            out = out + bias.to(x.dtype).view(shape)
+        out = scale_shift(x_hat, weight, bias)
         ctx.save_for_backward(x_hat, invstd, weight)
         ctx.has_bias = bias is not None
         ctx.mark_non_differentiable(mean, var)

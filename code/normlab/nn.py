@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normlab.functional import _stat_dtype, batch_norm
+from normlab.functional import _stat_dtype, batch_norm, scale_shift
 
 __all__ = [
     "BatchNorm1d",
@@ -241,12 +241,7 @@ class _GhostBatchNorm(_BatchNorm):
             )
         x = input.to(_stat_dtype(input))
         x_hat, means, variances, counts = _ghost_normalize(x, self.virtual_batch_size, self.eps)
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        out = x_hat
-        if self.weight is not None:
-            out = out * self.weight.to(x.dtype).view(shape)
-        if self.bias is not None:
-            out = out + self.bias.to(x.dtype).view(shape)
+        out = scale_shift(x_hat, self.weight, self.bias)
         if self.track_running_stats:
             self.num_batches_tracked.add_(1)
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
@@ -400,11 +395,7 @@ class _BatchRenorm(_BatchNorm):
             r = r_raw.clamp(1.0 / self.r_max, self.r_max)
             d = d_raw.clamp(-self.d_max, self.d_max)
         x_hat = (x - mu_b.view(shape)) / sigma_b.view(shape) * r.view(shape) + d.view(shape)
-        out = x_hat
-        if self.weight is not None:
-            out = out * self.weight.to(x.dtype).view(shape)
-        if self.bias is not None:
-            out = out + self.bias.to(x.dtype).view(shape)
+        out = scale_shift(x_hat, self.weight, self.bias)
         # Now, and only now, the running statistics take this batch in, as in BatchNorm.
         with torch.no_grad():
             self.num_batches_tracked.add_(1)
@@ -655,11 +646,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         var = m2 / count  # (C,), biased: the variance that normalizes
         invstd = torch.rsqrt(var + eps)
         x_hat = (x - mean.view(shape)) * invstd.view(shape)  # like input
-        out = x_hat
-        if weight is not None:
-            out = out * weight.to(x.dtype).view(shape)
-        if bias is not None:
-            out = out + bias.to(x.dtype).view(shape)
+        out = scale_shift(x_hat, weight, bias)
         ctx.save_for_backward(x_hat, invstd, weight)
         ctx.has_bias = bias is not None
         ctx.count = float(count)
