@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: book test serve lab student lint unit notebooks site clean bench
+.PHONY: book test serve lab student student-book grade timings lint unit notebooks site clean bench
 
 # The virtual environment, rebuilt when the pinned toolchain changes.
 $(STAMP): requirements.txt code/pyproject.toml
@@ -28,10 +28,10 @@ book: $(STAMP)
 	$(BIN)/jupyter-book build . --all -W -n --keep-going || exit 1; \
 	echo "built the book in $$(( $$(date +%s) - start )) s; open _build/html/index.html (or: make serve)"
 
-## test: lint, unit tests, notebooks (nbval), the book build and the browser test
+## test: lint, unit tests, notebooks (nbval), both editions of the book and the browser test of both
 test: $(STAMP)
 	@start=$$(date +%s); \
-	$(MAKE) --no-print-directory lint unit notebooks book site || exit 1; \
+	$(MAKE) --no-print-directory lint unit notebooks book student-book site || exit 1; \
 	echo "make test passed in $$(( $$(date +%s) - start )) s"
 
 lint: $(STAMP)
@@ -63,6 +63,25 @@ bench: $(STAMP)
 ## student: write student notebooks (solutions replaced by stubs) into student/
 student: $(STAMP)
 	$(BIN)/python -m normlab.student chapters student
+
+## student-book: the website built from the student notebooks (no solutions) into _build/student/html
+student-book: book
+	@start=$$(date +%s); \
+	$(BIN)/python -m normlab.student --book . _build/student/src || exit 1; \
+	rm -rf _build/student/_build _build/student/html; \
+	$(BIN)/jupyter-book build _build/student/src --path-output _build/student -W -n --keep-going || exit 1; \
+	mv _build/student/_build/html _build/student/html && rm -rf _build/student/_build; \
+	echo "built the student edition in $$(( $$(date +%s) - start )) s; open _build/student/html/index.html"
+
+## grade: grade handed-in notebooks with their self-checks, e.g. make grade NOTEBOOKS="alice/lab.ipynb"
+grade: $(STAMP)
+	@test -n "$(NOTEBOOKS)" || { echo 'name the notebooks: make grade NOTEBOOKS="path/to/lab.ipynb ..."'; exit 2; }
+	$(BIN)/python -m normlab.grade $(NOTEBOOKS)
+
+## timings: execute every notebook once and record its time in timings/$(SCALE).json (SCALE=quick|full)
+SCALE ?= quick
+timings: $(STAMP)
+	$(BIN)/python -m normlab.course timings --scale $(SCALE)
 
 clean:
 	rm -rf _build student .pytest_cache

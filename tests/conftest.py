@@ -7,6 +7,8 @@ import pytest
 import torch
 import yaml
 
+from normlab import course
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -16,21 +18,7 @@ def notebook_paths():
 
 def toc_files():
     """Every file named in _toc.yml, as a path relative to the root without its extension."""
-    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
-    files = [toc["root"]]
-
-    def walk(node):
-        if isinstance(node, dict):
-            if "file" in node:
-                files.append(node["file"])
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for item in node:
-                walk(item)
-
-    walk({k: v for k, v in toc.items() if k != "root"})
-    return files
+    return course.toc_files(ROOT)
 
 
 def load_notebook(path):

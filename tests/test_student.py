@@ -6,10 +6,11 @@ import sys
 
 import nbformat
 import pytest
+import yaml
 from nbclient import NotebookClient
 
 from conftest import ROOT, cell_source, load_notebook, notebook_paths
-from normlab.student import BEGIN, END, make_student_notebook, strip_solutions
+from normlab.student import BEGIN, END, make_student_notebook, strip_solutions, write_student_book
 
 NOTEBOOKS = [p for p in notebook_paths() if BEGIN in p.read_text(encoding="utf-8")]
 
@@ -31,6 +32,26 @@ def test_strip_solutions_keeps_the_indentation_and_the_rest_of_the_cell():
 def test_unbalanced_markers_are_an_error(src, message):
     with pytest.raises(ValueError, match=message):
         strip_solutions(src, "m")
+
+
+def test_worked_solutions_and_the_solutions_check_output_are_removed():
+    text = "```{exercise} Derive it\n:label: ex-d\n\nWhy?\n```\n\n````{solution} ex-d\n:class: dropdown\n\n"
+    text += "```python\nanswer = 42\n```\n````\n\nAfter."
+    passed = [{"output_type": "stream", "name": "stdout", "text": "PASS"}]
+    nb = {
+        "cells": [
+            {"cell_type": "markdown", "source": text},
+            {"cell_type": "code", "source": f"{BEGIN}\nf = 1\n{END}\n", "outputs": passed, "execution_count": 1},
+            {"cell_type": "code", "source": "checks.check_f(f)", "outputs": passed, "execution_count": 2},
+            {"cell_type": "code", "source": "plot()", "outputs": passed, "execution_count": 3},
+        ]
+    }
+    out = make_student_notebook(nb)
+    md = out["cells"][0]["source"]
+    assert "{exercise} Derive it" in md and "Why?" in md and "After." in md
+    assert "solution" not in md and "42" not in md
+    assert out["cells"][2]["outputs"] == [], "the check's PASS came from the solution, not the student"
+    assert out["cells"][3]["outputs"] == passed, "other outputs stay"
 
 
 def test_exercises_are_numbered_and_titled_from_their_directive():
@@ -69,6 +90,10 @@ def test_no_solution_line_survives(path, student_dir):
     assert len(student["cells"]) == len(original["cells"])
     for orig, stud in zip(original["cells"], student["cells"]):
         src, out = cell_source(orig), cell_source(stud)
+        if "{solution}" in src:  # a worked solution in the text goes; the rest of the cell stays
+            assert "{solution}" not in out
+            assert out.strip() in src and ("{exercise}" in out) == ("{exercise}" in src)
+            continue
         if BEGIN not in src:
             assert out == src, "a cell without a solution must stay as it is"
             continue
@@ -92,3 +117,38 @@ def test_student_notebook_runs_up_to_its_first_exercise(path, student_dir):
     assert [i for i, _ in errors] == [check], f"errors before the first exercise: {json.dumps(errors)[:2000]}"
     assert errors[0][1]["ename"] == "NotImplementedError"
     assert "Exercise 1" in errors[0][1]["evalue"]
+
+
+def test_student_book_sources_keep_outputs_and_drop_solutions(tmp_path):
+    """`make student-book`'s sources: the executed notebook, stubbed, with execution and Colab off."""
+    root, executed, dest = tmp_path / "book", tmp_path / "executed", tmp_path / "student"
+    (root / "chapters" / "a").mkdir(parents=True)
+    (root / "_ext").mkdir()
+    (root / "_ext" / "ext.py").write_text("def setup(app):\n    pass\n")
+    (root / "_toc.yml").write_text("format: jb-book\nroot: intro\nchapters:\n  - file: chapters/a/lab\n")
+    (root / "_config.yml").write_text(
+        "title: T\nexecute:\n  execute_notebooks: force\nlaunch_buttons:\n  colab_url: https://colab\n"
+        "bibtex_bibfiles: [refs.bib]\nsphinx:\n  local_extensions:\n    ext: _ext\n"
+    )
+    (root / "refs.bib").write_text("")
+    (root / "intro.md").write_text("# Intro\n")
+    plot = {"output_type": "display_data", "data": {"text/plain": "<figure>"}, "metadata": {}}
+    cells = [
+        {"cell_type": "markdown", "metadata": {}, "source": "```{exercise} Double\n```"},
+        {"cell_type": "code", "metadata": {}, "execution_count": 1, "source": f"{BEGIN}\ny = 2\n{END}\n",
+         "outputs": [{"output_type": "stream", "name": "stdout", "text": "the solution's output"}]},
+        {"cell_type": "code", "metadata": {}, "execution_count": 2, "source": "plot()", "outputs": [plot]},
+    ]
+    nb = {"cells": cells, "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+    with pytest.raises(FileNotFoundError, match="make book"):
+        write_student_book(root, dest, executed)
+    (executed / "chapters" / "a").mkdir(parents=True)
+    (executed / "chapters" / "a" / "lab.ipynb").write_text(json.dumps(nb))
+    assert write_student_book(root, dest, executed) == [dest / "chapters" / "a" / "lab.ipynb"]
+    out = load_notebook(dest / "chapters" / "a" / "lab.ipynb")
+    assert "NotImplementedError" in cell_source(out["cells"][1]) and not out["cells"][1]["outputs"]
+    assert out["cells"][2]["outputs"] == [plot], "outputs of other cells stay (figures, glued numbers)"
+    config = yaml.safe_load((dest / "_config.yml").read_text())
+    assert config["execute"]["execute_notebooks"] == "off" and "launch_buttons" not in config
+    assert config["title"] == "T (student edition)"
+    assert (dest / "intro.md").exists() and (dest / "refs.bib").exists() and (dest / "_ext" / "ext.py").exists()

@@ -8,24 +8,35 @@ In a lab notebook, the code of an exercise's solution stands between two marker 
         # END SOLUTION
 
 A student version keeps every cell, and replaces each marked block, markers included, with
-``raise NotImplementedError("Exercise N: <title>")`` at the marker's indentation. N counts the
+``raise NotImplementedError("Exercise N: <title>")`` at the marker's indentation. The worked
+solutions in the text (``{solution}`` directives) are removed, and so is the output of the
+self-check that ran on the solution. N counts the
 exercises of the notebook in order; the title comes from the nearest ``{exercise}`` directive above.
 
 Usage: ``python -m normlab.student SOURCE_DIR DEST_DIR`` (``make student``).
+
+The student edition of the website (``make student-book``) is built from the same stubs:
+``python -m normlab.student --book ROOT DEST_DIR`` copies the book's sources into DEST_DIR and puts
+in place of each notebook its student version, made from the copy that ``make book`` executed (so
+figures and glued numbers stay, solutions and their outputs go). The copy's ``_config.yml`` turns
+execution off and drops the Colab buttons, which would open the solutions from the repository.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
 import sys
 from pathlib import Path
 
-__all__ = ["BEGIN", "END", "strip_solutions", "make_student_notebook", "main"]
+__all__ = ["BEGIN", "END", "strip_solutions", "make_student_notebook", "write_student_book", "main"]
 
 BEGIN = "# BEGIN SOLUTION"
 END = "# END SOLUTION"
 _EXERCISE = re.compile(r"^[`:]{3,}\{exercise\}[ \t]*(.*)$", re.MULTILINE)
+# A worked solution in the text: a {solution} directive, up to the line that closes its fence.
+_SOLUTION = re.compile(r"^(?P<fence>`{3,}|:{3,})\{solution\}.*?^(?P=fence)[ \t]*$\n?", re.MULTILINE | re.DOTALL)
 
 
 def strip_solutions(source: str, message: str) -> str:
@@ -53,25 +64,108 @@ def strip_solutions(source: str, message: str) -> str:
 def make_student_notebook(nb: dict) -> dict:
     """Return a copy of a notebook (nbformat JSON as a dict) with every solution stubbed out."""
     nb = json.loads(json.dumps(nb))  # deep copy; the source notebook stays as it is
-    title, number = "exercise", 0
+    title, number, stubbed = "exercise", 0, False
     for cell in nb["cells"]:
         source = "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
         if cell["cell_type"] == "markdown":
             titles = _EXERCISE.findall(source)
             if titles:
                 title = titles[-1].strip() or "exercise"
+            if _SOLUTION.search(source):
+                cell["source"] = _SOLUTION.sub("", source).rstrip("\n")
+            stubbed = False
         elif cell["cell_type"] == "code" and BEGIN in source:
             number += 1
             message = f"Exercise {number}: {title} (write your solution here)"
             cell["source"] = strip_solutions(source, message)
             cell["outputs"], cell["execution_count"] = [], None
+            stubbed = True
+        elif cell["cell_type"] == "code" and stubbed and "check_" in source:
+            cell["outputs"], cell["execution_count"] = [], None  # the solution's self-check result
     return nb
+
+
+def _write_notebook(nb: dict, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _restore_glue(nb: dict, glued: dict) -> None:
+    """Put back the glued values that myst-nb moved out of an executed notebook (into
+    ``<name>.glue.json``), each into the first code cell that names its key, else the last one."""
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    for key, output in glued.items():
+        output = json.loads(json.dumps(output))
+        prefix = output.get("metadata", {}).get("scrapbook", {}).get("mime_prefix", "")
+        output["data"] = {prefix + mime: value for mime, value in output["data"].items()}
+        cell = next((c for c in code if f"{key}" in "".join(c["source"])), code[-1])
+        if not any(o.get("metadata", {}).get("scrapbook", {}).get("name") == key for o in cell["outputs"]):
+            cell["outputs"].append(output)
+
+
+def write_student_book(root, dest, executed=None) -> list[Path]:
+    """Write the student edition's book sources into dest; return the notebooks written.
+
+    root: the course repository; executed: where ``make book`` left the executed notebooks
+    (default ``root/_build/jupyter_execute``). Raises FileNotFoundError, naming the command to run,
+    if a notebook has not been executed.
+    """
+    import yaml  # the book's toolchain has it; the library's users do not need it
+
+    from normlab.course import toc_files
+
+    root, dest = Path(root), Path(dest)
+    executed = root / "_build" / "jupyter_execute" if executed is None else Path(executed)
+    config = yaml.safe_load((root / "_config.yml").read_text(encoding="utf-8"))
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    for name in ("_toc.yml", *config.get("bibtex_bibfiles", [])):
+        shutil.copy2(root / name, dest / name)
+    folders = [*config.get("sphinx", {}).get("local_extensions", {}).values(), "_static", "timings", "code"]
+    for folder in dict.fromkeys(folders):  # extensions, styles, measurements and code the pages show
+        if (root / folder).is_dir():
+            shutil.copytree(root / folder, dest / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+
+    notebooks = []
+    for doc in toc_files(root):
+        if (root / f"{doc}.md").exists():
+            (dest / doc).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(root / f"{doc}.md", dest / f"{doc}.md")
+            continue
+        source = executed / f"{doc}.ipynb"
+        if not source.exists():
+            raise FileNotFoundError(f"{source} is missing: run `make book` first (it executes the notebooks)")
+        nb = make_student_notebook(json.loads(source.read_text(encoding="utf-8")))
+        glued = executed / f"{doc}.glue.json"
+        if glued.exists():
+            _restore_glue(nb, json.loads(glued.read_text(encoding="utf-8")))
+        _write_notebook(nb, dest / f"{doc}.ipynb")
+        notebooks.append(dest / f"{doc}.ipynb")
+    for data in (root / "chapters").rglob("results"):  # recorded measurements a page may read
+        if data.is_dir():
+            shutil.copytree(data, dest / data.relative_to(root), dirs_exist_ok=True)
+
+    config["title"] = f"{config['title']} (student edition)"
+    config["execute"]["execute_notebooks"] = "off"  # outputs come from the executed solutions
+    config.pop("launch_buttons", None)
+    (dest / "_config.yml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    return notebooks
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 3 and argv[0] == "--book":
+        try:
+            notebooks = write_student_book(argv[1], argv[2])
+        except FileNotFoundError as err:
+            print(err, file=sys.stderr)
+            return 1
+        print(f"wrote the student edition's sources, {len(notebooks)} student notebooks, into {argv[2]}/")
+        return 0
     if len(argv) != 2:
-        print("usage: python -m normlab.student SOURCE_DIR DEST_DIR", file=sys.stderr)
+        print("usage: python -m normlab.student SOURCE_DIR DEST_DIR\n"
+              "       python -m normlab.student --book ROOT DEST_DIR", file=sys.stderr)
         return 2
     src, dest = Path(argv[0]), Path(argv[1])
     if not src.is_dir():
@@ -79,10 +173,8 @@ def main(argv=None) -> int:
         return 2
     paths = sorted(p for p in src.rglob("*.ipynb") if ".ipynb_checkpoints" not in p.parts)
     for path in paths:
-        nb = make_student_notebook(json.loads(path.read_text(encoding="utf-8")))
         target = dest / path.relative_to(src)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        _write_notebook(make_student_notebook(json.loads(path.read_text(encoding="utf-8"))), target)
         print(f"wrote {target}")
     print(f"{len(paths)} student notebooks in {dest}/")
     return 0

@@ -229,9 +229,9 @@ def normalized_value_noise(h, batch_sizes, examples, *, trials=2000, seed=0, eps
 def predicted_noise(h, batch_sizes, examples):
     """The delta-method prediction of ``normalized_value_noise``'s std, (len(B), U).
 
-    With z the example's normalized value under the statistics of all n examples, gamma the
+    With z the example's normalized value under the statistics of all n examples, tau the
     skewness and kappa the kurtosis of the unit over them, the batch mean and variance each wobble
-    by O(1/sqrt(B)), and to first order Var(z_B) = (1 + z gamma + z^2 (kappa - 1) / 4) / B.
+    by O(1/sqrt(B)), and to first order Var(z_B) = (1 + z tau + z^2 (kappa - 1) / 4) / B.
     """
     h = np.asarray(h, dtype=np.float64)
     u = (h - h.mean(0)) / h.std(0)

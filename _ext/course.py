@@ -1,0 +1,123 @@
+"""Sphinx extension: pages about the course as a whole, generated when the book is built.
+
+- ``course-map`` (directive; its content is the caption): the course map of the preface, drawn by
+  :func:`normlab.course.course_map_svg` from ``_toc.yml`` and the chapters' cross-references, as
+  inline SVG, so each box links to its chapter.
+- ``notebook-times`` (directive): a table of every notebook's measured execution time, from
+  ``timings/quick.json`` and, where recorded, ``timings/full.json`` (``python -m normlab.course
+  timings`` writes them), with the machine and date of each.
+- ``nbtime`` (role): the recorded quick-scale time of the notebooks named, summed, e.g.
+  ``{nbtime}`chapters/scratch/lab chapters/pytorch/lab```. An unknown notebook or one with no
+  recorded time is a build error, so no time on the page is typed by hand.
+"""
+
+from docutils import nodes
+from sphinx.util.docutils import SphinxDirective
+
+
+def _timings(env, scale):
+    from normlab.course import load_timings
+
+    env.note_dependency(str(env.srcdir / "timings" / f"{scale}.json"))
+    return load_timings(env.srcdir, scale)
+
+
+def _duration(seconds):
+    return f"{seconds:.0f} s" if seconds < 100 else f"{seconds / 60:.1f} min"
+
+
+class CourseMap(SphinxDirective):
+    has_content = True
+
+    def run(self):
+        from normlab.course import chapters, course_map_svg
+
+        root = self.env.srcdir
+        self.env.note_dependency(str(root / "_toc.yml"))
+        for ch in chapters(root):  # redraw when a chapter's links or title change
+            self.env.note_dependency(str(root / f"{ch.pages[0]}.md"))
+        svg = course_map_svg(root).replace(
+            "<svg ",
+            '<svg style="max-width: 100%; height: auto" role="img" aria-label="The course map: chapters '
+            'by part, arrows from a chapter to those that build on it" ',
+            1,
+        )
+        figure = nodes.container(classes=["course-map"])
+        figure += nodes.raw("", f'<div class="course-map-svg">{svg}</div>', format="html")
+        if self.content:
+            caption = nodes.container(classes=["caption"])
+            self.state.nested_parse(self.content, self.content_offset, caption)
+            figure += caption
+        return [figure]
+
+
+def _table(header, rows, widths):
+    table = nodes.table(classes=["notebook-times"])
+    group = nodes.tgroup(cols=len(header))
+    table += group
+    group.extend(nodes.colspec(colwidth=w) for w in widths)
+    for part, content in (("thead", [header]), ("tbody", rows)):
+        section = nodes.thead() if part == "thead" else nodes.tbody()
+        for cells in content:
+            row = nodes.row()
+            for cell in cells:
+                entry = nodes.entry()
+                entry += cell if isinstance(cell, nodes.Node) else nodes.paragraph(text=str(cell))
+                row += entry
+            section += row
+        group += section
+    return table
+
+
+class NotebookTimes(SphinxDirective):
+    def run(self):
+        from normlab.course import chapters
+
+        quick, full = _timings(self.env, "quick"), _timings(self.env, "full")
+        if quick is None:
+            raise self.error("no timings/quick.json: run `python -m normlab.course timings` and commit it")
+        rows, total = [], {"quick": 0.0, "full": 0.0}
+        for ch in chapters(self.env.srcdir):
+            for page in ch.pages[1:]:
+                path = f"{page}.ipynb"
+                if path not in quick["seconds"]:
+                    raise self.error(f"{path} has no recorded time in timings/quick.json: rerun the timings")
+                q = quick["seconds"][path]
+                f = (full or {"seconds": {}})["seconds"].get(path)
+                total["quick"] += q
+                total["full"] += f or 0.0
+                link = nodes.paragraph()
+                link += nodes.reference("", page.split("/", 1)[1], refuri=self.env.app.builder.get_relative_uri(
+                    self.env.docname, page))
+                rows.append([str(ch.number), link, _duration(q), _duration(f) if f else "not recorded"])
+        rows.append(["", "all notebooks", _duration(total["quick"]),
+                     _duration(total["full"]) if full else "not recorded"])
+        table = _table(["chapter", "notebook", "quick", "full"], rows, [8, 40, 12, 16])
+        notes = []
+        for scale, rec in (("quick", quick), ("full", full)):
+            if rec:
+                m = rec["machine"]
+                gpu = f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU"
+                notes.append(f"{scale}: measured {rec['date']} on {m['cpu']} ({m['cores']} cores{gpu}), "
+                             f"Python {m['python']}, torch {m['torch']}; each notebook run once in a fresh kernel.")
+            else:
+                notes.append(f"{scale}: not recorded yet (`python -m normlab.course timings --scale {scale}`).")
+        return [table] + [nodes.paragraph(text=n) for n in notes]
+
+
+def nbtime_role(name, rawtext, text, lineno, inliner, options=None, content=None):
+    env = inliner.document.settings.env
+    quick = _timings(env, "quick")
+    paths = [f"{p}.ipynb" if not p.endswith(".ipynb") else p for p in text.split()]
+    missing = [p for p in paths if quick is None or p not in quick["seconds"]]
+    if missing or not paths:
+        msg = inliner.reporter.error(f"nbtime: no recorded quick time for {missing or text!r}", line=lineno)
+        return [inliner.problematic(rawtext, rawtext, msg)], [msg]
+    return [nodes.Text(_duration(sum(quick["seconds"][p] for p in paths)))], []
+
+
+def setup(app):
+    app.add_directive("course-map", CourseMap)
+    app.add_directive("notebook-times", NotebookTimes)
+    app.add_role("nbtime", nbtime_role)
+    return {"parallel_read_safe": True, "parallel_write_safe": True}

@@ -1,0 +1,302 @@
+"""The course as a whole: its chapters (from ``_toc.yml``), how they build on each other, the course
+map in the preface, and the measured execution time of every notebook.
+
+Nothing here is typed twice. Chapters, their numbers and their parts come from ``_toc.yml``; titles
+from each chapter's ``# `` heading; a chapter *builds on* every earlier chapter its narrative page
+links to (``{doc}`` or ``{ref}``), so the map's arrows are the cross-references the text makes.
+
+``python -m normlab.course timings [--scale quick|full] [--only PATTERN]`` executes every notebook of
+the toc in a fresh kernel and writes ``timings/<scale>.json`` (the instructor guide renders it).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = [
+    "Chapter",
+    "toc_files",
+    "chapters",
+    "course_map",
+    "course_map_svg",
+    "time_notebooks",
+    "load_timings",
+    "main",
+]
+
+_DOC = re.compile(r"\{doc\}`(?:[^`<]*<)?([^`>]+)>?`")
+_REF = re.compile(r"\{(?:ref|numref)\}`(?:[^`<]*<)?([^`>]+)>?`")
+_TARGET = re.compile(r"^\(([\w-]+)\)=\s*$|^\s*:label:\s*([\w-]+)\s*$", re.MULTILINE)
+
+
+def _root(root) -> Path:
+    root = Path(root)
+    if not (root / "_toc.yml").exists():
+        raise ValueError(f"{root} has no _toc.yml: pass the course repository's root folder")
+    return root
+
+
+def _toc(root):
+    import yaml  # the book's toolchain has it; notebooks in Colab never call this
+
+    return yaml.safe_load((_root(root) / "_toc.yml").read_text(encoding="utf-8"))
+
+
+def toc_files(root) -> list[str]:
+    """Every file named in ``_toc.yml``, in reading order, without its extension (root first)."""
+    toc = _toc(root)
+    files = [toc["root"]]
+
+    def walk(node):
+        if isinstance(node, dict):
+            files.extend([node["file"]] if "file" in node else [])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(toc.get("parts", toc.get("chapters", [])))
+    return files
+
+
+def _text(path: Path) -> str:
+    """A page's text: a markdown file as it is, a notebook's markdown cells joined."""
+    if path.suffix == ".md":
+        return path.read_text(encoding="utf-8")
+    cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+    return "\n".join(
+        "".join(c["source"]) if isinstance(c["source"], list) else c["source"]
+        for c in cells
+        if c["cell_type"] == "markdown"
+    )
+
+
+@dataclass
+class Chapter:
+    number: int
+    folder: str  # e.g. "scratch": the chapter lives in chapters/<folder>/
+    title: str
+    part: str
+    pages: list[str]  # the index page, then its labs, as toc paths
+    builds_on: list[str] = field(default_factory=list)  # folders of earlier chapters it links to
+
+
+def chapters(root) -> list[Chapter]:
+    """The numbered chapters of the toc, in order, with the earlier chapters each one links to."""
+    root = _root(root)
+    out = []
+    for part in _toc(root).get("parts", []):
+        if not part.get("numbered"):
+            continue
+        for entry in part["chapters"]:
+            doc = entry["file"]
+            if not re.fullmatch(r"chapters/[\w-]+/index", doc):
+                raise ValueError(f"_toc.yml: a chapter should be chapters/<name>/index, found {doc!r}")
+            text = (root / f"{doc}.md").read_text(encoding="utf-8")
+            title = re.search(r"^# (.+)$", text, re.MULTILINE)
+            if not title:
+                raise ValueError(f"{doc}.md has no '# ' title")
+            pages = [doc] + [s["file"] for s in entry.get("sections", [])]
+            out.append(Chapter(len(out) + 1, doc.split("/")[1], title.group(1).strip(), part["caption"], pages))
+
+    owner = {}  # label -> chapter folder that defines it
+    for ch in out:
+        for page in ch.pages:
+            path = next(p for p in (root / f"{page}.md", root / f"{page}.ipynb") if p.exists())
+            for a, b in _TARGET.findall(_text(path)):
+                owner[a or b] = ch.folder
+    order = {ch.folder: ch.number for ch in out}
+    for ch in out:
+        text = (root / f"{ch.pages[0]}.md").read_text(encoding="utf-8")
+        linked = {m.split("/")[1] for m in _DOC.findall(text) if m.startswith("../")}
+        linked |= {owner[label] for label in _REF.findall(text) if label in owner}
+        ch.builds_on = sorted((f for f in linked if f in order and order[f] < ch.number), key=order.get)
+    return out
+
+
+def _direct(chs: list[Chapter]) -> list[tuple[str, str]]:
+    """The arrows to draw: builds-on links, minus those another path already implies."""
+    deps = {c.folder: set(c.builds_on) for c in chs}
+
+    def reaches(a, b, skip):  # can a reach b through builds-on links, without the direct edge?
+        stack = [x for x in deps[a] if x != skip]
+        seen = set()
+        while stack:
+            x = stack.pop()
+            if x == b:
+                return True
+            if x not in seen:
+                seen.add(x)
+                stack.extend(deps[x])
+        return False
+
+    return [(d, c.folder) for c in chs for d in c.builds_on if not reaches(c.folder, d, d)]
+
+
+PART_COLORS = ["blue", "orange", "green", "purple", "sky", "vermillion"]  # Okabe-Ito names, one per part
+
+
+def course_map(root):
+    """Draw the chapters as boxes in one column per part, with an arrow from each chapter to the
+    chapters that build on it. Each box links to its chapter (in SVG output) and carries the id
+    ``chapter-<folder>``; each arrow carries ``builds-on-<from>-<to>``."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
+
+    from normlab.plotting import OKABE_ITO
+
+    chs = chapters(root)
+    parts = list(dict.fromkeys(c.part for c in chs))
+    width, height, dx, dy = 2.7, 0.95, 3.3, 1.35
+    pos = {}
+    for i, part in enumerate(parts):
+        for j, ch in enumerate(c for c in chs if c.part == part):
+            pos[ch.folder] = (i * dx, -j * dy)
+    rows = max(-y for _, y in pos.values()) / dy + 1
+    fig, ax = plt.subplots(figsize=(2.9 * len(parts), 1.25 * rows + 1.5))
+    for i, part in enumerate(parts):
+        ax.text(i * dx + width / 2, 0.75, part, ha="center", va="bottom", fontsize=11, weight="bold")
+    for ch in chs:
+        x, y = pos[ch.folder]
+        color = OKABE_ITO[PART_COLORS[parts.index(ch.part) % len(PART_COLORS)]]
+        box = FancyBboxPatch((x, y - height), width, height, boxstyle="round,pad=0.02,rounding_size=0.12",
+                             facecolor=color, alpha=0.18, edgecolor=color, linewidth=1.5)
+        box.set_gid(f"chapter-{ch.folder}")
+        box.set_url(f"{ch.pages[0]}.html")
+        ax.add_patch(box)
+        words, lines = ch.title.split(), [""]
+        for w in words:  # wrap the title at about 24 characters
+            lines[-1:] = [lines[-1] + " " + w] if len(lines[-1] + w) < 24 else [lines[-1], w]
+        label = ax.text(x + width / 2, y - height / 2, f"{ch.number}. " + "\n".join(s.strip() for s in lines),
+                        ha="center", va="center", fontsize=9.5)
+        label.set_url(f"{ch.pages[0]}.html")
+    for a, b in _direct(chs):
+        (xa, ya), (xb, yb) = pos[a], pos[b]
+        if xa == xb:  # same part: from the bottom of one box to the top of a later one
+            start, end = (xa + width / 2, ya - height), (xb + width / 2, yb)
+            style = "arc3,rad=0" if ya - yb <= dy + 1e-9 else "arc3,rad=-0.5"
+            if style != "arc3,rad=0":
+                start, end = (xa + width, ya - height / 2), (xb + width, yb - height / 2)
+        elif xb - xa <= dx + 1e-9:  # neighbouring parts: edge to edge
+            start, end = (xa + width, ya - height / 2), (xb, yb - height / 2)
+            style = "arc3,rad=0"
+        else:  # parts further apart: an arc under the boxes in between
+            start, end = (xa + width * 0.6, ya - height), (xb + width * 0.4, yb - height)
+            style = f"arc3,rad={0.12 + 0.02 * (xb - xa) / dx}"
+        arrow = FancyArrowPatch(start, end, arrowstyle="-|>", mutation_scale=12, color="0.35",
+                                linewidth=1.1, connectionstyle=style, shrinkA=2, shrinkB=2)
+        arrow.set_gid(f"builds-on-{a}-{b}")
+        ax.add_patch(arrow)
+    ax.set_xlim(-0.2, (len(parts) - 1) * dx + width + 0.6)
+    ax.set_ylim(-(rows - 1) * dy - height - 0.9, 1.2)
+    ax.set_axis_off()
+    fig.tight_layout(pad=0.2)
+    return fig
+
+
+def course_map_svg(root) -> str:
+    """The course map as an inline ``<svg>`` element (text kept as text, links kept)."""
+    import io
+
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "normlab"}):
+        fig = course_map(root)
+        buf = io.StringIO()
+        fig.savefig(buf, format="svg", metadata={"Date": None})
+        plt.close(fig)
+    svg = buf.getvalue()
+    return svg[svg.index("<svg"):]
+
+
+# ---------------------------------------------------------------------------------------------
+# Measured execution times
+
+
+def _machine() -> dict:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "python": platform.python_version(),
+            "torch": torch.__version__}
+
+
+def time_notebooks(root, scale: str = "quick", only: str | None = None, progress=print) -> dict:
+    """Execute every notebook of the toc (or those whose path contains ``only``) in a fresh kernel
+    at NORMLAB_SCALE=scale and return {"scale", "date", "machine", "seconds": {path: s}}."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    if scale not in ("quick", "full"):
+        raise ValueError(f"scale={scale!r}, expected 'quick' or 'full'")
+    root = _root(root)
+    paths = [f"{d}.ipynb" for d in toc_files(root) if (root / f"{d}.ipynb").exists()]
+    paths = [p for p in paths if only is None or only in p]
+    if not paths:
+        raise ValueError(f"no notebook in the toc matches {only!r}")
+    env = {"NORMLAB_SCALE": scale, "NORMLAB_PROGRESS": "0"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    seconds = {}
+    try:
+        for path in paths:
+            nb = nbformat.read(root / path, as_version=4)
+            client = NotebookClient(nb, timeout=3600, kernel_name="python3",
+                                    resources={"metadata": {"path": str((root / path).parent)}})
+            start = time.perf_counter()
+            client.execute()
+            seconds[path] = round(time.perf_counter() - start, 1)
+            progress(f"{path}: {seconds[path]:.1f} s")
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    return {"scale": scale, "date": _dt.date.today().isoformat(), "machine": _machine(), "seconds": seconds}
+
+
+def load_timings(root, scale: str) -> dict | None:
+    """The recorded timings of one scale (``timings/<scale>.json``), or None if none are recorded."""
+    path = _root(root) / "timings" / f"{scale}.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m normlab.course")
+    sub = parser.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("timings", help="execute every notebook and record its time in timings/<scale>.json")
+    t.add_argument("--scale", default="quick", choices=["quick", "full"])
+    t.add_argument("--only", help="time only notebooks whose path contains this (merged into the file)")
+    t.add_argument("--root", default=".")
+    args = parser.parse_args(argv)
+    record = time_notebooks(args.root, args.scale, args.only)
+    out = Path(args.root) / "timings" / f"{args.scale}.json"
+    old = load_timings(args.root, args.scale)
+    if args.only and old:  # a partial run updates its notebooks and keeps the others
+        record["seconds"] = {**old["seconds"], **record["seconds"]}
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    print(f"wrote {out}: {len(record['seconds'])} notebooks, {sum(record['seconds'].values()):.0f} s in all")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""normlab.course: chapters from the toc, the map's arrows from cross-references, recorded timings."""
+
+import json
+import re
+
+import nbformat
+import pytest
+
+from conftest import ROOT
+from normlab import course
+
+TOC = """\
+format: jb-book
+root: intro
+parts:
+  - caption: First
+    numbered: true
+    chapters:
+      - file: chapters/a/index
+        sections:
+          - file: chapters/a/lab
+      - file: chapters/b/index
+  - caption: Second
+    numbered: true
+    chapters:
+      - file: chapters/c/index
+  - caption: Back matter
+    chapters:
+      - file: references
+"""
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """A three-chapter course: b links to a's label, c links to a and to b (a->c is implied)."""
+    (tmp_path / "_toc.yml").write_text(TOC)
+    pages = {
+        "a": "# Alpha\n\n(a-label)=\n## Section\n",
+        "b": "# Beta\n\nAs in {ref}`the section <a-label>`.\n",
+        "c": "# Gamma\n\nSee {doc}`../a/index` and {doc}`Beta <../b/index>`; later {doc}`../c/index`.\n",
+    }
+    for name, text in pages.items():
+        (tmp_path / "chapters" / name).mkdir(parents=True)
+        (tmp_path / "chapters" / name / "index.md").write_text(text)
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_markdown_cell("(lab-label)=\n# Lab"), nbformat.v4.new_code_cell("x = 1 + 1")]
+    nbformat.write(nb, tmp_path / "chapters" / "a" / "lab.ipynb")
+    return tmp_path
+
+
+def test_chapters_come_from_the_toc_with_titles_parts_and_links(tiny):
+    chs = course.chapters(tiny)
+    assert [(c.number, c.folder, c.title, c.part) for c in chs] == [
+        (1, "a", "Alpha", "First"),
+        (2, "b", "Beta", "First"),
+        (3, "c", "Gamma", "Second"),
+    ]
+    assert chs[0].pages == ["chapters/a/index", "chapters/a/lab"]
+    assert [c.builds_on for c in chs] == [[], ["a"], ["a", "b"]]  # a link to itself is not a dependency
+    assert course._direct(chs) == [("a", "b"), ("b", "c")]  # a -> c follows from a -> b -> c
+    assert course.toc_files(tiny) == ["intro", "chapters/a/index", "chapters/a/lab", "chapters/b/index",
+                                      "chapters/c/index", "references"]
+
+
+def test_the_map_has_a_linked_box_per_chapter_and_an_arrow_per_direct_link(tiny):
+    svg = course.course_map_svg(tiny)
+    assert svg.startswith("<svg")
+    for name in "abc":
+        assert f'id="chapter-{name}"' in svg
+        assert f'xlink:href="chapters/{name}/index.html"' in svg
+    assert 'id="builds-on-a-b"' in svg and 'id="builds-on-b-c"' in svg
+    assert 'id="builds-on-a-c"' not in svg
+    assert "Gamma" in svg  # titles stay text (searchable, accessible)
+
+
+def test_bad_input_is_named(tmp_path, tiny):
+    with pytest.raises(ValueError, match="no _toc.yml"):
+        course.chapters(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="scale"):
+        course.time_notebooks(tiny, scale="medium")
+    with pytest.raises(ValueError, match="no notebook"):
+        course.time_notebooks(tiny, only="zzz")
+    (tiny / "chapters" / "b" / "index.md").write_text("no title here\n")
+    with pytest.raises(ValueError, match="no '# ' title"):
+        course.chapters(tiny)
+
+
+def test_timings_execute_each_notebook_and_are_recorded(tiny, capsys):
+    assert course.load_timings(tiny, "quick") is None
+    assert course.main(["timings", "--root", str(tiny)]) == 0
+    record = course.load_timings(tiny, "quick")
+    assert list(record["seconds"]) == ["chapters/a/lab.ipynb"]
+    assert 0 < record["seconds"]["chapters/a/lab.ipynb"] < 60
+    assert record["scale"] == "quick" and record["machine"]["cores"] >= 1
+    assert "1 notebooks" in capsys.readouterr().out
+
+
+# The course itself.
+
+CHAPTERS = course.chapters(ROOT)
+
+
+def test_every_chapter_after_the_first_builds_on_an_earlier_one():
+    """The map is connected: each chapter's page links back to a chapter it builds on."""
+    lonely = [c.folder for c in CHAPTERS[1:] if not c.builds_on]
+    assert not lonely, f"chapters that link to no earlier chapter: {lonely}"
+
+
+def test_recorded_quick_timings_cover_every_notebook_within_budget():
+    record = course.load_timings(ROOT, "quick")
+    assert record, "no timings/quick.json: run `make timings` and commit it"
+    notebooks = [f"{p}.ipynb" for c in CHAPTERS for p in c.pages[1:]]
+    assert sorted(record["seconds"]) == sorted(notebooks), "timings/quick.json is stale: run `make timings`"
+    slow = {k: v for k, v in record["seconds"].items() if v > 60}
+    assert not slow, f"notebooks over the 60 s budget: {slow}"
+    assert sum(record["seconds"].values()) <= 8 * 60, "all notebooks together exceed the 8-minute budget"
+
+
+def test_the_instructor_guide_times_only_notebooks_that_exist():
+    text = (ROOT / "instructors.md").read_text(encoding="utf-8")
+    named = [p for role in re.findall(r"\{nbtime\}`([^`]+)`", text) for p in role.split()]
+    assert named, "the instructor guide shows no measured time"
+    for path in named:
+        assert (ROOT / f"{path}.ipynb").exists(), f"instructors.md times {path}, which does not exist"
+    assert "```{notebook-times}" in text
+    full = ROOT / "timings" / "full.json"
+    if full.exists():  # a full-scale record, where there is one, is for notebooks of the course
+        assert set(json.loads(full.read_text())["seconds"]) <= {f"{p}.ipynb" for c in CHAPTERS for p in c.pages}

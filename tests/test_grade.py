@@ -1,0 +1,84 @@
+"""python -m normlab.grade: each exercise is passed, failed, not attempted or graded by hand."""
+
+import json
+
+import nbformat
+import pytest
+
+from conftest import ROOT, load_notebook, notebook_paths
+from normlab.grade import exercises, main
+from normlab.student import BEGIN, make_student_notebook
+
+NOTEBOOKS = [p for p in notebook_paths() if "{exercise}" in p.read_text(encoding="utf-8")]
+
+
+def exercise_md(title, label):
+    return nbformat.v4.new_markdown_cell(f"```{{exercise}} {title}\n:label: {label}\n\nDo it.\n```")
+
+
+def test_grading_a_handed_in_notebook(tmp_path):
+    check = (
+        "def check_double(f):\n"
+        "    got = f(3)\n"
+        "    if got != 6:\n"
+        "        raise AssertionError(f'double(3): got {got}, expected 6')\n"
+        "    print('passed')\n"
+    )
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [
+        nbformat.v4.new_code_cell(check),
+        exercise_md("Right", "ex-right"),
+        nbformat.v4.new_code_cell("def a(x):\n    return 2 * x"),
+        nbformat.v4.new_code_cell("check_double(a)"),
+        exercise_md("Wrong", "ex-wrong"),
+        nbformat.v4.new_code_cell("def b(x):\n    return x + 2"),
+        nbformat.v4.new_code_cell("check_double(b)"),
+        exercise_md("Untouched", "ex-stub"),
+        nbformat.v4.new_code_cell("def c(x):\n    raise NotImplementedError('Exercise 3: Untouched')"),
+        nbformat.v4.new_code_cell("check_double(c)"),
+        exercise_md("Crashes", "ex-crash"),
+        nbformat.v4.new_code_cell("d = undefined_name"),
+        nbformat.v4.new_code_cell("check_double(d)"),
+        exercise_md("Explain", "ex-prose"),
+        nbformat.v4.new_markdown_cell("Write your answer here."),
+    ]
+    path = tmp_path / "handed_in.ipynb"
+    nbformat.write(nb, path)
+    report = tmp_path / "report.json"
+    assert main([str(path), "--json", str(report), "--timeout", "60"]) == 1  # not everything passed
+    got = {e["label"]: e for e in json.loads(report.read_text())[str(path)]["exercises"]}
+    assert {k: e["status"] for k, e in got.items()} == {
+        "ex-right": "passed",
+        "ex-wrong": "failed",
+        "ex-stub": "not attempted",
+        "ex-crash": "failed",
+        "ex-prose": "by hand",
+    }
+    assert "got 5, expected 6" in got["ex-wrong"]["message"]
+    assert "NameError" in got["ex-crash"]["message"]
+    assert json.loads(report.read_text())[str(path)]["passed"] == 1
+
+
+def test_a_notebook_without_exercises_is_an_error(tmp_path, capsys):
+    path = tmp_path / "empty.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(), path)
+    assert main([str(path)]) == 2
+    assert "nothing to grade" in capsys.readouterr().err
+    assert main([str(tmp_path / "missing.ipynb")]) == 2
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[str(p.relative_to(ROOT)) for p in NOTEBOOKS])
+def test_the_grader_finds_every_exercise_of_the_course(path):
+    """Each coded exercise maps to the cell with the solution and a cell that runs a self-check, so a
+    student notebook's stub lands in the cell the grader reads."""
+    nb = load_notebook(path)
+    student = make_student_notebook(nb)
+    for label, _title, work, check in exercises(nb):
+        if work is None:
+            continue  # a derivation: graded by hand
+        assert BEGIN in "".join(nb["cells"][work]["source"]), f"{label}: the student's cell has no solution"
+        assert "NotImplementedError" in "".join(student["cells"][work]["source"]), label
+        assert "check_" in "".join(nb["cells"][check]["source"]), f"{label}: no self-check after the solution"
+    coded = [e for e in exercises(nb) if e[2] is not None]
+    solutions = sum(BEGIN in "".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
+    assert len(coded) == solutions, "a solution block that no exercise directive owns would not be graded"
