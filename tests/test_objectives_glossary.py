@@ -14,16 +14,14 @@ import re
 import pytest
 
 from conftest import ROOT, cell_source, load_notebook
+from normlab import grade
 
 CHAPTERS = sorted(p for p in (ROOT / "chapters").iterdir() if (p / "index.md").exists())
 CHAPTER_IDS = [p.name for p in CHAPTERS]
 
 ROLE = re.compile(r"\{(?P<name>[\w:-]+)\}`(?P<body>[^`]*)`")
 REF = re.compile(r"\{ref\}`(?:[^`<]*<)?(?P<label>[\w-]+)>?`")
-EXERCISE = re.compile(r"^(?:`{3,}|:{3,})\{exercise\}.*\n(?P<options>(?:[ \t]*:[\w-]+:.*\n)*)", re.MULTILINE)
-LABEL_OPTION = re.compile(r"^[ \t]*:label:[ \t]*(?P<label>[\w-]+)", re.MULTILINE)
 TARGET = re.compile(r"^\((?P<label>[\w-]+)\)=", re.MULTILINE)
-SELF_CHECK = re.compile(r"\bcheck_\w+\(|^\s*assert\b", re.MULTILINE)
 
 
 # --- learning objectives -------------------------------------------------------------------------
@@ -36,38 +34,15 @@ def chapter_notebooks(folder):
 def exercises(folder):
     """Return {label: (notebook name, graded)} for every exercise in the chapter's notebooks.
 
-    graded: the exercise's solution cell (the next code cell, when it holds ``# BEGIN SOLUTION`` and
-    no other exercise comes first) or the cell after it calls a ``check_*`` self-check or asserts.
-    A pen-and-paper exercise has no solution cell and is not graded.
+    graded: the grader (normlab.grade) finds the cell the student completes and a ``check_*``
+    self-check for it. A pen-and-paper exercise has neither and is graded by hand.
     """
     found = {}
     for path in chapter_notebooks(folder):
-        cells = load_notebook(path)["cells"]
-        for i, cell in enumerate(cells):
-            if cell["cell_type"] != "markdown":
-                continue
-            matches = list(EXERCISE.finditer(cell_source(cell)))
-            for k, match in enumerate(matches):
-                label = LABEL_OPTION.search(match.group("options"))
-                assert label, f"{path.relative_to(ROOT)}, cell {i}: an exercise without a :label:"
-                last_in_cell = k == len(matches) - 1
-                found[label.group("label")] = (path.name, last_in_cell and solution_is_graded(cells, i))
+        for label, _title, work, _check in grade.exercises(load_notebook(path)):
+            assert not label.startswith("exercise-"), f"{path.relative_to(ROOT)}: an exercise without a :label:"
+            found[label] = (path.name, work is not None)
     return found
-
-
-def solution_is_graded(cells, i):
-    """Whether the exercise that ends markdown cell i has a solution cell that is checked."""
-    for j in range(i + 1, len(cells)):
-        source = cell_source(cells[j])
-        if cells[j]["cell_type"] == "markdown":
-            if EXERCISE.search(source):
-                return False  # the next exercise comes before any solution code
-            continue
-        if "# BEGIN SOLUTION" not in source:
-            return False
-        after = cell_source(cells[j + 1]) if j + 1 < len(cells) and cells[j + 1]["cell_type"] == "code" else ""
-        return bool(SELF_CHECK.search(source) or SELF_CHECK.search(after))
-    return False
 
 
 def defined_labels(folder):

@@ -138,16 +138,24 @@ def test_student_book_sources_keep_outputs_and_drop_solutions(tmp_path):
         {"cell_type": "code", "metadata": {}, "execution_count": 1, "source": f"{BEGIN}\ny = 2\n{END}\n",
          "outputs": [{"output_type": "stream", "name": "stdout", "text": "the solution's output"}]},
         {"cell_type": "code", "metadata": {}, "execution_count": 2, "source": "plot()", "outputs": [plot]},
+        {"cell_type": "code", "metadata": {}, "execution_count": 3, "source": 'glue("acc", 0.9)', "outputs": []},
     ]
     nb = {"cells": cells, "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
     with pytest.raises(FileNotFoundError, match="make book"):
         write_student_book(root, dest, executed)
     (executed / "chapters" / "a").mkdir(parents=True)
     (executed / "chapters" / "a" / "lab.ipynb").write_text(json.dumps(nb))
+    # myst-nb moves glued values out of the executed notebook; the student edition puts them back
+    prefix = "application/papermill.record/"
+    scrap = {"scrapbook": {"name": "acc", "mime_prefix": prefix}}
+    glued = {"acc": {"output_type": "display_data", "metadata": scrap, "data": {"text/plain": "0.9"}}}
+    (executed / "chapters" / "a" / "lab.glue.json").write_text(json.dumps(glued))
     assert write_student_book(root, dest, executed) == [dest / "chapters" / "a" / "lab.ipynb"]
     out = load_notebook(dest / "chapters" / "a" / "lab.ipynb")
     assert "NotImplementedError" in cell_source(out["cells"][1]) and not out["cells"][1]["outputs"]
     assert out["cells"][2]["outputs"] == [plot], "outputs of other cells stay (figures, glued numbers)"
+    assert out["cells"][3]["outputs"] == [{"output_type": "display_data", "metadata": scrap,
+                                          "data": {prefix + "text/plain": "0.9"}}], "the glued value is back"
     config = yaml.safe_load((dest / "_config.yml").read_text())
     assert config["execute"]["execute_notebooks"] == "off" and "launch_buttons" not in config
     assert config["title"] == "T (student edition)"

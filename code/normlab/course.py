@@ -267,7 +267,10 @@ def time_notebooks(root, scale: str = "quick", only: str | None = None, progress
             progress(f"{path}: {seconds[path]:.1f} s")
     finally:
         for k, v in old.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     return {"scale": scale, "date": _dt.date.today().isoformat(), "machine": _machine(), "seconds": seconds}
 
 

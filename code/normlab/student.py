@@ -98,7 +98,7 @@ def _restore_glue(nb: dict, glued: dict) -> None:
         output = json.loads(json.dumps(output))
         prefix = output.get("metadata", {}).get("scrapbook", {}).get("mime_prefix", "")
         output["data"] = {prefix + mime: value for mime, value in output["data"].items()}
-        cell = next((c for c in code if f"{key}" in "".join(c["source"])), code[-1])
+        cell = next((c for c in code if key in "".join(c["source"])), code[-1])
         if not any(o.get("metadata", {}).get("scrapbook", {}).get("name") == key for o in cell["outputs"]):
             cell["outputs"].append(output)
 
@@ -142,9 +142,6 @@ def write_student_book(root, dest, executed=None) -> list[Path]:
             _restore_glue(nb, json.loads(glued.read_text(encoding="utf-8")))
         _write_notebook(nb, dest / f"{doc}.ipynb")
         notebooks.append(dest / f"{doc}.ipynb")
-    for data in (root / "chapters").rglob("results"):  # recorded measurements a page may read
-        if data.is_dir():
-            shutil.copytree(data, dest / data.relative_to(root), dirs_exist_ok=True)
 
     config["title"] = f"{config['title']} (student edition)"
     config["execute"]["execute_notebooks"] = "off"  # outputs come from the executed solutions
