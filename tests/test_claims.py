@@ -1,16 +1,21 @@
-"""normlab.claims and the "Claims, checked" page: one verdict per claim, recorded by one notebook, rendered."""
+"""normlab.claims: registered claims, verdicts computed from paired results, one recording notebook each."""
 
 import ast
 import re
+import sys
 
+import numpy as np
 import pytest
 
 from conftest import ROOT, cell_source, load_notebook, notebook_paths
 from normlab import claims
-from normlab.claims import CLAIMS, VERDICTS, record
+from normlab.claims import CLAIMS, REGISTRY, VERDICTS, Criterion, record, verdict
+from normlab.evidence import paired
+
+sys.path.insert(0, str(ROOT / "_ext"))
+from claims_page import registry_markdown  # noqa: E402
 
 PAGE = ROOT / "claims.md"
-GLUE = re.compile(r"\{glue:text\}`([^`]+)::(claim_\w+?)_(claim|verdict|evidence):s`")
 
 
 def parse_cell(source):
@@ -28,7 +33,7 @@ def is_record_call(node):
 
 
 def record_calls():
-    """Every `claims.record(...)` / `record(...)` call in the chapters' notebooks, as dicts."""
+    """Every `claims.record(...)` call in the chapters' notebooks: key, notebook, string literals in it."""
     calls = []
     for path in notebook_paths():
         rel = str(path.relative_to(ROOT))
@@ -38,18 +43,13 @@ def record_calls():
             for node in ast.walk(parse_cell(cell_source(cell))):
                 if not is_record_call(node):
                     continue
-                args = [a.value if isinstance(a, ast.Constant) else None for a in node.args]
-                kw = {k.arg: k.value.value if isinstance(k.value, ast.Constant) else None for k in node.keywords}
-                assert args and isinstance(args[0], str), f"{rel}: record() needs the claim's key as a literal string"
-                calls.append({"key": args[0], "verdict": args[1] if len(args) > 1 else None,
-                              "section": kw.get("section"), "notebook": rel})
+                assert node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str), (
+                    f"{rel}: record() needs the claim's key as a literal string")
+                strings = [n.value for n in ast.walk(node) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+                strings += [v.value for n in ast.walk(node) if isinstance(n, ast.JoinedStr)
+                            for v in n.values if isinstance(v, ast.Constant)]
+                calls.append({"key": node.args[0].value, "notebook": rel, "strings": strings})
     return calls
-
-
-def page_rows():
-    """The rows of the table on claims.md, as lists of cells (header and separator left out)."""
-    lines = [line for line in PAGE.read_text(encoding="utf-8").splitlines() if line.startswith("|")]
-    return [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
 
 
 def labels_in(notebook):
@@ -65,82 +65,127 @@ def glued(monkeypatch):
     return store
 
 
-def test_verdicts_and_claims_are_the_seed_texts_ten():
-    assert VERDICTS == ("supported", "partly", "not supported", "contested")
-    assert len(CLAIMS) == 10 and all(s.endswith(".") for s in CLAIMS.values())
+def test_the_registry_holds_the_seed_texts_ten_claims_well_formed():
+    assert VERDICTS == ("supported", "partly", "not supported", "contested", "not tested")
+    assert len(CLAIMS) == 10 and list(CLAIMS) == list(REGISTRY)
+    claims.check_registry()
 
 
-@pytest.mark.parametrize("bad, match", [
-    (dict(key="ICS"), "unknown claim 'ICS'.*higher_lr"),
-    (dict(verdict="holds"), "verdict 'holds' is not one of"),
-    (dict(evidence="  "), "evidence must be a non-empty sentence"),
-    (dict(evidence=None), "evidence must be a non-empty sentence"),
-    (dict(section="ics lr"), "section must be a label"),
-    (dict(section="(ics-lr)="), "section must be a label"),
+@pytest.mark.parametrize("outcomes, measures, untested, expected", [
+    ({"a": "met", "b": "met"}, {}, False, "supported"),
+    ({"a": "met", "b": "met"}, {}, True, "partly"),
+    ({"a": "met", "b": "not shown"}, {}, False, "partly"),
+    ({"a": "met", "b": "reversed"}, {}, False, "partly"),
+    ({"a": "met", "b": "reversed"}, {"a": "x", "b": "x"}, False, "contested"),
+    ({"a": "met", "b": "not shown"}, {"a": "x", "b": "x"}, False, "partly"),
+    ({"a": "not shown", "b": "reversed"}, {}, False, "not supported"),
+    ({"a": "met", "b": "not tested"}, {}, False, "partly"),
+    ({"a": "not tested"}, {}, False, "not tested"),
 ])
-def test_record_rejects_bad_input(bad, match, glued):
-    args = dict(key="ics", verdict="supported", evidence="Measured.", section="ics-lr") | bad
+def test_verdict_follows_the_outcomes(outcomes, measures, untested, expected):
+    assert verdict(outcomes, measures=measures, untested=untested) == expected
+
+
+@pytest.mark.parametrize("bad", [{}, {"a": "holds"}, {"a": "supported"}])
+def test_verdict_rejects_unknown_outcomes(bad):
+    with pytest.raises(ValueError, match="outcomes must be"):
+        verdict(bad)
+
+
+GAIN = paired(np.array([3.0, 2.0, 4.0, 3.5, 2.5, 3.0, 2.8, 3.2]), 0.0)  # about +3, CI about [2.5, 3.5]
+LOSS = paired(-GAIN.diffs, 0.0)
+NOISE = paired(np.array([1.0, -1.0, 0.5, -0.5, 0.2, -0.2, 0.1, -0.1]), 0.0)
+
+
+@pytest.mark.parametrize("test, margin, result, expected", [
+    ("above", 2.0, GAIN, "met"), ("above", 4.0, GAIN, "not shown"), ("above", 0.0, LOSS, "reversed"),
+    ("above", 0.0, NOISE, "not shown"), ("below", 0.0, LOSS, "met"), ("below", 0.0, GAIN, "reversed"),
+    ("within", 2.0, NOISE, "met"), ("within", 2.0, GAIN, "reversed"), ("within", 3.0, GAIN, "not shown"),
+    ("above", 0.0, None, "not tested"),
+])
+def test_a_criterion_is_decided_by_its_interval(test, margin, result, expected):
+    assert Criterion("x", "words", test, margin).outcome(result) == expected
+
+
+def test_a_ratio_criterion_reads_the_margin_as_a_ratio():
+    r = paired(np.array([8.0, 9.0, 7.0, 8.5]), np.ones(4), ratio=True)
+    assert Criterion("x", "w", "above", 3.0).outcome(r) == "met"
+    assert Criterion("x", "w", "below", 1.0).outcome(r) == "reversed"
+    assert Criterion("x", "w", "within", 2.0).outcome(r) == "reversed"
+
+
+def _results(key, result=GAIN):
+    return {c.name: result for c in REGISTRY[key].criteria}
+
+
+@pytest.mark.parametrize("key, results, evidence, match", [
+    ("ICS", None, "Measured.", "unknown claim 'ICS'.*higher_lr"),
+    ("ics", {"drift": GAIN}, "Measured.", "registered with criteria"),
+    ("ics", {"drift": GAIN, "gradient": GAIN, "extra": GAIN}, "Measured.", "registered with criteria"),
+    ("ics", "supported", "Measured.", "registered with criteria"),
+    ("ics", {"drift": GAIN, "gradient": 3.0}, "Measured.", "needs a normlab.evidence.Paired"),
+    ("ics", {"drift": GAIN, "gradient": GAIN}, "  ", "evidence must be a non-empty sentence"),
+])
+def test_record_rejects_bad_input(key, results, evidence, match, glued):
     with pytest.raises(ValueError, match=match):
-        record(args["key"], args["verdict"], args["evidence"], section=args["section"])
+        record(key, results, evidence)
     assert not glued  # nothing is glued when the input is bad
 
 
-def test_record_glues_claim_verdict_and_evidence_and_prints_them(glued, capsys):
-    rec = record("higher_lr", "partly", " BN trains at 3x the rate. ", section="ics-lr")
-    assert glued == {"claim_higher_lr_claim": (CLAIMS["higher_lr"], False),
-                     "claim_higher_lr_verdict": ("partly", False),
-                     "claim_higher_lr_evidence": ("BN trains at 3x the rate.", False)}
-    assert (rec.key, rec.verdict, rec.section) == ("higher_lr", "partly", "ics-lr")
+def test_record_computes_the_verdict_and_glues_results_and_outcomes(glued, capsys):
+    drift = paired(np.array([9.0, 8.0, 10.0, 9.5]), np.ones(4), ratio=True)
+    gradient = paired(np.array([5.0, 6.0, 4.0, 5.5]), np.ones(4), ratio=True)  # BN's is larger: reversed
+    rec = record("ics", {"drift": drift, "gradient": gradient}, " Drift 9x, gradient change 5x. ")
+    assert rec.verdict == "contested" and rec.outcomes == {"drift": "met", "gradient": "reversed"}
+    assert glued["claim_ics_verdict"] == ("contested", False)
+    assert glued["claim_ics_drift"] == ("met", False) and glued["claim_ics_gradient"] == ("reversed", False)
+    assert glued["claim_ics_evidence"] == ("Drift 9x, gradient change 5x.", False)
+    assert drift.summary() in glued["claim_ics_results"][0] and "(reversed)" in glued["claim_ics_results"][0]
     out = capsys.readouterr().out
-    assert out.count("\n") == 1 and "partly" in out and CLAIMS["higher_lr"] in out
+    assert "Verdict: contested" in out and CLAIMS["ics"] in out
 
 
-def test_every_claim_is_recorded_by_exactly_one_notebook():
+def test_an_untested_part_caps_the_verdict_at_partly(glued):
+    assert record("transfer", _results("transfer"), "AdaBN helps.").verdict == "partly"
+    assert record("higher_lr", _results("higher_lr"), "Higher.").verdict == "supported"
+    assert record("higher_lr", {"max_lr": None}, "Not run.").verdict == "not tested"
+
+
+def test_every_claim_is_recorded_once_by_the_notebook_the_registry_names():
     calls = record_calls()
-    unknown = [f"{c['notebook']} records {c['key']!r}" for c in calls if c["key"] not in CLAIMS]
-    assert not unknown, f"notebooks record claims that normlab.claims.CLAIMS does not have: {unknown}"
-    for key in CLAIMS:
+    unknown = [f"{c['notebook']} records {c['key']!r}" for c in calls if c["key"] not in REGISTRY]
+    assert not unknown, f"notebooks record claims that normlab.claims.REGISTRY does not have: {unknown}"
+    for key, claim in REGISTRY.items():
         where = [c["notebook"] for c in calls if c["key"] == key]
-        assert where, f"no notebook records a verdict for claim {key!r} ({CLAIMS[key]})"
-        assert len(where) == 1, f"claim {key!r} is recorded more than once: {where}"
+        assert where == [claim.notebook], f"claim {key!r} should be recorded once, by {claim.notebook}; found {where}"
+        assert claim.section in labels_in(claim.notebook), (
+            f"claim {key!r}: section {claim.section!r} is not a label of {claim.notebook}")
 
 
-def test_recorded_verdicts_and_sections_are_valid():
+def test_no_notebook_writes_a_verdict_word_into_a_record():
     for c in record_calls():
-        assert c["verdict"] is None or c["verdict"] in VERDICTS, (
-            f"{c['notebook']} records {c['key']!r} with verdict {c['verdict']!r}, not one of {VERDICTS}")
-        assert c["section"] in labels_in(c["notebook"]), (
-            f"{c['notebook']} records {c['key']!r} with section={c['section']!r}, a label it does not define")
+        typed = [s for s in c["strings"] if s.strip().lower() in VERDICTS]
+        assert not typed, f"{c['notebook']} passes the verdict word(s) {typed} to record({c['key']!r}): compute it"
 
 
-def test_page_has_one_row_per_claim_in_order():
-    rows = page_rows()
-    keys = []
-    for row in rows:
-        assert len(row) == 4, f"a row of claims.md has {len(row)} cells, expected 4: {row}"
-        found = GLUE.search(row[0])
-        assert found, f"the claim cell of a row glues no claim_<key>_claim: {row[0]}"
-        keys.append(found.group(2).removeprefix("claim_"))
-    assert keys == list(CLAIMS), f"claims.md rows {keys}, expected {list(CLAIMS)}"
+def test_no_notebook_code_holds_a_verdict_word():
+    """A verdict is computed by normlab.claims.verdict, never spelled in a notebook's code."""
+    for path in notebook_paths():
+        for i, cell in enumerate(load_notebook(path)["cells"]):
+            if cell["cell_type"] != "code":
+                continue
+            tree = parse_cell(cell_source(cell))
+            words = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+                     and n.value.strip().lower() in VERDICTS]
+            assert not words, f"{path.relative_to(ROOT)}, cell {i}: the verdict word(s) {words} are typed"
 
 
-def test_page_rows_render_what_the_recording_notebook_glued():
-    calls = {c["key"]: c for c in record_calls()}
-    for row, key in zip(page_rows(), CLAIMS):
-        assert key in calls, f"claims.md shows claim {key!r}, which no notebook records"
-        notebook = calls[key]["notebook"]
-        for cell, field in zip([row[0], row[2], row[3]], ["claim", "verdict", "evidence"]):
-            assert f"{{glue:text}}`{notebook}::claim_{key}_{field}:s`" in cell, (
-                f"claims.md, row {key!r}: the {field} cell should glue claim_{key}_{field} from {notebook}")
-        section = calls[key]["section"]
-        assert f"{{ref}}`{section}`" in row[1], (
-            f"claims.md, row {key!r}: the experiment should link {section}, the section {notebook} records")
-        chapter = notebook.rsplit("/", 1)[0] + "/index"
-        assert f"{{doc}}`{chapter}`" in row[1], f"claims.md, row {key!r}: link the chapter page {chapter}"
-
-
-def test_every_verdict_on_the_page_was_produced_by_a_notebook():
-    recorded = {(c["notebook"], c["key"]) for c in record_calls()}
-    for notebook, name, _ in GLUE.findall(PAGE.read_text(encoding="utf-8")):
-        key = name.removeprefix("claim_")
-        assert (notebook, key) in recorded, f"claims.md glues {name} from {notebook}, which records no such claim"
+def test_the_page_renders_the_registry_and_glues_from_the_recording_notebook():
+    assert "```{claims-registry}" in PAGE.read_text(encoding="utf-8")
+    md = registry_markdown()
+    for key, claim in REGISTRY.items():
+        for field in ["verdict", "results", "evidence"] + [c.name for c in claim.criteria]:
+            assert f"{{glue:text}}`{claim.notebook}::claim_{key}_{field}:s`" in md, f"{key}: {field} is not glued"
+        assert claim.setup in md and claim.at_scale in md and all(c.says in md for c in claim.criteria)
+        chapter = claim.notebook.rsplit("/", 1)[0] + "/index"
+        assert f"{{ref}}`{claim.section}` ({{doc}}`{chapter}`)" in md

@@ -73,9 +73,8 @@ def test_placement_experiment_returns_one_accuracy_and_model_per_seed_and_placem
         for acc in (result.acc[p], result.acc_precise[p]):
             assert len(acc) == 2 and all(0.0 <= a <= 1.0 for a in acc)
         assert len(result.models[p]) == 2 and not result.models[p][0].training
-    assert result.winner() in ex.PLACEMENTS
-    assert result.diff() == pytest.approx(result.mean("after") - result.mean("before"))
-    assert result.spread(precise=True) == pytest.approx(max(result.std(p, precise=True) for p in ex.PLACEMENTS))
+    cmp = result.paired(precise=True)
+    assert cmp.n == 2 and cmp.mean == pytest.approx(100 * (result.mean("before", True) - result.mean("after", True)))
 
 
 def test_placement_result_summaries_and_the_choice_of_statistics():
@@ -86,8 +85,8 @@ def test_placement_result_summaries_and_the_choice_of_statistics():
     )
     assert r.mean("before") == pytest.approx(0.85)
     assert r.std("before") == pytest.approx(0.05)  # sample standard deviation
-    assert r.winner() == "after" and r.wins() == 2
-    assert r.winner(precise=True) == "before" and r.wins(precise=True) == 3
+    assert r.paired().n_positive == 1 and r.paired().diffs == pytest.approx([-5.0, -10.0, 5.0])
+    assert r.paired(precise=True).n_positive == 3 and r.paired(precise=True).above(5.0)  # +10 at every seed
     with pytest.raises(ValueError, match="placement"):
         r.mean("middle")
 

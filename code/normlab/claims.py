@@ -1,15 +1,39 @@
-"""The seed text's claims about BN, and one verdict per claim recorded by the notebook that tests it.
+"""The seed text's claims about BN, registered before they are run, and verdicts computed from the data.
 
-Each claim is tested in one chapter notebook, which calls ``record(key, verdict, evidence,
-section=...)`` right after the cell whose assertions back it. ``record`` glues the claim, the
-verdict and the evidence (myst-nb ``glue``) so that the book's "Claims, checked" page renders what
-the executed notebooks measured, never a typed copy.
+Each claim is registered here, once: its wording in the seed text, the setup that tests it (data,
+model, steps, seeds), what is measured, and one or more criteria with their margins. The notebook
+named in the registry measures; it passes each criterion's paired comparison
+(:func:`normlab.evidence.paired`) to :func:`record`, which decides every criterion from its interval
+and computes the verdict with :func:`verdict`. No notebook writes a verdict word.
+
+A criterion's outcome is one of
+
+- ``met``: the 95% interval lies on the claimed side of the margin;
+- ``reversed``: the interval lies wholly on the *other* side of "no difference" (the data show the
+  opposite of the claim), or outside an equivalence window;
+- ``not shown``: neither (the interval straddles, or the effect is smaller than the margin);
+- ``not tested``: no measurement at this scale.
+
+The verdict, from the outcomes:
+
+- ``not tested``: no criterion was measured;
+- ``contested``: two criteria that measure the same thing two ways (the same ``measures``) disagree,
+  one met and one reversed;
+- ``supported``: every criterion met, and no part of the claim is left untested;
+- ``not supported``: no criterion met;
+- ``partly``: the rest (some met, or all met but a part of the claim is untested).
+
+``record`` glues the verdict, the results (each criterion's one-line summary and outcome) and an
+evidence sentence, so the book's "Claims, checked" page renders what the executed notebooks
+measured. The page's setup, criterion and "at scale" columns come from this registry.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+
+from normlab.evidence import Paired
 
 try:
     from myst_nb import glue
@@ -19,45 +43,322 @@ except ImportError:  # outside the book (e.g. on Colab): the printed line shows 
         pass
 
 
-CLAIMS = {  # key -> the claim, in the order the seed text makes them
-    "ics": "Batch normalization reduces internal covariate shift.",
-    "higher_lr": "Batch normalization allows higher learning rates.",
-    "fewer_epochs": "Batch normalization dramatically reduces the number of training epochs needed.",
-    "regularizes": "Batch normalization acts as a regularizer and reduces the need for dropout.",
-    "placement": "Batch normalization belongs after the linear layer and before the activation.",
-    "small_batches": "Batch normalization depends on the batch size and struggles with small batches.",
-    "rnn_bn": "Batch normalization is less effective in recurrent networks.",
-    "rnn_ln": "Layer normalization is better suited to recurrent networks.",
-    "style_in": "Instance normalization suits style transfer.",
-    "transfer": "Batch normalization helps transfer learning, particularly when the new dataset is small.",
-}
-VERDICTS = ("supported", "partly", "not supported", "contested")
+VERDICTS = ("supported", "partly", "not supported", "contested", "not tested")
+OUTCOMES = ("met", "not shown", "reversed", "not tested")
+TESTS = ("above", "below", "within")
 _LABEL = re.compile(r"[a-z0-9]+(-[a-z0-9]+)*")  # a MyST target such as (ics-lr)=
+_NAME = re.compile(r"[a-z][a-z0-9_]*")
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """One registered test of a claim: the interval of ``name``'s comparison against a margin."""
+
+    name: str  # the key under which the notebook passes this comparison to record()
+    says: str  # the criterion in words, margin included, as the page shows it
+    test: str  # "above", "below" or "within" (see normlab.evidence)
+    margin: float  # a difference (or a ratio, for a ratio comparison) or an equivalence window
+    measures: str = ""  # criteria measuring one thing two ways share this; their disagreement is "contested"
+
+    def outcome(self, result: Paired | None) -> str:
+        """Decide this criterion from a paired comparison (None: not measured)."""
+        if result is None:
+            return "not tested"
+        if not isinstance(result, Paired):
+            raise ValueError(f"criterion {self.name!r} needs a normlab.evidence.Paired (or None), "
+                             f"got {type(result).__name__}")
+        if self.test == "above":
+            return "met" if result.above(self.margin) else "reversed" if result.below() else "not shown"
+        if self.test == "below":
+            return "met" if result.below(self.margin) else "reversed" if result.above() else "not shown"
+        if result.within(self.margin):
+            return "met"
+        outside = result.above(self.margin) or result.below(1 / self.margin if result.ratio else -self.margin)
+        return "reversed" if outside else "not shown"
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A claim as registered before its run: wording, setup, measurement, criteria, where it is run."""
+
+    key: str
+    text: str  # the claim as the seed text words it
+    notebook: str  # the notebook that measures it, relative to the book's root
+    section: str  # the (label)= of the section where it is measured
+    setup: str  # data, model, training, number of seeds
+    measurement: str  # what is compared, per seed
+    criteria: tuple  # of Criterion
+    at_scale: str  # what the literature found at full scale (MyST, with {cite})
+    untested: str = ""  # a part of the claim no experiment here tests ("" when none)
+
+
+def verdict(outcomes, *, measures=None, untested=False):
+    """Return the verdict for criterion outcomes (a dict name -> outcome); see the module docstring.
+
+    measures: name -> the quantity a criterion measures (criteria sharing one can contest each
+    other); untested: whether part of the claim is not tested at all.
+    """
+    bad = {n: o for n, o in outcomes.items() if o not in OUTCOMES}
+    if bad or not outcomes:
+        raise ValueError(f"outcomes must be a non-empty dict of {OUTCOMES}, got {outcomes!r}")
+    tested = {n: o for n, o in outcomes.items() if o != "not tested"}
+    if not tested:
+        return "not tested"
+    groups = {}
+    for name, o in tested.items():
+        group = (measures or {}).get(name, "")
+        if group:
+            groups.setdefault(group, set()).add(o)
+    if any({"met", "reversed"} <= seen for seen in groups.values()):
+        return "contested"
+    met = sum(o == "met" for o in tested.values())
+    if met == len(outcomes) and not untested:
+        return "supported"
+    return "not supported" if met == 0 else "partly"
+
+
+def _c(name, says, test, margin, measures=""):
+    return Criterion(name, says, test, margin, measures)
+
+
+_CS = "chapters/covariate_shift/lab.ipynb"
+_SEEDS = "seeds paired (the same data split, initial weights and batches with and without BN)"
+REGISTRY = {c.key: c for c in [
+    Claim(
+        "ics", "Batch normalization reduces internal covariate shift.", _CS, "ics-measured",
+        setup=("8x8 digits (1,347 train / 450 test, split by the seed). 2015 measure: the sigmoid MLP "
+               "64-100-100-100-10 of Fig. 1, batch 60, SGD at learning rate 0.5. 2018 measure: a ReLU MLP "
+               "with 6 hidden layers of 64, batch 128, SGD at 0.1. " + _SEEDS + "."),
+        measurement=("2015: the drift ratio of 10 last-layer sigmoid inputs (range of the median over training "
+                     "/ mean 15-85 spread), median over the units. 2018: the relative change of layer i's "
+                     "gradient when layers 1..i-1 take their step, at step 1, median over layers 2-7."),
+        criteria=(
+            _c("drift", "2015 measure: plain / BN drift ratio, geometric mean, 95% CI above 2", "above", 2.0,
+               "ics"),
+            _c("gradient", "2018 measure: BN / plain gradient change at step 1, geometric mean, 95% CI below 1",
+               "below", 1.0, "ics"),
+        ),
+        at_scale=("On MNIST the 2015 paper shows the drift and its removal {cite}`ioffe2015batch`; on VGG and "
+                  "CIFAR-10, measured through gradients, BN networks showed similar or larger ICS "
+                  "{cite}`santurkar2018how`."),
+    ),
+    Claim(
+        "higher_lr", "Batch normalization allows higher learning rates.", _CS, "ics-lr",
+        setup=("The Fig. 1 sigmoid MLP on the digits, SGD, batch 60, learning rates 0.1 to 100 on a grid "
+               "stepping by about 3, the same steps at every rate; " + _SEEDS + "."),
+        measurement="Per seed, the largest rate on the grid at which test accuracy reaches 90% within the budget.",
+        criteria=(
+            _c("max_lr", "BN / plain largest workable rate, geometric mean, 95% CI above 2 (one grid step is about 3)",
+               "above", 2.0),
+        ),
+        at_scale=("On Inception, BN trained at 5 and 30 times the base rate, and BN-x5 reached the baseline's "
+                  "accuracy in 14 times fewer steps {cite}`ioffe2015batch`."),
+    ),
+    Claim(
+        "fewer_epochs", "Batch normalization dramatically reduces the number of training epochs needed.", _CS,
+        "ics-fig1",
+        setup=("The Fig. 1 sigmoid MLP on the digits, SGD at one learning rate (0.5) for both, batch 60; "
+               + _SEEDS + "."),
+        measurement=("Per seed, the steps until test accuracy first reaches 90% (a run that never gets there "
+                     "counts as the budget, so the ratio is then a lower bound)."),
+        criteria=(
+            _c("steps", "plain / BN steps to 90%, geometric mean, 95% CI above 3 ('dramatically': at least 3x)",
+               "above", 3.0),
+        ),
+        at_scale=("Inception with BN-x5 reached 72.2% top-1 in 14 times fewer steps than without BN "
+                  "{cite}`ioffe2015batch`."),
+    ),
+    Claim(
+        "regularizes", "Batch normalization acts as a regularizer and reduces the need for dropout.",
+        "chapters/regularization/lab_noise.ipynb", "reg-dropout",
+        setup=("MNIST-1D, 1,000 training examples (the generator and the subset follow the seed), an MLP with 2 "
+               "hidden layers of 128 ReLUs, SGD. Gap: batch 8, lr 0.05 B / 32, equal epochs, BN vs population "
+               "norm (BN's normalization with fixed statistics, so no batch noise). Dropout: batch 32, lr 0.02, "
+               "p = 0.5; " + _SEEDS.replace("with and without BN", "for every configuration") + "."),
+        measurement=("Train-minus-test accuracy (the gap) and test accuracy, per seed; test accuracy of BN, "
+                     "dropout, and BN with dropout after its last BN layer."),
+        criteria=(
+            _c("gap", "regularizer: population norm's gap minus BN's at B = 8, 95% CI above 0 points", "above", 0.0),
+            _c("test", "better test accuracy: BN minus population norm at B = 8, 95% CI above 0 points",
+               "above", 0.0),
+            _c("vs_dropout", "BN minus dropout alone, test accuracy, 95% CI above 0 points", "above", 0.0),
+            _c("dropout_on_bn", "less need for dropout: BN + dropout (after the last BN) minus BN, "
+               "95% CI below +1 point", "below", 1.0),
+        ),
+        at_scale=("On CIFAR-100, a DenseNet scored 77.4% without dropout and 68.6% with dropout 0.5 after BN "
+                  "{cite}`li2019understanding`; BN's regularization falls with the batch size "
+                  "{cite}`luo2019towards`."),
+    ),
+    Claim(
+        "placement", "Batch normalization belongs after the linear layer and before the activation.",
+        "chapters/pytorch/lab.ipynb", "pytorch-lab-placement",
+        setup=("A small CNN (two 3x3 conv layers of 16 and 32 channels, global average pooling, a linear "
+               "head) on the digits as 8x8 images, SGD with momentum 0.9 at one learning rate for both "
+               "placements; " + _SEEDS.replace("with and without BN", "for both placements") + "."),
+        measurement=("Test accuracy per seed with BN before the ReLU and after it, once with the EMA "
+                     "statistics training left and once with statistics recomputed over the training set."),
+        criteria=(
+            _c("precise", "recomputed statistics: before minus after, 95% CI above 0 points", "above", 0.0,
+               "accuracy"),
+            _c("ema", "EMA statistics: before minus after, 95% CI above 0 points", "above", 0.0, "accuracy"),
+        ),
+        at_scale=("The 2015 paper puts BN before the nonlinearity {cite}`ioffe2015batch`; ResNet v2 keeps it before "
+                  "the ReLU but moves the pair in front of each convolution {cite}`he2016identity`; no large-scale "
+                  "ablation settles it for every architecture."),
+        untested="one CNN at one learning rate cannot show where BN belongs in every network",
+    ),
+    Claim(
+        "small_batches", "Batch normalization depends on the batch size and struggles with small batches.",
+        "chapters/small_batches/lab.ipynb", "sb-lab-error",
+        setup=("An MLP with 2 hidden layers of 128 ReLUs on the digits, batch sizes 2 to 64, lr 0.1 B / 32, "
+               "equal epochs; BN, GroupNorm (8 groups), LayerNorm and batch renorm after each hidden layer, "
+               "every seed starting all of them from the same weights and batches. BN normalizes B values "
+               "per feature, so at B = 2 it is close to a sign function: the extreme case."),
+        measurement="Test error (%) in eval mode, per seed and batch size.",
+        criteria=(
+            _c("bn_gap", "BN's error at B = 2 minus at B = 32, 95% CI above 15 points", "above", 15.0),
+            _c("vs_gn", "BN's error minus GroupNorm's at B = 2, 95% CI above 0 points", "above", 0.0),
+        ),
+        at_scale=("ResNet-50 on ImageNet: BN's error rose from 23.6% at 32 images per GPU to 34.7% at 2, "
+                  "GroupNorm's stayed near 24% {cite}`wu2018group`; there each statistic still averages "
+                  "2·H·W values and the optimizer batch stayed large."),
+    ),
+    Claim(
+        "rnn_bn", "Batch normalization is less effective in recurrent networks.",
+        "chapters/alternatives/lab_rnn.ipynb", "alt-lab-rnn-task",
+        setup=("The digits read row by row (8 steps of 8 pixels), an LSTM with 64 hidden units, Adam at "
+               "0.005, batch 32; no normalization, LayerNorm, and BN with statistics per time step "
+               "(Cooijmans et al.'s recurrent BN); the same data for every seed."),
+        measurement="Final test accuracy per seed on sequences of the training length, and on sequences twice as long.",
+        criteria=(
+            _c("train_length", "training length: LayerNorm minus per-step BN, 95% CI above 0 points", "above", 0.0),
+            _c("longer", "twice as long: LayerNorm minus per-step BN, 95% CI above 0 points", "above", 0.0),
+        ),
+        at_scale=("Recurrent BN with per-step statistics trained faster than an unnormalized LSTM on "
+                  "sequential MNIST and language modelling {cite}`cooijmans2017recurrent`; LayerNorm was "
+                  "proposed for recurrent networks because it needs no per-step statistics "
+                  "{cite}`ba2016layer`."),
+    ),
+    Claim(
+        "rnn_ln", "Layer normalization is better suited to recurrent networks.",
+        "chapters/alternatives/lab_rnn.ipynb", "alt-lab-rnn-long",
+        setup="The LSTM experiment of this section: digits row by row, 64 hidden units, Adam at 0.005, batch 32.",
+        measurement=("Test accuracy per seed early in training (the second evaluation) and at the end; the "
+                     "accuracy lost on sequences twice as long."),
+        criteria=(
+            _c("early", "early: LayerNorm minus no normalization, 95% CI above 10 points", "above", 10.0),
+            _c("final", "final: LayerNorm minus per-step BN, 95% CI above 0 points", "above", 0.0),
+            _c("longer", "twice as long: per-step BN's loss minus LayerNorm's, 95% CI above 0 points", "above", 0.0),
+        ),
+        at_scale=("Ba et al. report faster convergence with LayerNorm on several recurrent tasks "
+                  "{cite}`ba2016layer`; it is the normalization of Transformers, which are not recurrent."),
+    ),
+    Claim(
+        "style_in", "Instance normalization suits style transfer.",
+        "chapters/alternatives/lab_style.ipynb", "alt-lab-style",
+        setup=("A fixed random conv feature net; 3 digits enlarged to 32x32 as content, 2 synthetic "
+               "textures as style, pixels optimized with Adam towards the style's instance statistics."),
+        measurement=("Per digit-texture pair: AdaIN's largest error in the target statistics, and the style "
+                     "loss after optimization over the loss before."),
+        criteria=(
+            _c("adain", "AdaIN sets each channel's instance mean and sd exactly: largest error, 95% CI below 1e-5",
+               "below", 1e-5),
+            _c("style_loss", "style loss after / before, geometric mean, 95% CI below 0.2", "below", 0.2),
+        ),
+        at_scale=("Replacing BN by InstanceNorm in a feed-forward style-transfer generator improved the "
+                  "stylized images markedly {cite}`ulyanov2016instance`; the comparison was qualitative."),
+        untested="no generator with IN is trained against one with BN here",
+    ),
+    Claim(
+        "transfer", "Batch normalization helps transfer learning, particularly when the new dataset is small.",
+        "chapters/transfer/lab_finetune.ipynb", "tr-lab-finetune",
+        setup=("A BN MLP trained on MNIST-1D (the source), tested on an affinely shifted copy (the target); "
+               "AdaBN re-estimates BN's statistics on unlabelled target data; " + _SEEDS.replace(
+                   "with and without BN", "for every method") + "."),
+        measurement="Target test accuracy per seed, with the source statistics and with AdaBN's.",
+        criteria=(
+            _c("adabn", "AdaBN minus the source model on the affine shift, 95% CI above 0 points", "above", 0.0),
+        ),
+        at_scale=("AdaBN raised Office-31's average accuracy from 75.5% to 76.7% {cite}`li2016revisiting`; "
+                  "re-estimating BN statistics cut ResNet-50's ImageNet-C error from 76.7 to 62.2 mCE "
+                  "{cite}`schneider2020improving`."),
+        untested="'particularly when the new dataset is small': the target set's size is not varied",
+    ),
+]}
+CLAIMS = {key: c.text for key, c in REGISTRY.items()}  # key -> the claim, in the order the seed text makes them
 
 
 @dataclass(frozen=True)
 class Record:
-    """One claim's verdict, as a notebook recorded it."""
+    """One claim's measured results and computed verdict, as a notebook recorded it."""
 
     key: str
     claim: str
+    outcomes: dict  # criterion name -> outcome
+    results: str  # one line per criterion: its summary and outcome
     verdict: str
     evidence: str
-    section: str
 
 
-def record(key, verdict, evidence, *, section):
-    """Check and glue one claim's verdict and evidence; print them; return the Record."""
-    if key not in CLAIMS:
-        raise ValueError(f"unknown claim {key!r}; the claims are {', '.join(CLAIMS)}")
-    if verdict not in VERDICTS:
-        raise ValueError(f"verdict {verdict!r} is not one of {VERDICTS}")
+def outcome(key, name, result):
+    """Decide one registered criterion of a claim from its paired result (for the text before record)."""
+    if key not in REGISTRY:
+        raise ValueError(f"unknown claim {key!r}; the claims are {', '.join(REGISTRY)}")
+    found = [c for c in REGISTRY[key].criteria if c.name == name]
+    if not found:
+        raise ValueError(f"claim {key!r} has no criterion {name!r}; it has {[c.name for c in REGISTRY[key].criteria]}")
+    return found[0].outcome(result)
+
+
+def record(key, results, evidence):
+    """Decide a registered claim's criteria from paired results, glue and print the verdict; return the Record.
+
+    results: criterion name -> normlab.evidence.Paired (or None where not measured at this scale),
+    one for every criterion the registry declares for the claim. evidence: one sentence with the
+    numbers, for the page.
+    """
+    if key not in REGISTRY:
+        raise ValueError(f"unknown claim {key!r}; the claims are {', '.join(REGISTRY)}")
+    claim = REGISTRY[key]
+    names = [c.name for c in claim.criteria]
+    if not isinstance(results, dict) or sorted(results) != sorted(names):
+        got = sorted(results) if isinstance(results, dict) else type(results).__name__
+        raise ValueError(f"claim {key!r} is registered with criteria {names}; results must give each, got {got}")
     if not isinstance(evidence, str) or not evidence.strip():
         raise ValueError(f"evidence must be a non-empty sentence, got {evidence!r}")
-    if not isinstance(section, str) or not _LABEL.fullmatch(section):
-        raise ValueError(f"section must be a label such as 'ics-lr' (a (label)= target), got {section!r}")
-    rec = Record(key, CLAIMS[key], verdict, evidence.strip(), section)
-    for field in ("claim", "verdict", "evidence"):
+    outcomes = {c.name: c.outcome(results[c.name]) for c in claim.criteria}
+    lines = [f"{c.says}: {_summary(results[c.name], c)} ({outcomes[c.name]})" for c in claim.criteria]
+    word = verdict(outcomes, measures={c.name: c.measures for c in claim.criteria}, untested=bool(claim.untested))
+    rec = Record(key, claim.text, outcomes, "; ".join(lines) + ".", word, evidence.strip())
+    for field in ("claim", "results", "verdict", "evidence"):
         glue(f"claim_{key}_{field}", getattr(rec, field), display=False)
-    print(f"Claim ({key}): {rec.claim} Verdict: {verdict}. {rec.evidence}")
+    for name, outcome in outcomes.items():
+        glue(f"claim_{key}_{name}", outcome, display=False)
+    print(f"Claim ({key}): {rec.claim}\n  " + "\n  ".join(lines) + f"\n  Verdict: {word}. {rec.evidence}")
     return rec
+
+
+def _summary(result, criterion):
+    """The result's one-line summary, in a notation that can show the criterion's margin."""
+    if result is None:
+        return "not measured"
+    tiny = 0 < abs(criterion.margin) < 0.01 and not result.ratio
+    small_ratio = result.ratio and criterion.margin < 1  # e.g. 0.015x against a margin of 0.2
+    return result.summary(digits=3 if small_ratio else 1, scientific=tiny)
+
+
+def check_registry():
+    """Raise ValueError if a registered claim is malformed (a test calls this)."""
+    for key, c in REGISTRY.items():
+        if key != c.key or not _NAME.fullmatch(key):
+            raise ValueError(f"registry key {key!r} does not match its claim's key {c.key!r}")
+        if not c.text.endswith(".") or not _LABEL.fullmatch(c.section) or not c.notebook.endswith(".ipynb"):
+            raise ValueError(f"claim {key!r}: text must be a sentence, section a label, notebook a .ipynb path")
+        if not (c.setup and c.measurement and c.at_scale and c.criteria):
+            raise ValueError(f"claim {key!r}: setup, measurement, criteria and at_scale are all required")
+        names = [cr.name for cr in c.criteria]
+        if len(set(names)) != len(names):
+            raise ValueError(f"claim {key!r}: criterion names repeat: {names}")
+        for cr in c.criteria:
+            if not _NAME.fullmatch(cr.name) or cr.test not in TESTS or not cr.says:
+                raise ValueError(f"claim {key!r}, criterion {cr.name!r}: needs a name, words and a test in {TESTS}")

@@ -1,14 +1,15 @@
-"""The built "Claims, checked" page: one row per claim, each with a verdict and evidence from the notebooks.
+"""The built "Claims, checked" page: a computed verdict per claim, its registered criteria and their results.
 
 Needs `make book` first (the glued verdicts exist only in executed notebooks).
 """
 
+import re
 from html.parser import HTMLParser
 
 import pytest
 
 from conftest import ROOT
-from normlab.claims import CLAIMS, VERDICTS
+from normlab.claims import CLAIMS, REGISTRY, VERDICTS
 
 PAGE = ROOT / "_build" / "html" / "claims.html"
 
@@ -39,15 +40,20 @@ class Tables(HTMLParser):
 
 
 @pytest.fixture(scope="module")
-def rows():
+def page():
     if not PAGE.exists():
         pytest.fail(f"no {PAGE.relative_to(ROOT)}: run `make book` first")
+    return PAGE.read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def rows(page):
     parser = Tables()
-    parser.feed(PAGE.read_text(encoding="utf-8"))
+    parser.feed(page)
     tables = [t for t in parser.tables if t and t[0][:1] == ["Claim"]]
     assert len(tables) == 1, f"expected one table whose first header is 'Claim', found {len(tables)}"
     header, *body = tables[0]
-    assert header == ["Claim", "Experiment", "Verdict", "Evidence"]
+    assert header == ["Claim", "Verdict", "Tested in"]
     return body
 
 
@@ -56,9 +62,25 @@ def test_one_row_per_claim_in_order(rows):
 
 
 @pytest.mark.parametrize("i, key", list(enumerate(CLAIMS)))
-def test_row_has_a_verdict_an_experiment_and_evidence(rows, i, key):
-    claim, experiment, verdict, evidence = rows[i]
+def test_row_has_a_computed_verdict_and_a_link(rows, i, key):
+    claim, verdict, where = rows[i]
     assert verdict in VERDICTS, f"claim {key!r}: verdict cell {verdict!r} is not one of {VERDICTS}"
-    assert experiment, f"claim {key!r}: the experiment cell is empty"
-    assert len(evidence) > 20 and any(ch.isdigit() for ch in evidence), (
-        f"claim {key!r}: the evidence cell should be a sentence with measured numbers, got {evidence!r}")
+    assert where, f"claim {key!r}: the 'tested in' cell is empty"
+
+
+def _text(html):
+    return " ".join(re.sub(r"<[^>]+>", " ", html).split())
+
+
+@pytest.mark.parametrize("key", list(CLAIMS))
+def test_each_claim_shows_criteria_outcomes_and_an_interval(page, key):
+    claim = REGISTRY[key]
+    heading = f"<h2>{claim.text}"
+    assert heading in page, f"claim {key!r}: no section headed {claim.text!r}"
+    section = _text(page.split(heading, 1)[1].split("<h2>", 1)[0])
+    for c in claim.criteria:
+        assert c.says in section, f"claim {key!r}: criterion {c.name!r} is not shown"
+    outcomes = re.findall(r"outcome: (met|not shown|reversed|not tested)\b", section)
+    assert len(outcomes) >= len(claim.criteria), f"claim {key!r}: not every criterion shows its outcome"
+    result = section[section.index("Result"):]
+    assert "95% CI [" in result or "not measured" in result, f"claim {key!r}: the result shows no interval"

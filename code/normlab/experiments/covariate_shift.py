@@ -107,8 +107,9 @@ def ensemble_batch_norm(h, gamma, beta, eps=1e-5):
     biased variance (the one that normalizes), as in ``F.batch_norm`` in training mode.
     """
     mean = h.mean(dim=1, keepdim=True)  # (K, 1, D)
-    var = h.var(dim=1, unbiased=False, keepdim=True)  # (K, 1, D)
-    return gamma * (h - mean) / torch.sqrt(var + eps) + beta, mean, var
+    centred = h - mean
+    var = (centred * centred).mean(dim=1, keepdim=True)  # (K, 1, D); 2-3x faster than h.var on CPU
+    return gamma * centred / torch.sqrt(var + eps) + beta, mean, var
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,6 +176,9 @@ class _Net:
         self.act = ACTIVATIONS[act]
         self.bn = use_bn.reshape(K, 1, 1)
         self.noise = use_noise.reshape(K, 1, 1)
+        self.any_noise = bool(use_noise.any())  # draw no noise at all when no member uses it
+        self.all_noise = bool(use_noise.all())
+        self.all_bn, self.no_bn = bool(use_bn.all()), not bool(use_bn.any())
         self.running = [
             (torch.zeros(K, 1, d), torch.ones(K, 1, d)) for d in sizes[1:-1]
         ]  # running (mean, var) per hidden layer
@@ -189,7 +193,9 @@ class _Net:
             z = torch.baddbmm(layer["b"], h, layer["W"])  # (K, N, d_out)
             if i == self.hidden:
                 return z
-            if mode == "eval":
+            if self.no_bn:
+                normed = z  # no member normalizes: skip the arithmetic (and its backward)
+            elif mode == "eval":
                 mean, var = self.running[i]
                 normed = layer["g"] * (z - mean) / torch.sqrt(var + 1e-5) + layer["beta"]
             else:
@@ -200,10 +206,11 @@ class _Net:
                         rm, rv = self.running[i]
                         rm.mul_(0.9).add_(0.1 * mean)
                         rv.mul_(0.9).add_(0.1 * var * n / (n - 1))  # the running variance is unbiased
-            z = torch.where(self.bn, normed, z)
-            if mode in ("train", "probe"):  # noise after BN (or where BN would be)
+            z = normed if self.all_bn else z if self.no_bn else torch.where(self.bn, normed, z)
+            if mode in ("train", "probe") and self.any_noise:  # noise after BN (or where BN would be)
                 mu_t, sigma_t = _draw_step_noise((z.shape[0], 1, 1), gen)
-                z = torch.where(self.noise, time_varying_noise(z, mu_t, sigma_t, gen), z)
+                noisy = time_varying_noise(z, mu_t, sigma_t, gen)
+                z = noisy if self.all_noise else torch.where(self.noise, noisy, z)
             if capture is not None and i == capture[0]:
                 capture[1].append(z.detach()[:, :, : capture[2]])
             h = self.act(z)
@@ -218,7 +225,7 @@ def _loss(logits, y):
 
 def _grads(net, params, x, y, mode="clean", gen=None):
     loss = _loss(net.forward(x, params, mode=mode, gen=gen), y)
-    grads = torch.autograd.grad(loss.sum(), _flat(params))
+    grads = torch.autograd.grad(loss.sum(), _flat(params), materialize_grads=True)  # gamma, beta unused without BN
     return loss.detach(), grads
 
 
@@ -323,10 +330,36 @@ def train_ensemble(
     # by up to 100x; flushing them to zero changes no result that matters and keeps runs in budget.
     torch.set_flush_denormal(True)
     try:
-        return _train_ensemble(data, seeds, use_bn, use_noise, lr, init_scale, steps, hidden, act, batch_size,
-                               eval_every, probe_layer, probe_units, check_every, smooth_multipliers, progress)
+        # Members with and without BN (or noise) train as separate stacks: one stack computing both
+        # branches and keeping one would do, and differentiate, twice the work.
+        kinds = sorted({(bool(b), bool(z)) for b, z in zip(use_bn, use_noise)})
+        runs, order = [], []
+        for b, z in kinds:
+            idx = [k for k in range(K) if (bool(use_bn[k]), bool(use_noise[k])) == (b, z)]
+            runs.append(_train_ensemble(data, [seeds[k] for k in idx], use_bn[idx], use_noise[idx], lr[idx],
+                                        init_scale[idx], steps, hidden, act, batch_size, eval_every, probe_layer,
+                                        probe_units, check_every, smooth_multipliers, progress))
+            order += idx
+        return _merge_runs(runs, np.argsort(order))
     finally:
         torch.set_flush_denormal(False)  # torch's default
+
+
+def _merge_runs(runs, index):
+    """Stack the members of several Runs (same steps) and put them in the order ``index`` gives."""
+    def cat(arrays):
+        return np.concatenate(arrays, 0)[index]
+
+    first = runs[0]
+    return Run(
+        eval_step=first.eval_step,
+        test_acc=cat([r.test_acc for r in runs]),
+        train_loss=cat([r.train_loss for r in runs]),
+        probe_step=first.probe_step,
+        pct=cat([r.pct for r in runs]),
+        ics={s: {k: cat([r.ics[s][k] for r in runs]) for k in d} for s, d in first.ics.items()},
+        smooth={s: {k: cat([r.smooth[s][k] for r in runs]) for k in d} for s, d in first.smooth.items()},
+    )
 
 
 def _train_ensemble(data, seeds, use_bn, use_noise, lr, init_scale, steps, hidden, act, batch_size, eval_every,
@@ -363,7 +396,7 @@ def _train_ensemble(data, seeds, use_bn, use_noise, lr, init_scale, steps, hidde
             smooth[step] = _smoothness(net, x, y, lr_w, smooth_multipliers)
         loss = _loss(net.forward(x, mode="train", gen=noise_gen), y)
         params = _flat(net.params)
-        grads = torch.autograd.grad(loss.sum(), params)
+        grads = torch.autograd.grad(loss.sum(), params, materialize_grads=True)  # zeros for unused gamma, beta
         with torch.no_grad():
             for p, g in zip(params, grads):
                 p -= lr_w * g
@@ -426,9 +459,10 @@ def steps_to_target(eval_step, test_acc, target):
 def budget(scale="quick"):
     """Return the step counts and seeds per experiment for a scale ('quick' or 'full')."""
     _check_scale(scale)
+    # 8 seeds: the fewest on which a paired comparison's interval means something (t = 2.36).
     if scale == "quick":
-        return {"seeds": 3, "fig1": 600, "lr": 300, "init": 300, "noisy": 400, "check_every": 100}
-    return {"seeds": 5, "fig1": 3000, "lr": 1000, "init": 1000, "noisy": 2000, "check_every": 250}
+        return {"seeds": 8, "fig1": 600, "lr": 300, "init": 300, "noisy": 400, "check_every": 100}
+    return {"seeds": 12, "fig1": 3000, "lr": 1000, "init": 1000, "noisy": 2000, "check_every": 250}
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from torch.utils import benchmark
 
 from normlab import nn as normlab_nn
 from normlab.data import Split
+from normlab.evidence import paired
 from normlab.experiments import _check_positive_int
 from normlab.fold import fold_model
 from normlab.train import accuracy, train
@@ -69,7 +70,8 @@ class PlacementResult:
 
     ``acc`` holds the accuracies in eval mode with the running statistics that training left
     (PyTorch's default EMA); ``acc_precise`` the same models' accuracies after
-    ``recompute_bn_statistics`` over the training set. Every summary takes ``precise`` to choose.
+    ``recompute_bn_statistics`` over the training set. Every summary takes ``precise`` to choose;
+    ``paired`` compares the placements seed by seed (the only comparison the chapter draws on).
     """
 
     seeds: list
@@ -88,23 +90,9 @@ class PlacementResult:
     def std(self, placement, precise=False) -> float:
         return float(np.std(self._acc(placement, precise), ddof=1))  # sample standard deviation over seeds
 
-    def diff(self, precise=False) -> float:
-        """Return the mean accuracy of 'after' minus that of 'before' (positive: 'after' wins)."""
-        return self.mean("after", precise) - self.mean("before", precise)
-
-    def spread(self, precise=False) -> float:
-        """Return the seed-to-seed spread: the larger of the two placements' standard deviations."""
-        return max(self.std(p, precise) for p in PLACEMENTS)
-
-    def winner(self, precise=False) -> str:
-        """Return the placement with the higher mean accuracy."""
-        return "after" if self.diff(precise) > 0 else "before"
-
-    def wins(self, precise=False) -> int:
-        """Return on how many seeds the winner is ahead (a seed pairs the runs: same init and batches)."""
-        winner = self.winner(precise)
-        loser = "before" if winner == "after" else "after"
-        return sum(w > v for w, v in zip(self._acc(winner, precise), self._acc(loser, precise)))
+    def paired(self, precise=False):
+        """Return the paired comparison before minus after, in points (same seed: same init and batches)."""
+        return paired(self._acc("before", precise), self._acc("after", precise), scale=100, unit="points")
 
 
 def placement_experiment(data, seeds, *, steps, lr, batch_size=64, channels=(16, 32), progress=None):
