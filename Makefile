@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: book test serve lab student student-book grade timings lint unit notebooks site clean bench
+.PHONY: book test serve lab student student-book grade timings lint unit notebooks site clean bench seed-scan
 
 # The virtual environment, rebuilt when the pinned toolchain changes.
 $(STAMP): requirements.txt code/pyproject.toml
@@ -85,6 +85,12 @@ grade: $(STAMP)
 SCALE ?= quick
 timings: $(STAMP)
 	$(BIN)/python -m normlab.course timings --scale $(SCALE)
+
+## seed-scan: run notebooks at 12 seeds and record every assert's value in seed_scan.json (an hour or more)
+SCAN_SEEDS ?= 100-111
+SCAN_NOTEBOOKS ?= $(sort $(wildcard chapters/*/*.ipynb))
+seed-scan: $(STAMP)
+	$(BIN)/python -m normlab.seedscan --seeds $(SCAN_SEEDS) --out seed_scan.json $(SCAN_NOTEBOOKS)
 
 clean:
 	rm -rf _build student .pytest_cache

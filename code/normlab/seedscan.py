@@ -1,0 +1,216 @@
+"""The seed scan: run notebooks at many seeds and record, for every assert, the value it tested.
+
+``python -m normlab.seedscan --seeds 100-111 chapters/pytorch/lab.ipynb ...`` (``make seed-scan``)
+executes each notebook once per seed (``NORMLAB_SEED``, quick scale, one thread), with every
+``assert`` in its code rewritten to report before it checks:
+
+- ``assert a <op> b`` records a and b, and the *slack*: how far the assert was from failing
+  (a - b for >= and >, b - a for <= and <); ``and`` and chained comparisons are split into their
+  parts, each recorded on its own;
+- any other assert (``assert cmp.above(0)``) records whether it held.
+
+It writes ``seed_scan.json``: the seeds, the date, the code version, each notebook's seconds and
+errors per seed, and per assert its source, how often it held, the seeds where it failed, and the
+worst slack with its seed. Margins are chosen from this file; ``tests/test_seed_scan.py`` fails
+when a scanned assert did not hold at a scanned seed, or when a scanned notebook holds an assert
+the scan has not seen (rerun the scan after changing one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+_OPS = {ast.GtE: ">=", ast.Gt: ">", ast.LtE: "<=", ast.Lt: "<"}
+_PRELUDE = '''
+def __scan__(key, source, passed, a=None, op=None, b=None):
+    import json as _json, math as _math, os as _os
+    slack = None
+    try:
+        a, b = float(a), float(b)
+        slack = a - b if op in (">=", ">") else b - a if op in ("<=", "<") else None
+        if slack is not None and not _math.isfinite(slack):
+            slack = None
+    except (TypeError, ValueError):
+        a = b = None
+    with open(_os.environ["NORMLAB_SCAN_LOG"], "a") as _f:
+        _f.write(_json.dumps({"key": key, "source": source, "passed": bool(passed), "a": a, "op": op, "b": b,
+                              "slack": slack}) + "\\n")
+    if not passed:
+        raise AssertionError(source)
+'''
+
+
+def _parts(test):
+    """Split an assert's test into the parts recorded one by one: ``and`` operands, chained comparisons."""
+    if isinstance(test, ast.BoolOp) and isinstance(test.op, ast.And):
+        return [p for v in test.values for p in _parts(v)]
+    if isinstance(test, ast.Compare) and len(test.ops) > 1:
+        terms = [test.left, *test.comparators]
+        return [ast.Compare(left=terms[i], ops=[op], comparators=[terms[i + 1]]) for i, op in enumerate(test.ops)]
+    return [test]
+
+
+class _Rewrite(ast.NodeTransformer):
+    """Replace each assert statement by calls to ``__scan__``, one per part, in order."""
+
+    def __init__(self, prefix):
+        self.prefix, self.count = prefix, 0
+
+    def visit_Assert(self, node):
+        calls = []
+        for part in _parts(node.test):
+            source = ast.unparse(part)
+            key = f"{self.prefix}:{self.count}"
+            self.count += 1
+            args = [ast.Constant(key), ast.Constant(source)]
+            if isinstance(part, ast.Compare) and type(part.ops[0]) in _OPS:
+                a, b = ast.Name("__a", ast.Load()), ast.Name("__b", ast.Load())
+                calls += [ast.Assign([ast.Name("__a", ast.Store())], part.left),
+                          ast.Assign([ast.Name("__b", ast.Store())], part.comparators[0]),
+                          ast.Expr(ast.Call(ast.Name("__scan__", ast.Load()), args + [
+                              ast.Compare(a, part.ops, [b]), a, ast.Constant(_OPS[type(part.ops[0])]), b], []))]
+            else:
+                calls.append(ast.Expr(ast.Call(ast.Name("__scan__", ast.Load()), args + [part], [])))
+        return calls
+
+
+def asserts_in(source):
+    """Return the sources of the assert parts in a code cell, in order (what the scan records)."""
+    tree = _parse(source)
+    return [ast.unparse(p) for node in ast.walk(tree) if isinstance(node, ast.Assert) for p in _parts(node.test)]
+
+
+def _parse(source):
+    # IPython magics (%pip, !ls) are not Python: the scan leaves those lines alone
+    lines = ["pass" if line.lstrip().startswith(("%", "!")) else line for line in source.splitlines()]
+    return ast.parse("\n".join(lines))
+
+
+def rewrite_cell(source, prefix):
+    """Return the cell's source with its asserts reporting to ``__scan__``; unchanged if it has none."""
+    if "assert" not in source:
+        return source
+    tree = _parse(source)
+    if not any(isinstance(n, ast.Assert) for n in ast.walk(tree)):
+        return source
+    magics = [line for line in source.splitlines() if line.lstrip().startswith(("%", "!"))]
+    if magics:
+        return source  # a cell with magics and asserts would lose its magics; none exists today
+    return ast.unparse(ast.fix_missing_locations(_Rewrite(prefix).visit(tree)))
+
+
+def _run(path, seed, log):
+    """Execute one notebook at one seed with rewritten asserts; return (seconds, errors)."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(path, as_version=4)
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type == "code":
+            cell.source = rewrite_cell(cell.source, f"{path}:{i}")
+    nb.cells.insert(0, nbformat.v4.new_code_cell(_PRELUDE))
+    env = dict(os.environ, NORMLAB_SEED=str(seed), NORMLAB_SCALE="quick", NORMLAB_PROGRESS="0",
+               OMP_NUM_THREADS="1", NORMLAB_SCAN_LOG=str(log))
+    client = NotebookClient(nb, timeout=900, allow_errors=True, kernel_name="python3",
+                            resources={"metadata": {"path": str(Path(path).parent)}})
+    start = time.perf_counter()
+    old = dict(os.environ)
+    os.environ.update(env)  # the kernel inherits this process's environment
+    try:
+        client.execute()
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+    seconds = time.perf_counter() - start
+    errors = [{"cell": i - 1, "error": o.get("ename", "")} for i, c in enumerate(nb.cells) if c.cell_type == "code"
+              for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    return round(seconds, 1), errors
+
+
+def scan(notebooks, seeds, root="."):
+    """Run every notebook at every seed; return the scan as a dict (see the module docstring)."""
+    root = Path(root)
+    result = {"seeds": list(seeds), "scale": "quick", "date": datetime.date.today().isoformat(),
+              "code_version": _version(root), "notebooks": {}, "asserts": {}}
+    for nb in notebooks:
+        rel = str(Path(nb).resolve().relative_to(root.resolve()))
+        result["notebooks"][rel] = {"seconds": {}, "errors": {}}
+        for seed in seeds:
+            with tempfile.NamedTemporaryFile("w+", suffix=".jsonl", delete=False) as f:
+                log = Path(f.name)
+            seconds, errors = _run(rel, seed, log)
+            result["notebooks"][rel]["seconds"][str(seed)] = seconds
+            if errors:
+                result["notebooks"][rel]["errors"][str(seed)] = errors
+            for line in log.read_text().splitlines():
+                _merge(result["asserts"], json.loads(line), rel, seed)
+            log.unlink()
+            print(f"{rel} seed {seed}: {seconds:.1f} s, {len(errors)} errors", flush=True)
+    return result
+
+
+def _merge(asserts, rec, notebook, seed):
+    entry = asserts.setdefault(rec["key"], {"notebook": notebook, "source": rec["source"], "op": rec["op"],
+                                            "held": 0, "failed_at": [], "worst_slack": None, "worst_seed": None,
+                                            "values": {}})
+    entry["held"] += rec["passed"]
+    if not rec["passed"]:
+        entry["failed_at"].append(seed)
+    if rec["slack"] is not None and (entry["worst_slack"] is None or rec["slack"] < entry["worst_slack"]):
+        entry["worst_slack"], entry["worst_seed"] = rec["slack"], seed
+    if rec["a"] is not None:
+        entry["values"][str(seed)] = [rec["a"], rec["b"]]
+
+
+def _version(root):
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "chapters", "code"],
+                               capture_output=True, text=True).stdout.strip()
+        return out.stdout.strip() + ("+changes" if dirty else "")
+    except OSError:
+        return "unknown"
+
+
+def _seeds(text):
+    """'100-111' or '3,5,8' -> a list of ints."""
+    if "-" in text:
+        lo, hi = (int(v) for v in text.split("-"))
+        return list(range(lo, hi + 1))
+    return [int(v) for v in text.split(",")]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("notebooks", nargs="+", help="notebooks to scan")
+    parser.add_argument("--seeds", default="100-111", help="e.g. 100-111 (default: 12 seeds) or 3,5,8")
+    parser.add_argument("--out", default="seed_scan.json", help="where to write the scan (merged into it)")
+    args = parser.parse_args(argv)
+    seeds = _seeds(args.seeds)
+    if len(seeds) < 1:
+        parser.error("no seeds")
+    new = scan(args.notebooks, seeds)
+    out = Path(args.out)
+    if out.exists():  # keep what other notebooks' scans found; replace this run's notebooks
+        old = json.loads(out.read_text())
+        if old.get("seeds") == new["seeds"]:
+            keep = {k: v for k, v in old["asserts"].items() if v["notebook"] not in new["notebooks"]}
+            new["asserts"] = keep | new["asserts"]
+            new["notebooks"] = {k: v for k, v in old["notebooks"].items() if k not in new["notebooks"]} | new["notebooks"]
+    out.write_text(json.dumps(new, indent=1, sort_keys=True) + "\n")
+    failed = [v for v in new["asserts"].values() if v["failed_at"]]
+    print(f"wrote {out}: {len(new['asserts'])} asserts over {len(seeds)} seeds; {len(failed)} failed somewhere")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
