@@ -228,7 +228,8 @@ REGISTRY = {c.key: c for c in [
         "chapters/alternatives/lab_rnn.ipynb", "alt-lab-rnn-task",
         setup=("The digits read row by row (8 steps of 8 pixels), an LSTM with 64 hidden units, Adam at "
                "0.005, batch 32; no normalization, LayerNorm, and BN with statistics per time step "
-               "(Cooijmans et al.'s recurrent BN); the same data for every seed."),
+               "(Cooijmans et al.'s recurrent BN); one split per notebook seed, and each model seed fixes the "
+               "batch order of all three models."),
         measurement="Final test accuracy per seed on sequences of the training length, and on sequences twice as long.",
         criteria=(
             _c("train_length", "training length: LayerNorm minus per-step BN, 95% CI above 0 points", "above", 0.0),

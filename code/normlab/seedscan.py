@@ -136,8 +136,26 @@ def _run(path, seed, log):
     return round(seconds, 1), errors
 
 
-def scan(notebooks, seeds, root="."):
-    """Run every notebook at every seed; return the scan as a dict (see the module docstring)."""
+def _run_retrying(path, seed, log, tries=3):
+    """_run, started again when the kernel dies before finishing (a port race with another kernel)."""
+    from nbclient.exceptions import DeadKernelError
+
+    for attempt in range(tries):
+        log.write_text("")  # a dead kernel's partial records are dropped
+        try:
+            return _run(path, seed, log)
+        except DeadKernelError:
+            if attempt == tries - 1:
+                raise
+            print(f"{path} seed {seed}: the kernel died; starting it again", flush=True)
+
+
+def scan(notebooks, seeds, root=".", out=None):
+    """Run every notebook at every seed; return the scan as a dict (see the module docstring).
+
+    With ``out``, the scan so far is merged into that file after each notebook, so a long scan
+    that is stopped keeps every notebook it finished.
+    """
     root = Path(root)
     result = {"seeds": list(seeds), "scale": "quick", "date": datetime.date.today().isoformat(),
               "code_version": _version(root), "notebooks": {}, "asserts": {}}
@@ -147,7 +165,7 @@ def scan(notebooks, seeds, root="."):
         for seed in seeds:
             with tempfile.NamedTemporaryFile("w+", suffix=".jsonl", delete=False) as f:
                 log = Path(f.name)
-            seconds, errors = _run(rel, seed, log)
+            seconds, errors = _run_retrying(rel, seed, log)
             result["notebooks"][rel]["seconds"][str(seed)] = seconds
             if errors:
                 result["notebooks"][rel]["errors"][str(seed)] = errors
@@ -155,7 +173,23 @@ def scan(notebooks, seeds, root="."):
                 _merge(result["asserts"], json.loads(line), rel, seed)
             log.unlink()
             print(f"{rel} seed {seed}: {seconds:.1f} s, {len(errors)} errors", flush=True)
+        if out is not None:
+            write(result, out)
     return result
+
+
+def write(scan_result, out):
+    """Merge a scan into the file ``out`` (other notebooks' entries at the same seeds are kept)."""
+    out, new = Path(out), dict(scan_result)
+    if out.exists():
+        old = json.loads(out.read_text())
+        if old.get("seeds") == new["seeds"]:
+            keep = {k: v for k, v in old["asserts"].items() if v["notebook"] not in new["notebooks"]}
+            new["asserts"] = keep | new["asserts"]
+            kept = {k: v for k, v in old["notebooks"].items() if k not in new["notebooks"]}
+            new["notebooks"] = kept | new["notebooks"]
+    out.write_text(json.dumps(new, indent=1, sort_keys=True) + "\n")
+    return new
 
 
 def _merge(asserts, rec, notebook, seed):
@@ -198,15 +232,8 @@ def main(argv=None):
     seeds = _seeds(args.seeds)
     if len(seeds) < 1:
         parser.error("no seeds")
-    new = scan(args.notebooks, seeds)
     out = Path(args.out)
-    if out.exists():  # keep what other notebooks' scans found; replace this run's notebooks
-        old = json.loads(out.read_text())
-        if old.get("seeds") == new["seeds"]:
-            keep = {k: v for k, v in old["asserts"].items() if v["notebook"] not in new["notebooks"]}
-            new["asserts"] = keep | new["asserts"]
-            new["notebooks"] = {k: v for k, v in old["notebooks"].items() if k not in new["notebooks"]} | new["notebooks"]
-    out.write_text(json.dumps(new, indent=1, sort_keys=True) + "\n")
+    new = write(scan(args.notebooks, seeds, out=out), out)
     failed = [v for v in new["asserts"].values() if v["failed_at"]]
     print(f"wrote {out}: {len(new['asserts'])} asserts over {len(seeds)} seeds; {len(failed)} failed somewhere")
     return 1 if failed else 0
