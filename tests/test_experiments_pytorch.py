@@ -172,6 +172,7 @@ def test_fold_speedup_times_both_models_each_round():
     for key in ("unfolded", "folded", "ratio"):
         assert out[key].shape == (2,) and np.all(out[key] > 0)
     assert np.allclose(out["ratio"], out["unfolded"] / out["folded"])
+    assert out["best_ratio"] == pytest.approx(out["unfolded"].min() / out["folded"].min())
 
 
 @pytest.mark.parametrize("kwargs", [{"rounds": 0}, {"min_run_time": 0.0}, {"num_threads": 0}])

@@ -44,6 +44,10 @@ def test_other_asserts_report_their_truth():
     assert records == [("all([True, True])", True, None, None, None)]
 
 
+def test_magics_are_read_as_statements_in_their_block():
+    assert asserts_in('if x:\n    %pip install y\nassert x > 1\n') == ["x > 1"]
+
+
 def test_cells_without_asserts_are_left_alone():
     source = "%pip install x\ny = 1  # comment\n"
     assert rewrite_cell(source, "nb:0") == source

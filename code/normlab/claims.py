@@ -128,7 +128,7 @@ REGISTRY = {c.key: c for c in [
         "ics", "Batch normalization reduces internal covariate shift.", _CS, "ics-measured",
         setup=("8x8 digits (1,347 train / 450 test, split by the seed). 2015 measure: the sigmoid MLP "
                "64-100-100-100-10 of Fig. 1, batch 60, SGD at learning rate 0.5. 2018 measure: a ReLU MLP "
-               "with 6 hidden layers of 64, batch 128, SGD at 0.1. " + _SEEDS + "."),
+               "with 6 hidden layers of 64, batch 128, SGD at 0.1. S" + _SEEDS[1:] + "."),
         measurement=("2015: the drift ratio of 10 last-layer sigmoid inputs (range of the median over training "
                      "/ mean 15-85 spread), median over the units. 2018: the relative change of layer i's "
                      "gradient when layers 1..i-1 take their step, at step 1, median over layers 2-7."),
@@ -296,7 +296,7 @@ class Record:
     key: str
     claim: str
     outcomes: dict  # criterion name -> outcome
-    results: str  # one line per criterion: its summary and outcome
+    results: str  # per criterion, by name: its summary and outcome (the page lists the criteria' words)
     verdict: str
     evidence: str
 
@@ -329,8 +329,9 @@ def record(key, results, evidence):
         raise ValueError(f"evidence must be a non-empty sentence, got {evidence!r}")
     outcomes = {c.name: c.outcome(results[c.name]) for c in claim.criteria}
     lines = [f"{c.says}: {_summary(results[c.name], c)} ({outcomes[c.name]})" for c in claim.criteria]
+    short = [f"{c.name}: {_summary(results[c.name], c)} ({outcomes[c.name]})" for c in claim.criteria]
     word = verdict(outcomes, measures={c.name: c.measures for c in claim.criteria}, untested=bool(claim.untested))
-    rec = Record(key, claim.text, outcomes, "; ".join(lines) + ".", word, evidence.strip())
+    rec = Record(key, claim.text, outcomes, "; ".join(short) + ".", word, evidence.strip())
     for field in ("claim", "results", "verdict", "evidence"):
         glue(f"claim_{key}_{field}", getattr(rec, field), display=False)
     for name, outcome in outcomes.items():

@@ -91,7 +91,8 @@ def asserts_in(source):
 
 def _parse(source):
     # IPython magics (%pip, !ls) are not Python: the scan leaves those lines alone
-    lines = ["pass" if line.lstrip().startswith(("%", "!")) else line for line in source.splitlines()]
+    lines = [line[: len(line) - len(line.lstrip())] + "pass" if line.lstrip().startswith(("%", "!")) else line
+             for line in source.splitlines()]
     return ast.parse("\n".join(lines))
 
 

@@ -3,6 +3,7 @@
 Needs `make book` first (the glued verdicts exist only in executed notebooks).
 """
 
+import html
 import re
 from html.parser import HTMLParser
 
@@ -68,8 +69,12 @@ def test_row_has_a_computed_verdict_and_a_link(rows, i, key):
     assert where, f"claim {key!r}: the 'tested in' cell is empty"
 
 
-def _text(html):
-    return " ".join(re.sub(r"<[^>]+>", " ", html).split())
+def _text(page_html):
+    """The visible text, with Sphinx's smart quotes turned back into the registry's plain ones."""
+    text = html.unescape(re.sub(r"<[^>]+>", " ", page_html))
+    for curly, plain in (("\u2019", "'"), ("\u2018", "'"), ("\u201c", '"'), ("\u201d", '"'), ("\u2013", "--")):
+        text = text.replace(curly, plain)
+    return " ".join(text.split())
 
 
 @pytest.mark.parametrize("key", list(CLAIMS))
