@@ -1,7 +1,9 @@
 """Chapter 4's experiments: batch norm as a regularizer, its noise, dropout, ghost batches, statistics.
 
-Every experiment trains small MLPs (``make_mlp``) with ``normlab.train.train`` and returns plain
-numbers (numpy arrays, dicts) that the lab notebooks plot and assert. The BN layers are
+Every experiment trains small MLPs (``make_mlp``), all seeds of one setting at once with the
+course's ensemble trainer (``normlab.ensemble``: member k is exactly the model ``fit`` would train
+alone from seed k), and returns plain numbers (numpy arrays, dicts) that the lab notebooks plot
+and assert. The BN layers are
 ``torch.nn.BatchNorm1d``: Chapter 2 showed that ``normlab.nn.BatchNorm1d`` computes the same thing,
 and torch's fused kernel is faster on a CPU. The chapter's own layers (``GhostBatchNorm1d``,
 ``PopulationNorm1d``) and ``normlab.precise_bn`` come from the library.
@@ -20,11 +22,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from normlab import ensemble
 from normlab.data import Split
 from normlab.experiments import _check_positive_int, seeds_for
 from normlab.nn import GhostBatchNorm1d, PopulationNorm1d
 from normlab.stats import batch_norm_layers, precise_bn
-from normlab.train import accuracy, show_progress, train
+from normlab.train import show_progress, train
 
 __all__ = [
     "NORMS",
@@ -34,6 +37,7 @@ __all__ = [
     "make_mlp",
     "subset",
     "fit",
+    "fit_seeds",
     "evaluate",
     "normalized_value_noise",
     "predicted_noise",
@@ -57,11 +61,14 @@ DROPOUT_PLACES = ("every", "after_last")
 def budget(scale: str = "quick") -> dict:
     """Seeds and training lengths per experiment at a scale ('quick': the 60 s notebooks; 'full')."""
     if scale == "quick":
-        return {"seeds": 3, "table_seeds": 5, "gap_epochs": 10, "table_steps": 1000, "shift_steps": 1000,
-                "ghost_epochs": 5, "ema_steps": 600}
+        # 8 seeds, trained together (normlab.ensemble). With 3 seeds one after another, the quick
+        # scale trained longer (gap_epochs 10, table_steps 1000, shift_steps 1000, ghost_epochs 5,
+        # ghost sizes 4 and 64); more seeds in the same minute cost those steps.
+        return {"seeds": 8, "table_seeds": 8, "gap_epochs": 6, "table_steps": 600, "shift_steps": 600,
+                "ghost_epochs": 3, "ema_steps": 600, "ghost_sizes": (4,)}
     if scale == "full":
-        return {"seeds": 5, "table_seeds": 10, "gap_epochs": 30, "table_steps": 2000, "shift_steps": 3000,
-                "ghost_epochs": 15, "ema_steps": 2000}
+        return {"seeds": 10, "table_seeds": 16, "gap_epochs": 30, "table_steps": 2000, "shift_steps": 3000,
+                "ghost_epochs": 15, "ema_steps": 2000, "ghost_sizes": (4, 64)}
     raise ValueError(f"scale must be 'quick' or 'full', got {scale!r}")
 
 
@@ -184,6 +191,20 @@ def _bar(iterable, desc, progress):
     return tqdm(iterable, desc=desc, disable=not show_progress(progress), leave=False)
 
 
+def fit_seeds(data: Split, seeds, *, steps: int, batch_size: int, lr: float, weight_decay=0.0, **model_kw):
+    """Train ``make_mlp(..., seed=s, **model_kw)`` for every seed s at once, as ``fit`` trains one; return the Ensemble.
+
+    Member k is the model ``fit(make_mlp(..., seed=seeds[k]), data, ..., seed=seeds[k])`` returns
+    (dropout masks aside), in eval mode; ``normlab.ensemble.evaluate`` gives its numbers.
+    """
+    seeds = [int(s) for s in seeds]
+    models = [make_mlp(data.num_features, data.num_classes, seed=s, **model_kw) for s in seeds]
+    ens = ensemble.stack(models)
+    ensemble.fit(ens, data, steps=steps, batch_size=batch_size, lr=lr, seeds=seeds, weight_decay=weight_decay,
+                 progress=False)
+    return ens
+
+
 # --------------------------------------------------------------------------------------------
 # 1. Where the noise comes from
 # --------------------------------------------------------------------------------------------
@@ -263,14 +284,13 @@ def gap_vs_batch_size(data, batch_sizes, seeds, *, norms=("bn", "population", "n
     """
     _check_positive_int("epochs", epochs)
     results = {norm: {} for norm in norms}
-    jobs = [(norm, i, j) for norm in norms for i in range(len(batch_sizes)) for j in range(len(seeds))]
-    for norm, i, j in _bar(jobs, "gap vs batch size", progress):
+    jobs = [(norm, i) for norm in norms for i in range(len(batch_sizes))]
+    for norm, i in _bar(jobs, "gap vs batch size", progress):
         b = batch_sizes[i]
-        model = make_mlp(data.num_features, data.num_classes, width=width, norm=norm, seed=seeds[j])
         steps = max(1, epochs * len(data.x_train) // b)
-        fit(model, data, steps=steps, batch_size=b, lr=lr * b / base_batch, seed=seeds[j])
-        for key, value in evaluate(model, data).items():
-            results[norm].setdefault(key, np.zeros((len(batch_sizes), len(seeds))))[i, j] = value
+        ens = fit_seeds(data, seeds, steps=steps, batch_size=b, lr=lr * b / base_batch, width=width, norm=norm)
+        for key, value in ensemble.evaluate(ens, data).items():
+            results[norm].setdefault(key, np.zeros((len(batch_sizes), len(seeds))))[i] = value
     return results
 
 
@@ -291,13 +311,10 @@ DROPOUT_CONFIGS = {
 def dropout_table(data, seeds, *, configs=None, steps=600, batch_size=32, lr=0.02, width=128, progress=None):
     """Train each configuration of ``DROPOUT_CONFIGS`` once per seed; return {name: {metric: (seeds,)}}."""
     configs = DROPOUT_CONFIGS if configs is None else configs
-    results = {name: {} for name in configs}
-    jobs = [(name, j) for name in configs for j in range(len(seeds))]
-    for name, j in _bar(jobs, "BN vs dropout", progress):
-        model = make_mlp(data.num_features, data.num_classes, width=width, seed=seeds[j], **configs[name])
-        fit(model, data, steps=steps, batch_size=batch_size, lr=lr, seed=seeds[j])
-        for key, value in evaluate(model, data).items():
-            results[name].setdefault(key, np.zeros(len(seeds)))[j] = value
+    results = {}
+    for name in _bar(configs, "BN vs dropout", progress):
+        ens = fit_seeds(data, seeds, steps=steps, batch_size=batch_size, lr=lr, width=width, **configs[name])
+        results[name] = ensemble.evaluate(ens, data)
     return results
 
 
@@ -330,6 +347,11 @@ def variance_ratio(model, x):
     return [(m.running_var / seen[m].var(dim=0)).numpy() for m in layers]
 
 
+def _member_ratio(ens, x, layer=1):
+    """Each member's median over channels of ``variance_ratio`` in one BN layer, (K,)."""
+    return np.median(variance_ratio(ens, x)[layer].reshape(ens.members, -1), axis=1)
+
+
 def variance_shift(data, seeds, *, p=0.5, steps=1000, batch_size=64, lr=0.05, width=128, progress=None):
     """Dropout before BN: the variance shift, its accuracy cost and two fixes, per seed.
 
@@ -348,20 +370,15 @@ def variance_shift(data, seeds, *, p=0.5, steps=1000, batch_size=64, lr=0.05, wi
         "dropout after the last BN": {"dropout": p, "dropout_at": "after_last"},
     }
     chunk = 500  # precise_bn sees the training set in batches of this size
-    jobs = [(name, j) for name in setups for j in range(len(seeds))]
-    for name, j in _bar(jobs, "variance shift", progress):
-        model = make_mlp(data.num_features, data.num_classes, width=width, seed=seeds[j], **setups[name])
-        fit(model, data, steps=steps, batch_size=batch_size, lr=lr, seed=seeds[j])
-        results = [(name, model)]
+    for name in _bar(setups, "variance shift", progress):
+        ens = fit_seeds(data, seeds, steps=steps, batch_size=batch_size, lr=lr, width=width, **setups[name])
+        out[name]["acc"] = ensemble.evaluate(ens, data)["test_acc"]
+        out[name]["ratio"] = _member_ratio(ens, data.x_test)
         if name == "dropout before BN":
-            out[name]["acc"][j] = accuracy(model, data.x_test, data.y_test)
-            out[name]["ratio"][j] = np.median(variance_ratio(model, data.x_test)[1])
-            name = "dropout before BN + precise BN"
-            precise_bn(model, data.x_train.split(chunk))
-            results = [(name, model)]
-        for key, m in results:
-            out[key]["acc"][j] = accuracy(m, data.x_test, data.y_test)
-            out[key]["ratio"][j] = np.median(variance_ratio(m, data.x_test)[1])
+            precise_bn(ens, data.x_train.split(chunk))
+            fixed = "dropout before BN + precise BN"
+            out[fixed]["acc"] = ensemble.evaluate(ens, data)["test_acc"]
+            out[fixed]["ratio"] = _member_ratio(ens, data.x_test)
     return out
 
 
@@ -389,32 +406,33 @@ def ghost_batches(data, seeds, *, small=16, large=256, epochs=5, lr=0.01, width=
             batch_size=large, steps=small_steps, lr=large_lr, norm="ghost", virtual_batch_size=small
         ),
     }
-    out = {name: np.zeros(len(seeds)) for name in runs}
-    jobs = [(name, j) for name in runs for j in range(len(seeds))]
-    for name, j in _bar(jobs, "ghost batches", progress):
+    out = {}
+    for name in _bar(runs, "ghost batches", progress):
         r = runs[name]
-        model = make_mlp(data.num_features, data.num_classes, width=width, norm=r["norm"],
-                         virtual_batch_size=r.get("virtual_batch_size"), seed=seeds[j])
-        fit(model, data, steps=r["steps"], batch_size=r["batch_size"], lr=r["lr"], seed=seeds[j])
-        out[name][j] = accuracy(model, data.x_test, data.y_test)
+        ens = fit_seeds(data, seeds, steps=r["steps"], batch_size=r["batch_size"], lr=r["lr"], width=width,
+                        norm=r["norm"], virtual_batch_size=r.get("virtual_batch_size"))
+        out[name] = ensemble.evaluate(ens, data)["test_acc"]
     return out, {name: r["steps"] for name, r in runs.items()}
 
 
 def ghost_size_sweep(data, seeds, virtual_sizes, *, batch_size=256, steps=1250, lr=0.04, width=128, progress=None):
     """Test accuracy at a fixed batch and step count, for each virtual batch size; (sizes, seeds)."""
     out = np.zeros((len(virtual_sizes), len(seeds)))
-    jobs = [(i, j) for i in range(len(virtual_sizes)) for j in range(len(seeds))]
-    for i, j in _bar(jobs, "ghost sizes", progress):
-        model = make_mlp(data.num_features, data.num_classes, width=width, norm="ghost",
-                         virtual_batch_size=virtual_sizes[i], seed=seeds[j])
-        fit(model, data, steps=steps, batch_size=batch_size, lr=lr, seed=seeds[j])
-        out[i, j] = accuracy(model, data.x_test, data.y_test)
+    for i in _bar(range(len(virtual_sizes)), "ghost sizes", progress):
+        ens = fit_seeds(data, seeds, steps=steps, batch_size=batch_size, lr=lr, width=width, norm="ghost",
+                        virtual_batch_size=virtual_sizes[i])
+        out[i] = ensemble.evaluate(ens, data)["test_acc"]
     return out
 
 
 # --------------------------------------------------------------------------------------------
 # 6. EMA vs precise statistics (Wu & Johnson 2021)
 # --------------------------------------------------------------------------------------------
+
+
+def _member_running_vars(ens):
+    """Each member's running variances over all its BN layers, (K, channels)."""
+    return torch.cat([m.running_var.clone().reshape(ens.members, -1) for m in batch_norm_layers(ens)], 1)
 
 
 def ema_vs_precise(data, seeds, *, momenta=(0.001, 0.01, 0.1), steps=600, batch_size=64, lr=0.1, width=128,
@@ -426,17 +444,14 @@ def ema_vs_precise(data, seeds, *, momenta=(0.001, 0.01, 0.1), steps=600, batch_
     statistics are from those of the final weights. precise_bn sees the first ``precise_examples``
     training examples in batches of ``batch_size`` (the training batch size).
     """
-    out = {m: {k: np.zeros(len(seeds)) for k in ("ema", "precise", "var_error")} for m in momenta}
-    jobs = [(m, j) for m in momenta for j in range(len(seeds))]
-    for momentum, j in _bar(jobs, "EMA vs precise", progress):
-        model = make_mlp(data.num_features, data.num_classes, width=width, momentum=momentum, seed=seeds[j])
-        fit(model, data, steps=steps, batch_size=batch_size, lr=lr, seed=seeds[j])
-        out[momentum]["ema"][j] = accuracy(model, data.x_test, data.y_test)
-        ema = torch.cat([m.running_var.clone() for m in batch_norm_layers(model)])
-        precise_bn(model, data.x_train[:precise_examples].split(batch_size))
-        exact = torch.cat([m.running_var for m in batch_norm_layers(model)])
-        out[momentum]["precise"][j] = accuracy(model, data.x_test, data.y_test)
-        out[momentum]["var_error"][j] = (ema / exact - 1).abs().median().item()
+    out = {}
+    for momentum in _bar(momenta, "EMA vs precise", progress):
+        ens = fit_seeds(data, seeds, steps=steps, batch_size=batch_size, lr=lr, width=width, momentum=momentum)
+        ema_acc, ema = ensemble.evaluate(ens, data)["test_acc"], _member_running_vars(ens)
+        precise_bn(ens, data.x_train[:precise_examples].split(batch_size))
+        exact = _member_running_vars(ens)
+        out[momentum] = {"ema": ema_acc, "precise": ensemble.evaluate(ens, data)["test_acc"],
+                         "var_error": (ema / exact - 1).abs().median(1).values.numpy()}
     return out
 
 

@@ -1,0 +1,128 @@
+"""The ensemble trainer: K models as one, each member exactly the model it would be alone."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from normlab import ensemble, precise_bn
+from normlab import nn as normlab_nn
+from normlab.data import Split
+from normlab.experiments import regularization as rg
+from normlab.train import train
+
+SEEDS = [3, 5, 8]
+
+
+@pytest.fixture(scope="module")
+def blobs():
+    gen = torch.Generator().manual_seed(0)
+    centers = torch.randn(4, 10, generator=gen) * 2
+    y = torch.arange(200) % 4
+    x = centers[y] + torch.randn(200, 10, generator=gen)
+    return Split(x[:160], y[:160], x[160:], y[160:], name="blobs")
+
+
+def _mlp(norm, seed, **kw):
+    return rg.make_mlp(10, 4, width=12, norm=norm, seed=seed, virtual_batch_size=8 if norm == "ghost" else None, **kw)
+
+
+def _assert_same_model(a, b, atol=1e-5):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        torch.testing.assert_close(sa[key].float(), sb[key].float(), atol=atol, rtol=1e-4, msg=key)
+
+
+def test_stack_then_member_gives_back_each_model():
+    models = [_mlp("bn", s) for s in SEEDS]
+    ens = ensemble.stack(models)
+    assert ens.members == 3
+    for k, m in enumerate(models):
+        _assert_same_model(ensemble.member(ens, k), m, atol=0)
+
+
+@pytest.mark.parametrize("norm", ["bn", "ghost", "none"])
+def test_each_member_trains_exactly_as_it_would_alone(blobs, norm):
+    alone = [_mlp(norm, s) for s in SEEDS]
+    ens = ensemble.stack([_mlp(norm, s) for s in SEEDS])
+    for m, s in zip(alone, SEEDS):
+        train(m, blobs, steps=25, lr=0.05, batch_size=32, seed=s, progress=False)
+    ensemble.fit(ens, blobs, steps=25, lr=0.05, batch_size=32, seeds=SEEDS, progress=False)
+    for k, m in enumerate(alone):
+        _assert_same_model(ensemble.member(ens, k), m)
+
+
+def test_population_norm_members_match_the_chapter_fit(blobs):
+    alone = [rg.fit(_mlp("population", s), blobs, steps=12, batch_size=40, lr=0.05, seed=s) for s in SEEDS]
+    ens = ensemble.stack([_mlp("population", s) for s in SEEDS])
+    ensemble.fit(ens, blobs, steps=12, batch_size=40, lr=0.05, seeds=SEEDS, progress=False)
+    for k, m in enumerate(alone):
+        _assert_same_model(ensemble.member(ens, k), m)
+
+
+def test_normlab_batch_norm_and_renorm_fold_into_channels(blobs):
+    def model(seed, norm):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(10, 12), norm(12), nn.ReLU(), nn.Linear(12, 4))
+
+    for norm in (normlab_nn.BatchNorm1d, lambda c: normlab_nn.BatchRenorm1d(c, r_max=1.5, d_max=0.5)):
+        alone = [model(s, norm) for s in SEEDS]
+        ens = ensemble.stack([model(s, norm) for s in SEEDS])
+        for m, s in zip(alone, SEEDS):
+            train(m, blobs, steps=15, lr=0.05, batch_size=16, seed=s, progress=False)
+        ensemble.fit(ens, blobs, steps=15, lr=0.05, batch_size=16, seeds=SEEDS, progress=False)
+        for k, m in enumerate(alone):
+            _assert_same_model(ensemble.member(ens, k), m)
+
+
+def test_evaluate_gives_each_members_numbers(blobs):
+    models = [rg.fit(_mlp("bn", s), blobs, steps=20, batch_size=32, lr=0.05, seed=s) for s in SEEDS]
+    got = ensemble.evaluate(ensemble.stack(models), blobs)
+    for k, m in enumerate(models):
+        want = rg.evaluate(m, blobs)
+        for key, value in want.items():
+            assert got[key][k] == pytest.approx(value, abs=1e-5), key
+
+
+def test_precise_bn_on_the_ensemble_is_precise_bn_per_member(blobs):
+    models = [_mlp("bn", s) for s in SEEDS]
+    ens = ensemble.stack(models)
+    precise_bn(ens, [blobs.x_train[:80], blobs.x_train[80:]])
+    for k, m in enumerate(models):
+        precise_bn(m, [blobs.x_train[:80], blobs.x_train[80:]])
+        _assert_same_model(ensemble.member(ens, k), m)
+
+
+def test_a_diverged_member_leaves_the_others_alone(blobs):
+    ens = ensemble.stack([_mlp("bn", s) for s in SEEDS])
+    clean = ensemble.stack([_mlp("bn", s) for s in SEEDS])
+    with torch.no_grad():
+        ens[0].weight[1].fill_(float("nan"))  # member 1 is broken from the start
+    loss = ensemble.fit(ens, blobs, steps=10, lr=0.05, batch_size=32, seeds=SEEDS, progress=False)
+    ref = ensemble.fit(clean, blobs, steps=10, lr=0.05, batch_size=32, seeds=SEEDS, progress=False)
+    assert np.isnan(loss[1]).all()
+    np.testing.assert_allclose(loss[[0, 2]], ref[[0, 2]], rtol=1e-5)
+
+
+def test_dropout_masks_differ_between_members(blobs):
+    ens = ensemble.stack([_mlp("none", 0, dropout=0.5) for _ in range(2)])  # identical members
+    ens.train()
+    out = ens(blobs.x_train[:50])
+    assert not torch.allclose(out[0], out[1])
+
+
+def test_errors_say_what_is_wrong(blobs):
+    with pytest.raises(ValueError, match="at least one model"):
+        ensemble.stack([])
+    with pytest.raises(ValueError, match="layer 1 differs"):
+        ensemble.stack([_mlp("bn", 0), _mlp("population", 0)])
+    with pytest.raises(TypeError, match="no ensemble version"):
+        ensemble.stack([nn.Sequential(nn.Conv1d(1, 2, 3))])
+    ens = ensemble.stack([_mlp("bn", s) for s in SEEDS])
+    with pytest.raises(ValueError, match="one seed per member"):
+        ensemble.fit(ens, blobs, steps=2, lr=0.1, seeds=[0, 1])
+    with pytest.raises(ValueError, match=r"expected \(3, N, D\)"):
+        ens(torch.zeros(2, 5, 10))
+    with pytest.raises(IndexError, match="out of range"):
+        ensemble.member(ens, 3)
