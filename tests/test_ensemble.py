@@ -115,8 +115,8 @@ def test_dropout_masks_differ_between_members(blobs):
 def test_errors_say_what_is_wrong(blobs):
     with pytest.raises(ValueError, match="at least one model"):
         ensemble.stack([])
-    with pytest.raises(ValueError, match="layer 1 differs"):
-        ensemble.stack([_mlp("bn", 0), _mlp("population", 0)])
+    with pytest.raises(ValueError, match="layer 0 differs"):
+        ensemble.stack([nn.Sequential(nn.Linear(10, 4)), nn.Sequential(nn.ReLU())])
     with pytest.raises(TypeError, match="no ensemble version"):
         ensemble.stack([nn.Sequential(nn.Conv1d(1, 2, 3))])
     ens = ensemble.stack([_mlp("bn", s) for s in SEEDS])
@@ -126,3 +126,49 @@ def test_errors_say_what_is_wrong(blobs):
         ens(torch.zeros(2, 5, 10))
     with pytest.raises(IndexError, match="out of range"):
         ensemble.member(ens, 3)
+
+
+def test_members_of_different_norms_at_one_depth_train_as_alone(blobs):
+    def model(seed, norm):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(10, 12), norm(), nn.ReLU(), nn.Linear(12, 4))
+
+    norms = [lambda: normlab_nn.BatchNorm1d(12), lambda: nn.LayerNorm(12), lambda: nn.GroupNorm(4, 12),
+             lambda: nn.GroupNorm(4, 12), nn.Identity]
+    alone = [model(s, norm) for s, norm in enumerate(norms)]
+    ens = ensemble.stack([model(s, norm) for s, norm in enumerate(norms)])
+    assert isinstance(ens[1], ensemble.Grouped) and ens[1].sizes == [1, 1, 2, 1]
+    seeds = list(range(len(norms)))
+    for m, s in zip(alone, seeds):
+        train(m, blobs, steps=15, lr=0.05, batch_size=16, seed=s, progress=False)
+    ensemble.fit(ens, blobs, steps=15, lr=0.05, batch_size=16, seeds=seeds, progress=False)
+    for k, m in enumerate(alone):
+        _assert_same_model(ensemble.member(ens, k), m)
+
+
+def test_per_member_learning_rates_and_given_batches(blobs):
+    lrs = [0.01, 0.05, 0.2]
+    alone = [_mlp("bn", s) for s in SEEDS]
+    for m, s, lr in zip(alone, SEEDS, lrs):
+        train(m, blobs, steps=10, lr=lr, batch_size=16, momentum=0.0, seed=s, progress=False)
+    ens = ensemble.stack([_mlp("bn", s) for s in SEEDS])
+    draw = ensemble.member_batches(SEEDS, len(blobs.x_train), 16)
+    seen = []
+    ensemble.fit(ens, blobs, lr=lrs, momentum=0.0, batches=[next(draw) for _ in range(10)],
+                 before_step=seen.append, progress=False)
+    assert seen == list(range(1, 11))
+    for k, m in enumerate(alone):
+        _assert_same_model(ensemble.member(ens, k), m)
+
+
+def test_batch_accuracy_is_train_mode_accuracy_and_changes_nothing(blobs):
+    from normlab.train import accuracy
+
+    models = [rg.fit(_mlp("bn", s), blobs, steps=20, batch_size=32, lr=0.05, seed=s) for s in SEEDS]
+    ens = ensemble.stack(models)
+    before = {k: v.clone() for k, v in ens.state_dict().items()}
+    got = ensemble.batch_accuracy(ens, blobs.x_test, blobs.y_test, 8)
+    for k, m in enumerate(models):
+        assert got[k] == pytest.approx(accuracy(m, blobs.x_test, blobs.y_test, batch_size=8, train_mode=True))
+    for key, value in ens.state_dict().items():
+        assert torch.equal(value, before[key]), key

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from normlab import checks
+from normlab import checks, ensemble
 from normlab import nn as normlab_nn
 from normlab.data import load_digits
 from normlab.experiments import small_batches as sb
@@ -18,62 +18,17 @@ def digits():
     return load_digits(seed=0)
 
 
-def _stack(t):
-    return t.reshape(1, 1, 1, -1)
-
-
-def test_ensemble_bn_matches_module_and_updates_running_stats():
-    torch.manual_seed(0)
-    z = torch.randn(6, 8, dtype=torch.float64) * 2 + 1
-    g, b = torch.rand(8, dtype=torch.float64) + 0.5, torch.randn(8, dtype=torch.float64)
-    bn = normlab_nn.BatchNorm1d(8, dtype=torch.float64)
-    with torch.no_grad():
-        bn.weight.copy_(g), bn.bias.copy_(b)
-    running = (torch.zeros(1, 1, 1, 8, dtype=torch.float64), torch.ones(1, 1, 1, 8, dtype=torch.float64))
-    out, _ = sb.ensemble_norm("bn", z.reshape(1, 1, 6, 8), _stack(g), _stack(b), running, "train")
-    torch.testing.assert_close(out.reshape(6, 8), bn(z), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(running[0].reshape(8), bn.running_mean)
-    torch.testing.assert_close(running[1].reshape(8), bn.running_var)
-    bn.eval()
-    out, _ = sb.ensemble_norm("bn", z.reshape(1, 1, 6, 8), _stack(g), _stack(b), running, "eval")
-    torch.testing.assert_close(out.reshape(6, 8), bn(z), rtol=1e-12, atol=1e-12)
-
-
-def test_ensemble_brn_matches_module_with_clipping():
-    torch.manual_seed(1)
-    z = torch.randn(4, 8, dtype=torch.float64) * 3 + 1
-    g, b = torch.rand(8, dtype=torch.float64) + 0.5, torch.randn(8, dtype=torch.float64)
-    brn = normlab_nn.BatchRenorm1d(8, r_max=1.5, d_max=0.5, dtype=torch.float64)
-    rm, rv = torch.randn(8, dtype=torch.float64), torch.rand(8, dtype=torch.float64) + 0.5
-    with torch.no_grad():
-        brn.weight.copy_(g), brn.bias.copy_(b), brn.running_mean.copy_(rm), brn.running_var.copy_(rv)
-    running = (_stack(rm.clone()), _stack(rv.clone()))
-    out, (r, d, r_raw, d_raw) = sb.ensemble_norm("brn", z.reshape(1, 1, 4, 8), _stack(g), _stack(b), running,
-                                                 "train", r_max=1.5, d_max=0.5)
-    torch.testing.assert_close(out.reshape(4, 8), brn(z), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(r.reshape(8), brn.last_r)
-    assert (r != r_raw).any() and (d != d_raw).any()  # this case does clip
-    torch.testing.assert_close(running[1].reshape(8), brn.running_var)
-
-
-@pytest.mark.parametrize("kind,ref", [("gn", lambda: nn.GroupNorm(4, 8)), ("ln", lambda: nn.LayerNorm(8))])
-def test_ensemble_gn_and_ln_match_torch(kind, ref):
-    torch.manual_seed(2)
-    z = torch.randn(5, 8, dtype=torch.float64)
-    layer = ref().double()
-    with torch.no_grad():
-        layer.weight.uniform_(0.5, 1.5), layer.bias.normal_()
-    out, _ = sb.ensemble_norm(kind, z.reshape(1, 1, 5, 8), _stack(layer.weight.detach()),
-                              _stack(layer.bias.detach()), groups=4)
-    torch.testing.assert_close(out.reshape(5, 8), layer(z).detach(), rtol=1e-10, atol=1e-10)
-
-
-def test_ensemble_norm_rejects_unknown_kind():
-    z = torch.randn(1, 1, 4, 8)
-    with pytest.raises(ValueError, match="kind"):
-        sb.ensemble_norm("rms", z, torch.ones(1, 1, 1, 8), torch.zeros(1, 1, 1, 8))
-    with pytest.raises(ValueError, match="groups"):
-        sb.ensemble_norm("gn", z, torch.ones(1, 1, 1, 8), torch.zeros(1, 1, 1, 8), groups=3)
+def test_members_of_one_seed_share_weights_and_differ_in_norm_only():
+    ens = sb.make_members([6, 16, 16, 3], ["bn", "brn", "gn", "ln"], seeds=[4, 9], groups=4)
+    members = [ensemble.member(ens, k) for k in range(8)]  # kind-major: bn 4, bn 9, brn 4, ...
+    kinds = [normlab_nn.BatchNorm1d, normlab_nn.BatchRenorm1d, nn.GroupNorm, nn.LayerNorm]
+    for k, m in enumerate(members):
+        assert type(m[1]) is kinds[k // 2] and type(m[4]) is kinds[k // 2]
+        torch.testing.assert_close(m[0].weight, members[k % 2][0].weight, rtol=0, atol=0)
+    assert not torch.equal(members[0][0].weight, members[1][0].weight)
+    assert members[2][1].r_max == 1.0 and members[2][1].d_max == 0.0  # BN until the schedule relaxes it
+    with pytest.raises(ValueError, match="do not split into 3 groups"):
+        sb.make_members([6, 16, 3], ["gn"], seeds=[0], groups=3)
 
 
 def test_batch_mean_spread_follows_one_over_sqrt_b():

@@ -38,7 +38,8 @@ from normlab.data import Split
 from normlab.stats import precise_bn
 from normlab.train import show_progress
 
-__all__ = ["Linear", "Folded", "Ensemble", "stack", "member", "fit", "evaluate", "member_batches"]
+__all__ = ["Linear", "Folded", "MemberNorm", "Grouped", "Ensemble", "stack", "member", "member_batches", "SGD", "fit",
+           "evaluate", "batch_accuracy"]
 
 # Layers that act on each value (or each example's last axis) alone: they run on (K, N, D) as is.
 _ELEMENTWISE = (nn.ReLU, nn.Sigmoid, nn.Tanh, nn.GELU, nn.Identity, nn.Dropout)
@@ -83,6 +84,41 @@ class Folded(nn.Module):
         return self.module(folded).reshape(N, K, D).transpose(0, 1)  # back to (K, N, D)
 
 
+class MemberNorm(nn.Module):
+    """LayerNorm or GroupNorm on (K, N, D): each example normalized alone, then member k's own gamma and beta.
+
+    groups: 1 for LayerNorm (all D features), G for GroupNorm (G groups of D / G features).
+    weight, bias: (K, 1, D). Like ``torch.nn.LayerNorm`` / ``GroupNorm`` with the biased variance.
+    """
+
+    def __init__(self, weight, bias, groups: int, eps: float):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(weight), nn.Parameter(bias)
+        self.groups, self.eps = groups, eps
+
+    def forward(self, x):
+        K, N, D = x.shape
+        if self.groups == 1:
+            normed = F.layer_norm(x, (D,), eps=self.eps)
+        else:
+            normed = F.group_norm(x.reshape(K * N, D), self.groups, eps=self.eps).reshape(K, N, D)
+        return normed * self.weight + self.bias
+
+    def extra_repr(self):
+        return f"members={self.weight.shape[0]}, features={self.weight.shape[2]}, groups={self.groups}, eps={self.eps}"
+
+
+class Grouped(nn.Module):
+    """Members of different layer types at one depth: consecutive members in groups, each its own layer."""
+
+    def __init__(self, layers, sizes):
+        super().__init__()
+        self.layers, self.sizes = nn.ModuleList(layers), list(sizes)
+
+    def forward(self, x):
+        return torch.cat([layer(part) for layer, part in zip(self.layers, x.split(self.sizes))])
+
+
 class Ensemble(nn.Sequential):
     """A sequence of ensemble layers on (K, N, D) tensors; ``members`` is K."""
 
@@ -116,13 +152,55 @@ def _stack_norm(layers):
     return fused
 
 
+def _stack_layers(layers, i):
+    """One ensemble layer from the K same-type layers found at depth i of the models."""
+    K, first = len(layers), layers[0]
+    if isinstance(first, nn.Linear):
+        if any(layer.weight.shape != first.weight.shape for layer in layers):
+            raise ValueError(f"layer {i}: Linear sizes differ between models")
+        if first.bias is None:
+            raise ValueError(f"layer {i}: a Linear layer without bias is not supported")
+        weight = torch.stack([layer.weight.detach().T for layer in layers]).contiguous()  # (K, in, out)
+        bias = torch.stack([layer.bias.detach() for layer in layers]).unsqueeze(1).clone()  # (K, 1, out)
+        return Linear(weight, bias)
+    if isinstance(first, _CHANNEL_NORMS):
+        if any(layer.num_features != first.num_features for layer in layers):
+            raise ValueError(f"layer {i}: norm sizes differ between models")
+        return Folded(_stack_norm(layers), K)
+    if isinstance(first, (nn.LayerNorm, nn.GroupNorm)):
+        ln = isinstance(first, nn.LayerNorm)
+        if ln and len(first.normalized_shape) != 1:
+            raise ValueError(f"layer {i}: LayerNorm over more than the last axis is not supported")
+        if not (first.elementwise_affine if ln else first.affine):
+            raise ValueError(f"layer {i}: a {type(first).__name__} without affine parameters is not supported")
+        weight = torch.stack([layer.weight.detach() for layer in layers]).unsqueeze(1).clone()  # (K, 1, D)
+        bias = torch.stack([layer.bias.detach() for layer in layers]).unsqueeze(1).clone()
+        return MemberNorm(weight, bias, 1 if ln else first.num_groups, first.eps)
+    if isinstance(first, _ELEMENTWISE):
+        return copy.deepcopy(first)
+    raise TypeError(f"layer {i} ({type(first).__name__}) has no ensemble version; supported: Linear, batch norm "
+                    f"modules, LayerNorm, GroupNorm, {', '.join(t.__name__ for t in _ELEMENTWISE)}")
+
+
+def _runs(layers):
+    """Split layers into runs of consecutive equal types: [(start, stop), ...]."""
+    runs, start = [], 0
+    for k in range(1, len(layers) + 1):
+        if k == len(layers) or type(layers[k]) is not type(layers[start]):
+            runs.append((start, k))
+            start = k
+    return runs
+
+
 def stack(models) -> Ensemble:
     """Return one ``Ensemble`` whose member k starts exactly as ``models[k]`` (an ``nn.Sequential``).
 
-    The models must share an architecture: the same layer types and sizes in the same order.
-    Supported layers: ``nn.Linear``; batch norm modules of ``torch.nn`` and ``normlab.nn`` (1d:
-    BatchNorm, GhostBatchNorm, PopulationNorm, BatchRenorm), folded into channels; element-wise
-    layers (ReLU, Sigmoid, Tanh, GELU, Identity, Dropout).
+    The models must have the same depth and the same layer sizes. Supported layers: ``nn.Linear``;
+    batch norm modules of ``torch.nn`` and ``normlab.nn`` (1d: BatchNorm, GhostBatchNorm,
+    PopulationNorm, BatchRenorm), folded into channels; ``nn.LayerNorm`` and ``nn.GroupNorm``;
+    element-wise layers (ReLU, Sigmoid, Tanh, GELU, Identity, Dropout). At a depth where the
+    models hold different layer types (BN in some, LayerNorm in others), each run of consecutive
+    models with one type becomes its own group (``Grouped``): order the models by type.
     """
     models = list(models)
     if not models:
@@ -136,55 +214,54 @@ def stack(models) -> Ensemble:
     out = []
     for i in range(depth):
         layers = [m[i] for m in models]
-        kind = type(layers[0])
-        if any(type(layer) is not kind for layer in layers):
-            raise ValueError(f"layer {i} differs between models: {sorted({type(layer).__name__ for layer in layers})}")
-        first = layers[0]
-        if isinstance(first, nn.Linear):
-            if any(layer.weight.shape != first.weight.shape for layer in layers):
-                raise ValueError(f"layer {i}: Linear sizes differ between models")
-            weight = torch.stack([layer.weight.detach().T for layer in layers]).contiguous()  # (K, in, out)
-            if first.bias is None:
-                raise ValueError(f"layer {i}: a Linear layer without bias is not supported")
-            bias = torch.stack([layer.bias.detach() for layer in layers]).unsqueeze(1).clone()  # (K, 1, out)
-            out.append(Linear(weight, bias))
-        elif isinstance(first, _CHANNEL_NORMS):
-            if any(layer.num_features != first.num_features for layer in layers):
-                raise ValueError(f"layer {i}: norm sizes differ between models")
-            out.append(Folded(_stack_norm(layers), K))
-        elif isinstance(first, _ELEMENTWISE):
-            out.append(copy.deepcopy(first))
-        else:
-            raise TypeError(f"layer {i} ({kind.__name__}) has no ensemble version; supported: Linear, batch norm "
-                            f"modules, {', '.join(t.__name__ for t in _ELEMENTWISE)}")
+        runs = _runs(layers)
+        if len(runs) == 1:
+            out.append(_stack_layers(layers, i))
+            continue
+        if any(isinstance(layer, nn.Linear) for layer in layers):
+            raise ValueError(f"layer {i} differs between models: {sorted({type(x).__name__ for x in layers})}")
+        out.append(Grouped([_stack_layers(layers[a:b], i) for a, b in runs], [b - a for a, b in runs]))
     return Ensemble(*out, members=K)
+
+
+def _member_layer(layer, k, K):
+    """Member k of one ensemble layer of K members, as an ordinary module (a copy)."""
+    if isinstance(layer, Linear):
+        _, d_in, d_out = layer.weight.shape
+        lin = nn.Linear(d_in, d_out)
+        with torch.no_grad():
+            lin.weight.copy_(layer.weight[k].T)
+            lin.bias.copy_(layer.bias[k, 0])
+        return lin
+    if isinstance(layer, Folded):
+        norm = copy.deepcopy(layer.module)
+        D = norm.num_features // K
+        norm.num_features = D
+        for name, t in list(norm.named_parameters(recurse=False)) + list(norm.named_buffers(recurse=False)):
+            if t is not None and t.dim() == 1:
+                part = t.detach()[k * D : (k + 1) * D].clone()
+                setattr(norm, name, nn.Parameter(part) if isinstance(t, nn.Parameter) else part)
+        return norm
+    if isinstance(layer, MemberNorm):
+        D = layer.weight.shape[2]
+        norm = nn.LayerNorm(D, eps=layer.eps) if layer.groups == 1 else nn.GroupNorm(layer.groups, D, eps=layer.eps)
+        with torch.no_grad():
+            norm.weight.copy_(layer.weight[k, 0])
+            norm.bias.copy_(layer.bias[k, 0])
+        return norm
+    if isinstance(layer, Grouped):
+        for sub, size in zip(layer.layers, layer.sizes):
+            if k < size:
+                return _member_layer(sub, k, size)
+            k -= size
+    return copy.deepcopy(layer)
 
 
 def member(ens: Ensemble, k: int) -> nn.Sequential:
     """Return member k of ``ens`` as an ordinary ``nn.Sequential`` (a copy: training it leaves ``ens`` alone)."""
     if not 0 <= k < ens.members:
         raise IndexError(f"member {k} out of range for an ensemble of {ens.members}")
-    layers = []
-    for layer in ens:
-        if isinstance(layer, Linear):
-            K, d_in, d_out = layer.weight.shape
-            lin = nn.Linear(d_in, d_out)
-            with torch.no_grad():
-                lin.weight.copy_(layer.weight[k].T)
-                lin.bias.copy_(layer.bias[k, 0])
-            layers.append(lin)
-        elif isinstance(layer, Folded):
-            norm = copy.deepcopy(layer.module)
-            D = norm.num_features // ens.members
-            norm.num_features = D
-            for name, t in list(norm.named_parameters(recurse=False)) + list(norm.named_buffers(recurse=False)):
-                if t is not None and t.dim() == 1:
-                    part = t.detach()[k * D : (k + 1) * D].clone()
-                    setattr(norm, name, nn.Parameter(part) if isinstance(t, nn.Parameter) else part)
-            layers.append(norm)
-        else:
-            layers.append(copy.deepcopy(layer))
-    return nn.Sequential(*layers)
+    return nn.Sequential(*[_member_layer(layer, k, ens.members) for layer in ens])
 
 
 def member_batches(seeds, n: int, batch_size: int):
@@ -200,40 +277,119 @@ def _member_loss(logits, y):
     return F.cross_entropy(logits.reshape(K * B, C), y.reshape(K * B), reduction="none").reshape(K, B).mean(1)
 
 
+def _member_lr(lr, K):
+    """lr as a (K, 1) tensor: one value for every member, or one per member."""
+    t = torch.as_tensor(lr, dtype=torch.float32).reshape(-1)
+    if t.numel() == 1:
+        t = t.expand(K)
+    if t.numel() != K:
+        raise ValueError(f"lr has {t.numel()} entries, expected 1 or {K} (one per member)")
+    if not (t > 0).all():
+        raise ValueError(f"every lr must be positive, got {t.tolist()}")
+    return t.reshape(K, 1)
+
+
+def _member_params(module, first, count):
+    """Yield (parameter, first member, members) for every parameter: which members' rows it holds."""
+    if isinstance(module, Grouped):
+        for sub, size in zip(module.layers, module.sizes):
+            yield from _member_params(sub, first, size)
+            first += size
+        return
+    for p in module.parameters(recurse=False):
+        yield p, first, count
+    for child in module.children():
+        yield from _member_params(child, first, count)
+
+
+class SGD:
+    """SGD with momentum and weight decay, as ``torch.optim.SGD`` computes it, with one learning rate per member.
+
+    Every parameter of an ensemble has its members on the leading axis (Linear: (K, ...); folded
+    norms: (K * D,), member-major; a group's parameters: its own members), so ``p.view(k, -1)``
+    gives each member its own row.
+    """
+
+    def __init__(self, ens, lr, momentum=0.0, weight_decay=0.0):
+        lr = _member_lr(lr, ens.members)  # (K, 1)
+        # One rate for all: torch's own arithmetic (add with alpha), so that results match it bit for bit.
+        self.uniform = float(lr[0]) if bool((lr == lr[0]).all()) else None
+        self.params = [(p, lr[a : a + k], k) for p, a, k in _member_params(ens, 0, ens.members) if p.requires_grad]
+        self.momentum, self.weight_decay = momentum, weight_decay
+        self.buffers = [None] * len(self.params)
+
+    def zero_grad(self):
+        for p, _, _ in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self):
+        for i, (p, lr, k) in enumerate(self.params):
+            if p.grad is None:
+                continue
+            d_p = p.grad.view(k, -1)  # (members, values per member)
+            if self.weight_decay:
+                d_p = d_p.add(p.view(k, -1), alpha=self.weight_decay)
+            if self.momentum:
+                if self.buffers[i] is None:
+                    self.buffers[i] = d_p.clone()
+                else:
+                    self.buffers[i].mul_(self.momentum).add_(d_p)
+                d_p = self.buffers[i]
+            if self.uniform is not None:
+                p.view(k, -1).add_(d_p, alpha=-self.uniform)
+            else:
+                p.view(k, -1).sub_(lr * d_p)
+
+
 def fit(
     ens: Ensemble,
     data: Split,
     *,
-    steps: int,
-    lr: float,
-    seeds,
+    lr,
+    seeds=None,
+    steps: int | None = None,
     batch_size: int = 64,
+    batches=None,
     momentum: float = 0.9,
     weight_decay: float = 0.0,
     refresh_every: int | None = None,
+    before_step=None,
+    after_step=None,
     progress: bool | None = None,
 ) -> np.ndarray:
     """Train every member with SGD on its own mini-batches; return the (K, steps) training losses.
 
-    Member k draws its batches as ``normlab.train.train(..., seed=seeds[k])`` does, and SGD with
-    momentum and weight decay acts on each value alone, so member k's run is the one it would have
-    alone (dropout masks aside: they come from torch's global generator, seeded from ``seeds[0]``).
-    refresh_every: recompute the statistics of population norm layers with ``precise_bn`` on the
-    whole training set before the first step and every that many steps (``regularization.fit``'s
-    schedule). Leaves the ensemble in eval mode.
+    Batches: with ``seeds``, member k draws ``batch_size`` examples per step as
+    ``normlab.train.train(..., seed=seeds[k])`` does, for ``steps`` steps; or ``batches``, a
+    sequence of (K, B) index tensors (row k: member k's batch), one per step. SGD with momentum
+    and weight decay acts on each value alone, so member k's run is the one it would have alone
+    (dropout masks aside: they come from torch's global generator, seeded from ``seeds[0]``).
+    lr: one learning rate, or one per member. refresh_every: recompute the statistics of
+    population norm layers with ``precise_bn`` on the whole training set before the first step
+    and every that many steps (default: every epoch, ``regularization.fit``'s schedule).
+    before_step(step) and after_step(step, loss) run around each step (loss: (K,)), e.g. for a
+    schedule or a measurement. Leaves the ensemble in eval mode.
     """
-    seeds = [int(s) for s in seeds]
-    if len(seeds) != ens.members:
-        raise ValueError(f"need one seed per member: {ens.members} members, {len(seeds)} seeds")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
-    if not lr > 0:
-        raise ValueError(f"lr must be positive, got {lr!r}")
-    n = len(data.x_train)
-    if not 1 <= batch_size <= n:
-        raise ValueError(f"batch_size must be in [1, {n}] (the training set size), got {batch_size}")
+    K, n = ens.members, len(data.x_train)
+    if batches is None:
+        if seeds is None:
+            raise ValueError("pass seeds (one per member, with steps and batch_size) or batches")
+        seeds = [int(s) for s in seeds]
+        if len(seeds) != K:
+            raise ValueError(f"need one seed per member: {K} members, {len(seeds)} seeds")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be a positive int, got {steps!r}")
+        if not 1 <= batch_size <= n:
+            raise ValueError(f"batch_size must be in [1, {n}] (the training set size), got {batch_size}")
+        draw = member_batches(seeds, n, batch_size)
+        batches = [next(draw) for _ in range(steps)]
+        torch.manual_seed(seeds[0])  # dropout masks
+    batches = list(batches)
+    if not batches or any(b.dim() != 2 or b.shape[0] != K for b in batches):
+        raise ValueError(f"batches must be a non-empty sequence of ({K}, B) index tensors")
     populations = [m for m in ens.modules() if isinstance(m, normlab_nn._PopulationNorm)]
-    x_all = data.x_train.expand(ens.members, *data.x_train.shape)  # (K, n, D), a view
+    x_all = data.x_train.expand(K, *data.x_train.shape)  # (K, n, D), a view
 
     def refresh():
         precise_bn(ens, [x_all])
@@ -241,23 +397,23 @@ def fit(
 
     if populations:
         refresh()
-        refresh_every = refresh_every or max(1, n // batch_size)
-    params = [p for p in ens.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    torch.manual_seed(seeds[0])  # dropout masks
-    batches = member_batches(seeds, n, batch_size)
+        refresh_every = refresh_every or max(1, n // batches[0].shape[1])
+    opt = SGD(ens, lr, momentum, weight_decay)
     losses = []
     ens.train()
-    bar = tqdm(range(1, steps + 1), desc=f"{ens.members} members", disable=not show_progress(progress), leave=False)
-    for step in bar:
-        idx = next(batches)  # (K, B)
+    bar = tqdm(batches, desc=f"{K} members", disable=not show_progress(progress), leave=False)
+    for step, idx in enumerate(bar, 1):  # idx: (K, B)
+        if before_step is not None:
+            before_step(step)
         loss = _member_loss(ens(data.x_train[idx]), data.y_train[idx])  # (K,)
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad()
         loss.sum().backward()  # members share no weights: each gets the gradient of its own loss
         opt.step()
         if populations and step % refresh_every == 0:
             refresh()
         losses.append(loss.detach())
+        if after_step is not None:
+            after_step(step, losses[-1])
     ens.eval()
     return torch.stack(losses, 1).numpy()
 
@@ -276,3 +432,33 @@ def evaluate(ens: Ensemble, data: Split) -> dict:
     out["loss_gap"] = out["test_loss"] - out["train_loss"]
     ens.train(was)
     return out
+
+
+@torch.no_grad()
+def batch_accuracy(ens: Ensemble, x, y, batch_size: int) -> np.ndarray:
+    """Return each member's accuracy on x, y with the statistics of consecutive batches of ``batch_size`` (K,).
+
+    The norm layers run in training mode (what forgetting ``model.eval()`` does) on each batch in
+    turn; the rest of the model (dropout) in eval mode; running statistics are saved and restored,
+    so the call changes nothing. A last short batch is left out.
+    """
+    K, N = ens.members, len(x)
+    if not 2 <= batch_size <= N:
+        raise ValueError(f"batch_size must be in [2, {N}], got {batch_size}")
+    norms = [m for m in ens.modules() if isinstance(m, _CHANNEL_NORMS)]
+    saved = [{k: v.clone() for k, v in m.state_dict().items()} for m in norms]
+    was = ens.training
+    ens.eval()
+    for m in norms:
+        m.train()
+    correct = torch.zeros(K)
+    try:
+        M = N // batch_size
+        for j in range(M):
+            part = slice(j * batch_size, (j + 1) * batch_size)
+            correct += (ens(x[part]).argmax(-1) == y[part]).sum(1)  # (K,)
+    finally:
+        for m, state in zip(norms, saved):
+            m.load_state_dict(state)
+        ens.train(was)
+    return (correct / (M * batch_size)).double().numpy()

@@ -2,15 +2,12 @@
 
 The central experiment trains an *ensemble*: for each seed, one MLP per normalization (BN, batch
 renormalization, GroupNorm, LayerNorm), all starting from the same weights and seeing the same
-mini-batches, so that the normalization is the only difference. Their weights are stacked on a
-leading member axis and one batched matrix product runs all of them (as in Chapter 3), which is
-what fits six batch sizes x four normalizations x three seeds into the quick budget.
-
-Activations inside the ensemble have shape (K, M, B, H): K members, M groups of B examples that
-are normalized together (M = 1 while training; M = N / B when a test set is evaluated with batch
-statistics), H features. ``ensemble_norm`` is the one function that normalizes them; tests compare
-it with ``normlab.nn.BatchNorm1d``, ``normlab.nn.BatchRenorm1d``, ``torch.nn.GroupNorm`` and
-``torch.nn.LayerNorm``. The lab notebook ``chapters/small_batches/lab.ipynb`` calls these
+mini-batches, so that the normalization is the only difference. They train as one model with the
+course's ensemble trainer, ``normlab.ensemble`` (one batched matrix product runs every member's
+layer; the norms are the library's own ``normlab.nn.BatchNorm1d`` and ``BatchRenorm1d``, folded
+into channels, and torch's ``GroupNorm`` and ``LayerNorm`` per member), which is what fits six
+batch sizes x four normalizations x eight seeds into the quick budget. The lab notebook
+``chapters/small_batches/lab.ipynb`` calls these
 functions and asserts what the chapter claims.
 """
 
@@ -22,8 +19,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
+from normlab import ensemble
 from normlab import nn as normlab_nn
 from normlab.data import Split, grouped_batches
 from normlab.experiments import _check_positive_int, seeds_for
@@ -36,7 +35,7 @@ __all__ = [
     "seeds_for",
     "batch_stat_noise",
     "fit_slope",
-    "ensemble_norm",
+    "make_members",
     "EnsembleRun",
     "train_norms",
     "batch_size_sweep",
@@ -48,7 +47,6 @@ __all__ = [
 
 NORMS = ("bn", "brn", "gn", "ln")
 LABELS = {"bn": "BatchNorm", "brn": "BatchRenorm", "gn": "GroupNorm", "ln": "LayerNorm"}
-EPS = 1e-5
 
 
 def _check_scale(scale):
@@ -60,7 +58,7 @@ def budget(scale="quick"):
     """Return the epochs, seeds and sizes per experiment for a scale ('quick' or 'full')."""
     _check_scale(scale)
     if scale == "quick":
-        return {"seeds": 3, "epochs": 4, "non_iid_epochs": 8, "noise_batches": 2000, "trace_steps": 600}
+        return {"seeds": 8, "epochs": 4, "non_iid_epochs": 8, "noise_batches": 2000, "trace_steps": 600}
     return {"seeds": 5, "epochs": 20, "non_iid_epochs": 30, "noise_batches": 20000, "trace_steps": 5000}
 
 
@@ -109,102 +107,52 @@ def fit_slope(batch_sizes, spread):
 
 
 # --------------------------------------------------------------------------------------------
-# The ensemble's normalizations
+# The ensemble: one MLP per (norm kind, seed), trained as one model (normlab.ensemble)
 # --------------------------------------------------------------------------------------------
 
 
-def ensemble_norm(kind, z, gamma, beta, running=None, mode="train", r_max=1.0, d_max=0.0, groups=8):
-    """Normalize z (K, M, B, H) with one kind of normalization; return (out, info).
+def _norm_module(kind, width, groups):
+    if kind == "bn":
+        return normlab_nn.BatchNorm1d(width)
+    if kind == "brn":
+        return normlab_nn.BatchRenorm1d(width, r_max=1.0, d_max=0.0)  # plain BN until the schedule relaxes it
+    if kind == "gn":
+        if width % groups:
+            raise ValueError(f"{width} features do not split into {groups} groups")
+        return nn.GroupNorm(groups, width)
+    if kind == "ln":
+        return nn.LayerNorm(width)
+    raise ValueError(f"kind must be one of {NORMS}, got {kind!r}")
 
-    kind: 'bn', 'brn', 'gn' or 'ln'. gamma, beta: (K, 1, 1, H). running: for 'bn' and 'brn', a
-    pair (mean, var) of (K, 1, 1, H) tensors, updated in place in mode 'train' (momentum 0.1,
-    unbiased variance). mode: 'train' (batch statistics over B, update running), 'batch' (batch
-    statistics, no update) or 'eval' (running statistics). GroupNorm uses ``groups`` groups of
-    H / groups features; LayerNorm all H features; neither looks at other examples.
-    info: for 'brn' in mode 'train', (r, d, r_raw, d_raw), each (K, H); otherwise None.
+
+def make_members(sizes, kinds, seeds, groups=8):
+    """Return the ensemble of one MLP per (kind, seed), kind-major: Linear -> norm -> ReLU per hidden layer.
+
+    Members of one seed start from the same He-initialized weights, whatever their norm, so that
+    the normalization is the only difference between them.
     """
-    K, M, B, H = z.shape
-    info = None
-    if kind in ("gn", "ln"):
-        G = groups if kind == "gn" else 1
-        if H % G:
-            raise ValueError(f"{H} features do not split into {G} groups")
-        zg = z.reshape(K, M, B, G, H // G)
-        var, mean = torch.var_mean(zg, -1, correction=0, keepdim=True)
-        normed = ((zg - mean) / torch.sqrt(var + EPS)).reshape(K, M, B, H)
-    elif kind in ("bn", "brn"):
-        rm, rv = running
-        if mode == "eval":
-            normed = (z - rm) / torch.sqrt(rv + EPS)
-        else:
-            var, mean = torch.var_mean(z, 2, correction=0, keepdim=True)  # (K, M, 1, H)
-            sigma_b = torch.sqrt(var + EPS)
-            normed = (z - mean) / sigma_b
-            if kind == "brn" and mode == "train":
-                with torch.no_grad():  # r and d: constants for autograd, from the pre-step statistics
-                    sigma = torch.sqrt(rv + EPS)
-                    r_raw, d_raw = sigma_b / sigma, (mean - rm) / sigma
-                    r = r_raw.clamp(1.0 / r_max, r_max)
-                    d = d_raw.clamp(-d_max, d_max)
-                normed = normed * r + d
-                info = tuple(t.reshape(K, H) for t in (r, d, r_raw, d_raw))
-            if mode == "train":
-                if M != 1:
-                    raise ValueError(f"training normalizes one batch per member (M = 1), got M = {M}")
+    weights = []  # per layer, per seed: (d_in, d_out), each from a generator seeded with the seed
+    for d_in, d_out in zip(sizes[:-1], sizes[1:]):
+        weights.append([torch.randn(d_in, d_out, generator=torch.Generator().manual_seed(int(s)))
+                        * math.sqrt(2.0 / d_in) for s in seeds])
+    models = []
+    for kind in kinds:
+        for j in range(len(seeds)):
+            layers = []
+            for i, (d_in, d_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+                lin = nn.Linear(d_in, d_out)
                 with torch.no_grad():
-                    rm.mul_(0.9).add_(0.1 * mean)
-                    rv.mul_(0.9).add_(0.1 * var * B / (B - 1))  # the running variance is unbiased
-    else:
-        raise ValueError(f"kind must be one of {NORMS}, got {kind!r}")
-    return gamma * normed + beta, info
+                    lin.weight.copy_(weights[i][j].T)
+                    lin.bias.zero_()
+                layers.append(lin)
+                if i < len(sizes) - 2:
+                    layers += [_norm_module(kind, d_out, groups), nn.ReLU()]
+            models.append(nn.Sequential(*layers))
+    return ensemble.stack(models)
 
 
-class _Ensemble:
-    """MLPs linear -> norm -> ReLU per hidden layer, linear on top; members grouped by norm kind."""
-
-    def __init__(self, sizes, kinds, seeds, groups):
-        self.kinds, self.groups = list(kinds), groups
-        S, K = len(seeds), len(kinds) * len(seeds)
-        self.S, self.K = S, K
-        self.W, self.b, self.g, self.beta, self.running = [], [], [], [], []
-        for d_in, d_out in zip(sizes[:-1], sizes[1:]):
-            W = []
-            for s in seeds:  # the same initial weights for every norm kind of one seed
-                gen = torch.Generator().manual_seed(int(s))
-                W.append(torch.randn(d_in, d_out, generator=gen) * math.sqrt(2.0 / d_in))  # He init
-            W = torch.stack(W).repeat(len(kinds), 1, 1)  # (K, d_in, d_out), kind-major
-            self.W.append(W.requires_grad_())
-            self.b.append(torch.zeros(K, 1, d_out, requires_grad=True))
-            self.g.append(torch.ones(K, 1, 1, d_out, requires_grad=True))
-            self.beta.append(torch.zeros(K, 1, 1, d_out, requires_grad=True))
-            self.running.append((torch.zeros(K, 1, 1, d_out), torch.ones(K, 1, 1, d_out)))
-        for lst in (self.g, self.beta, self.running):
-            lst.pop()  # the output layer has no normalization
-        self.r_max, self.d_max = 1.0, 0.0
-
-    def params(self):
-        return self.W + self.b + self.g + self.beta
-
-    def forward(self, x, mode="train", record=None):
-        """x: (K, M, B, D) -> logits (K, M, B, classes)."""
-        h = x
-        L = len(self.W)
-        for i in range(L):
-            K, M, B, D = h.shape
-            z = torch.baddbmm(self.b[i], h.reshape(K, M * B, D), self.W[i]).reshape(K, M, B, -1)
-            if i == L - 1:
-                return z
-            outs = []
-            for j, kind in enumerate(self.kinds):
-                sl = slice(j * self.S, (j + 1) * self.S)
-                run = tuple(t[sl] for t in self.running[i])  # views: updated in place
-                out, info = ensemble_norm(kind, z[sl], self.g[i][sl], self.beta[i][sl], run, mode,
-                                          self.r_max, self.d_max, self.groups)
-                if info is not None and record is not None:
-                    record.append((i, info))
-                outs.append(out)
-            h = torch.relu(torch.cat(outs))
-        return h
+def _renorm_layers(ens):
+    return [m for m in ens.modules() if isinstance(m, normlab_nn.BatchRenorm1d)]
 
 
 @dataclass
@@ -236,20 +184,17 @@ class EnsembleRun:
         return {k: float(np.median(arr[i])) for i, k in enumerate(self.kinds)}
 
 
-def _accuracy(net, x, y, mode, group_size=None, order=None):
-    """Return (K,) accuracy of every member on x, y; batch statistics over consecutive groups."""
-    with torch.no_grad():
-        if order is not None:
-            x, y = x[order], y[order]
-        N = len(x)
-        if mode == "eval":
-            xb, yb = x.reshape(1, 1, N, -1), y.reshape(1, 1, N)
-        else:
-            M = N // group_size
-            xb = x[: M * group_size].reshape(1, M, group_size, -1)
-            yb = y[: M * group_size].reshape(1, M, group_size)
-        logits = net.forward(xb.expand(net.K, *xb.shape[1:]), mode=mode)
-        return (logits.argmax(-1) == yb).float().mean((1, 2)).numpy()
+def _batch_accuracy(ens, x, y, batch_size, order):
+    """Accuracy with the statistics of test batches (BN's training mode, no running update), (K,)."""
+    renorms = _renorm_layers(ens)
+    limits = [(m.r_max, m.d_max) for m in renorms]
+    for m in renorms:  # plain batch statistics: no correction towards the running ones
+        m.r_max, m.d_max = 1.0, 0.0
+    try:
+        return ensemble.batch_accuracy(ens, x[order], y[order], batch_size)
+    finally:
+        for m, (r, d) in zip(renorms, limits):
+            m.r_max, m.d_max = r, d
 
 
 def _epoch_batches(y, batch_size, seed, sampler, gen):
@@ -303,56 +248,46 @@ def train_norms(
         raise ValueError(f"batch_size must be in [2, {n}], got {batch_size}")
     warm_frac, relax_frac, r_target, d_target = renorm
     sizes = [data.num_features, *hidden, data.num_classes]
-    net = _Ensemble(sizes, kinds, seeds, groups)
-    S, K = len(seeds), net.K
+    net = make_members(sizes, kinds, seeds, groups)
+    S = len(seeds)
     gens = [torch.Generator().manual_seed(s + 7919) for s in seeds]
     epoch_lists = [[_epoch_batches(data.y_train, batch_size, s + 31 * e, sampler, g) for s, g in zip(seeds, gens)]
                    for e in range(epochs)]
     per_epoch = [min(len(b) for b in ep) for ep in epoch_lists]  # grouped epochs may differ by a batch
-    total = sum(per_epoch)
+    batches = [torch.stack([ep[j][t] for j in range(S)]).repeat(len(kinds), 1)  # (K, B): a seed's batch, every kind
+               for ep, count in zip(epoch_lists, per_epoch) for t in range(count)]
+    total = len(batches)
     warmup, relax = int(round(warm_frac * total)), int(round(relax_frac * total))
-    brn = "brn" in kinds
-    renorm_log = {k: [] for k in ("r_clipped", "d_clipped", "log_r", "abs_d", "r_max", "d_max")} if brn else {}
-    losses = []
-    bar = tqdm(total=total, desc=f"B={batch_size}", disable=not show_progress(progress), leave=False)
-    step = 0
-    for ep, count in zip(epoch_lists, per_epoch):
-        for t in range(count):
-            idx = torch.stack([ep[s][t] for s in range(S)])  # (S, B)
-            x = data.x_train[idx].repeat(len(kinds), 1, 1).unsqueeze(1)  # (K, 1, B, D)
-            y = data.y_train[idx].repeat(len(kinds), 1)  # (K, B)
-            if brn:
-                net.r_max, net.d_max = normlab_nn.renorm_schedule(step, warmup, relax, r_target, d_target)
-            record = []
-            logits = net.forward(x, mode="train", record=record)[:, 0]  # (K, B, classes)
-            loss = F.cross_entropy(logits.reshape(K * batch_size, -1), y.reshape(-1), reduction="none")
-            loss = loss.reshape(K, batch_size).mean(1)  # (K,)
-            params = net.params()
-            grads = torch.autograd.grad(loss.sum(), params)
-            with torch.no_grad():
-                for p, g in zip(params, grads):
-                    p -= lr * g
-            losses.append(loss.detach().numpy())
-            if brn:
-                r, d, r_raw, d_raw = (torch.cat([info[j] for _, info in record], 1) for j in range(4))  # (S, layers*H)
-                renorm_log["r_clipped"].append((r != r_raw).float().mean(1).numpy())
-                renorm_log["d_clipped"].append((d != d_raw).float().mean(1).numpy())
-                renorm_log["log_r"].append(r_raw.log().abs().median(1).values.numpy())
-                renorm_log["abs_d"].append(d_raw.abs().median(1).values.numpy())
-                renorm_log["r_max"].append(np.full(S, net.r_max))
-                renorm_log["d_max"].append(np.full(S, net.d_max))
-            step += 1
-            bar.update()
-    bar.close()
-    losses = np.nan_to_num(np.stack(losses, 1), nan=np.inf)  # (K, steps)
+    renorms = _renorm_layers(net)
+    renorm_log = {k: [] for k in ("r_clipped", "d_clipped", "log_r", "abs_d", "r_max", "d_max")} if renorms else {}
+
+    def schedule(step):
+        for m in renorms:
+            m.r_max, m.d_max = normlab_nn.renorm_schedule(step - 1, warmup, relax, r_target, d_target)
+
+    def log_renorm(step, loss):
+        if not renorms:
+            return
+        r, d, r_raw, d_raw = (torch.cat([getattr(m, name).reshape(S, -1) for m in renorms], 1)
+                              for name in ("last_r", "last_d", "last_r_raw", "last_d_raw"))  # (S, layers * H)
+        renorm_log["r_clipped"].append((r != r_raw).float().mean(1).numpy())
+        renorm_log["d_clipped"].append((d != d_raw).float().mean(1).numpy())
+        renorm_log["log_r"].append(r_raw.log().abs().median(1).values.numpy())
+        renorm_log["abs_d"].append(d_raw.abs().median(1).values.numpy())
+        renorm_log["r_max"].append(np.full(S, renorms[0].r_max))
+        renorm_log["d_max"].append(np.full(S, renorms[0].d_max))
+
+    losses = ensemble.fit(net, data, lr=lr, batches=batches, momentum=0.0, before_step=schedule,
+                          after_step=log_renorm, progress=progress)
+    losses = np.nan_to_num(losses, nan=np.inf)  # (K, steps)
     x_te, y_te = data.x_test, data.y_test
     shuffle = torch.randperm(len(y_te), generator=torch.Generator().manual_seed(seeds[0] + 1))
-    acc_eval = _accuracy(net, x_te, y_te, "eval")
-    acc_batch = _accuracy(net, x_te, y_te, "batch", batch_size, shuffle)
+    acc_eval = ensemble.evaluate(net, data)["test_acc"]
+    acc_batch = _batch_accuracy(net, x_te, y_te, batch_size, shuffle)
     acc_grouped = None
     if sampler != "shuffled":  # test batches grouped like the training batches
         order = torch.cat(grouped_batches(y_te, batch_size, sampler, seed=seeds[0] + 2, drop_last=True))
-        acc_grouped = _accuracy(net, x_te, y_te, "batch", batch_size, order).reshape(len(kinds), S)
+        acc_grouped = _batch_accuracy(net, x_te, y_te, batch_size, order).reshape(len(kinds), S)
     shape = (len(kinds), S)
     return EnsembleRun(
         kinds=kinds,
