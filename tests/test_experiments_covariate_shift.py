@@ -5,8 +5,9 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from normlab import checks
+from normlab import checks, ensemble
 from normlab import nn as normlab_nn
 from normlab.data import load_digits
 from normlab.experiments import covariate_shift as cs
@@ -33,15 +34,26 @@ def test_noisy_bn_adds_noise_only_in_training():
     torch.testing.assert_close(noisy(x), plain(x))  # eval mode: plain BN (same running stats)
 
 
-def test_ensemble_batch_norm_matches_module():
+def test_ics_of_each_member_is_the_ics_of_that_network_alone():
     torch.manual_seed(0)
-    h = torch.randn(3, 16, 4, dtype=torch.float64)
-    gamma, beta = torch.rand(3, 1, 4, dtype=torch.float64) + 0.5, torch.randn(3, 1, 4, dtype=torch.float64)
-    out, _, _ = cs.ensemble_batch_norm(h, gamma, beta)
-    bn = normlab_nn.BatchNorm1d(4, dtype=torch.float64)
-    with torch.no_grad():
-        bn.weight.copy_(gamma[1, 0]), bn.bias.copy_(beta[1, 0])
-    torch.testing.assert_close(out[1], bn(h[1]), rtol=1e-12, atol=1e-12)
+    net = cs._build([6, 8, 8, 3], "relu", True, False, torch.ones(2), [0, 1], torch.Generator().manual_seed(0))
+    x, y = torch.randn(2, 16, 6), torch.randint(0, 3, (2, 16))
+    lr = torch.tensor([0.1, 0.5])
+    got = cs._ics(net, x, y, lr)["rel"]  # (members, layers 2..3)
+    for k in range(2):
+        alone = ensemble.member(net, k).train()
+        params = dict(alone.named_parameters())
+        blocks = {name: int(name.split(".")[0]) // 4 for name in params}  # Linear, BN, probe, ReLU per layer
+
+        def grads(p, alone=alone, k=k):
+            loss = F.cross_entropy(torch.func.functional_call(alone, p, (x[k],)), y[k])
+            return dict(zip(p, torch.autograd.grad(loss, list(p.values()))))
+
+        g = grads(params)
+        for i, layer in enumerate(("4.weight", "8.weight"), 1):
+            moved = {n: (t - lr[k] * g[n] if blocks[n] < i else t).detach().requires_grad_() for n, t in params.items()}
+            G, G2 = g[layer], grads(moved)[layer]
+            assert got[k, i - 1] == pytest.approx(((G - G2).norm() / G.norm()).item(), rel=1e-4)
 
 
 def test_drift_ratio_values_and_errors():

@@ -1,15 +1,16 @@
 """Chapter 3's experiments: internal covariate shift, the 2015 evidence and the 2018 rebuttal.
 
-Every experiment trains a small *ensemble* of MLPs at once: K independent networks (members) that
-share an architecture but differ in seed, learning rate, initial weight scale, whether they use
-batch norm (BN) and whether they add Santurkar et al.'s time-varying noise after it. Their weights
-are stacked on a leading member axis, so one batched matrix product runs all of them; no operation
-mixes members, so a member that diverges never touches the others. This is what makes several seeds
-and whole learning-rate sweeps fit in the quick budget on two CPU cores.
+Every experiment trains a small *ensemble* of MLPs at once with the course's ensemble trainer,
+``normlab.ensemble``: K independent networks (members) that share an architecture but differ in
+seed, learning rate, initial weight scale, whether they use batch norm (BN) and whether they add
+Santurkar et al.'s time-varying noise after it. One batched matrix product runs all of them; no
+operation mixes members, so a member that diverges never touches the others. This is what makes
+eight seeds and whole learning-rate sweeps fit in the quick budget on two CPU cores.
 
-BN here is the training-mode formula of ``torch.nn.functional.batch_norm`` applied per member
-(``ensemble_batch_norm``; a test compares it with ``normlab.nn.BatchNorm1d``). The lab notebook
-``chapters/covariate_shift/lab.ipynb`` calls these functions and asserts what the chapter claims.
+BN is ``torch.nn.BatchNorm1d`` folded into channels by ``normlab.ensemble.Folded`` (Chapter 2
+showed that ``normlab.nn.BatchNorm1d`` computes the same, and torch's fused kernel is faster on a
+CPU). The lab notebook ``chapters/covariate_shift/lab.ipynb`` calls these functions and asserts
+what the chapter claims.
 """
 
 from __future__ import annotations
@@ -20,12 +21,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
+from torch import nn
 
+from normlab import ensemble
 from normlab import nn as normlab_nn
 from normlab.data import Split
 from normlab.experiments import _check_positive_int
-from normlab.train import show_progress
 
 __all__ = [
     "NOISE",
@@ -33,7 +34,6 @@ __all__ = [
     "Run",
     "time_varying_noise",
     "NoisyBatchNorm1d",
-    "ensemble_batch_norm",
     "train_ensemble",
     "drift_ratio",
     "run_drift",
@@ -100,16 +100,31 @@ class NoisyBatchNorm1d(normlab_nn.BatchNorm1d):
         return time_varying_noise(out, mu_t, sigma_t, self.generator)
 
 
-def ensemble_batch_norm(h, gamma, beta, eps=1e-5):
-    """Normalize each member's features over its batch, then scale and shift.
+class _StepNoise(nn.Module):
+    """Santurkar et al.'s noise on (K, N, D), in training mode: per member a new (mu_t, sigma_t) each call."""
 
-    h: (K, N, D); gamma, beta: (K, 1, D). Returns (out, mean, var), mean and var (K, 1, D) with the
-    biased variance (the one that normalizes), as in ``F.batch_norm`` in training mode.
-    """
-    mean = h.mean(dim=1, keepdim=True)  # (K, 1, D)
-    centred = h - mean
-    var = (centred * centred).mean(dim=1, keepdim=True)  # (K, 1, D); 2-3x faster than h.var on CPU
-    return gamma * centred / torch.sqrt(var + eps) + beta, mean, var
+    def __init__(self, generator):
+        super().__init__()
+        self.generator, self.enabled = generator, True
+
+    def forward(self, z):
+        if not (self.training and self.enabled):
+            return z
+        mu_t, sigma_t = _draw_step_noise((z.shape[0], 1, 1), self.generator)
+        return time_varying_noise(z, mu_t, sigma_t, self.generator)
+
+
+class _Probe(nn.Module):
+    """Identity; when ``record`` is a list, appends the first ``units`` features of its input."""
+
+    def __init__(self):
+        super().__init__()
+        self.record, self.units = None, 0
+
+    def forward(self, z):
+        if self.record is not None:
+            self.record.append(z.detach()[:, :, : self.units])
+        return z
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,75 +161,64 @@ def _members(values, name, k):
     return t
 
 
-def _init_params(sizes, init_scale, seeds):
-    """Draw each member's weights ~ N(0, init_scale^2 / fan_in) from its own seed."""
-    params = [{"W": [], "b": [], "g": [], "beta": []} for _ in sizes[1:]]
-    for k, seed in enumerate(seeds):
-        gen = torch.Generator().manual_seed(int(seed))
-        for layer, d_in, d_out in zip(params, sizes[:-1], sizes[1:]):
-            layer["W"].append(torch.randn(d_in, d_out, generator=gen) * float(init_scale[k]) / math.sqrt(d_in))
+def _build(sizes, act, use_bn, use_noise, init_scale, seeds, noise_gen):
+    """The stacked MLP: Linear -> (BN) -> (noise) -> probe -> activation per hidden layer, Linear on top.
+
+    Each member's weights ~ N(0, init_scale^2 / fan_in), drawn layer by layer from its own seed.
+    """
     K = len(seeds)
-    for layer, d_out in zip(params, sizes[1:]):
-        layer["W"] = torch.stack(layer["W"]).requires_grad_()  # (K, d_in, d_out)
-        layer["b"] = torch.zeros(K, 1, d_out, requires_grad=True)
-        layer["g"] = torch.ones(K, 1, d_out, requires_grad=True)  # gamma
-        layer["beta"] = torch.zeros(K, 1, d_out, requires_grad=True)
-    del params[-1]["g"], params[-1]["beta"]  # the output layer has no BN
-    return params
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    layers = []
+    for i, (d_in, d_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        W = torch.stack([torch.randn(d_in, d_out, generator=g) * float(init_scale[k]) / math.sqrt(d_in)
+                         for k, g in enumerate(gens)])  # (K, d_in, d_out)
+        layers.append(ensemble.Linear(W, torch.zeros(K, 1, d_out)))
+        if i == len(sizes) - 2:
+            break
+        if use_bn:
+            layers.append(ensemble.Folded(nn.BatchNorm1d(K * d_out), K))
+        if use_noise:
+            layers.append(_StepNoise(noise_gen))  # after BN, or where BN would be
+        layers += [_Probe(), {"sigmoid": nn.Sigmoid, "relu": nn.ReLU}[act]()]
+    return ensemble.Ensemble(*layers, members=K)
 
 
-def _flat(params):
-    return [t for layer in params for t in layer.values()]
+def _blocks(net):
+    """Map each parameter name to its layer's index (a layer: a Linear and the BN that follows it)."""
+    out, block = {}, -1
+    for name, module in net.named_children():
+        if isinstance(module, ensemble.Linear):
+            block += 1
+        for pname, _ in module.named_parameters():
+            out[f"{name}.{pname}"] = block
+    return out
 
 
-class _Net:
-    """The stacked MLP: linear -> (BN -> noise) -> activation per hidden layer, linear on top."""
+class _Clean:
+    """Within this context the net runs with batch statistics (training mode) but no noise, and keeps its
+    running statistics: how the ICS and smoothness measurements see it."""
 
-    def __init__(self, sizes, act, use_bn, use_noise, init_scale, seeds):
-        self.params = _init_params(sizes, init_scale, seeds)
-        K, hidden = len(seeds), len(sizes) - 2
-        self.act = ACTIVATIONS[act]
-        self.bn = use_bn.reshape(K, 1, 1)
-        self.noise = use_noise.reshape(K, 1, 1)
-        self.any_noise = bool(use_noise.any())  # draw no noise at all when no member uses it
-        self.all_noise = bool(use_noise.all())
-        self.all_bn, self.no_bn = bool(use_bn.all()), not bool(use_bn.any())
-        self.running = [
-            (torch.zeros(K, 1, d), torch.ones(K, 1, d)) for d in sizes[1:-1]
-        ]  # running (mean, var) per hidden layer
-        self.hidden = hidden
+    def __init__(self, net, noise=False):
+        self.net, self.noise = net, noise
 
-    def forward(self, x, params=None, mode="train", gen=None, capture=None):
-        """Return logits (K, N, C); mode: 'train' (batch stats, noise), 'probe' (same, no running
-        update), 'clean' (batch stats, no noise, no update) or 'eval' (running stats, no noise)."""
-        params = self.params if params is None else params
-        h = x
-        for i, layer in enumerate(params):
-            z = torch.baddbmm(layer["b"], h, layer["W"])  # (K, N, d_out)
-            if i == self.hidden:
-                return z
-            if self.no_bn:
-                normed = z  # no member normalizes: skip the arithmetic (and its backward)
-            elif mode == "eval":
-                mean, var = self.running[i]
-                normed = layer["g"] * (z - mean) / torch.sqrt(var + 1e-5) + layer["beta"]
-            else:
-                normed, mean, var = ensemble_batch_norm(z, layer["g"], layer["beta"])
-                if mode == "train":
-                    with torch.no_grad():
-                        n = z.shape[1]
-                        rm, rv = self.running[i]
-                        rm.mul_(0.9).add_(0.1 * mean)
-                        rv.mul_(0.9).add_(0.1 * var * n / (n - 1))  # the running variance is unbiased
-            z = normed if self.all_bn else z if self.no_bn else torch.where(self.bn, normed, z)
-            if mode in ("train", "probe") and self.any_noise:  # noise after BN (or where BN would be)
-                mu_t, sigma_t = _draw_step_noise((z.shape[0], 1, 1), gen)
-                noisy = time_varying_noise(z, mu_t, sigma_t, gen)
-                z = noisy if self.all_noise else torch.where(self.noise, noisy, z)
-            if capture is not None and i == capture[0]:
-                capture[1].append(z.detach()[:, :, : capture[2]])
-            h = self.act(z)
-        return h
+    def __enter__(self):
+        self.norms = [m for m in self.net.modules() if isinstance(m, nn.BatchNorm1d)]
+        self.saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+                      for m in self.norms]
+        self.was = self.net.training
+        self.net.train()
+        for m in self.net.modules():
+            if isinstance(m, _StepNoise):
+                m.enabled = self.noise
+        return self.net
+
+    def __exit__(self, *exc):
+        for m, (mean, var, count) in zip(self.norms, self.saved):
+            m.running_mean.copy_(mean), m.running_var.copy_(var), m.num_batches_tracked.copy_(count)
+        for m in self.net.modules():
+            if isinstance(m, _StepNoise):
+                m.enabled = True
+        self.net.train(self.was)
 
 
 def _loss(logits, y):
@@ -223,34 +227,37 @@ def _loss(logits, y):
     return F.cross_entropy(logits.reshape(K * N, C), y.reshape(K * N), reduction="none").reshape(K, N).mean(1)
 
 
-def _grads(net, params, x, y, mode="clean", gen=None):
-    loss = _loss(net.forward(x, params, mode=mode, gen=gen), y)
-    grads = torch.autograd.grad(loss.sum(), _flat(params), materialize_grads=True)  # gamma, beta unused without BN
-    return loss.detach(), grads
+def _grads(net, params, x, y):
+    """Per-member loss (K,) and the gradient of each parameter, at ``params`` (a name -> tensor dict)."""
+    with _Clean(net):  # backward inside too: restoring the running statistics is an in-place change
+        loss = _loss(torch.func.functional_call(net, params, (x,)), y)
+        grads = torch.autograd.grad(loss.sum(), list(params.values()), materialize_grads=True)
+    return loss.detach(), dict(zip(params, grads))
 
 
-def _stepped(params, grads, lr, upto):
-    """Return a copy of params whose first ``upto`` layers took an SGD step (detached leaves)."""
-    out, it = [], iter(grads)
-    for i, layer in enumerate(params):
-        new = {}
-        for key, t in layer.items():
-            g = next(it)
-            new[key] = (t - lr * g if i < upto else t).detach().requires_grad_()
-        out.append(new)
-    return out
+def _step(t, g, lr):
+    """t - lr * g with one rate per member: lr (K,), t and g with the members on the leading axis."""
+    K = lr.shape[0]
+    return (t.view(K, -1) - lr.view(K, 1) * g.view(K, -1)).view_as(t)
+
+
+def _leaves(params):
+    return {k: t.detach().requires_grad_() for k, t in params.items()}
 
 
 def _ics(net, x, y, lr):
     """Return {"rel": (K, L-1), "cos": (K, L-1)}: G vs G' for the weights of layers 2..L."""
-    params = [{k: t.detach().requires_grad_() for k, t in layer.items()} for layer in net.params]
+    params = _leaves(dict(net.named_parameters()))
+    blocks = _blocks(net)
     _, grads = _grads(net, params, x, y)
-    n_per = len(params[0])
+    weights = [k for k in params if isinstance(net.get_submodule(k.rsplit(".", 1)[0]), ensemble.Linear)
+               and k.endswith("weight")]
     rel, cos = [], []
-    for i in range(1, len(params)):
-        G = grads[i * n_per].flatten(1)  # (K, d_in * d_out): layer i's weight gradient
-        _, grads2 = _grads(net, _stepped(params, grads, lr, i), x, y)
-        G2 = grads2[i * n_per].flatten(1)
+    for i in range(1, len(weights)):
+        G = grads[weights[i]].flatten(1)  # (K, d_in * d_out): layer i's weight gradient
+        moved = {k: _step(t, grads[k], lr) if blocks[k] < i else t for k, t in params.items()}  # layers < i step
+        _, grads2 = _grads(net, _leaves(moved), x, y)
+        G2 = grads2[weights[i]].flatten(1)
         rel.append((G - G2).norm(dim=1) / G.norm(dim=1))
         cos.append(F.cosine_similarity(G, G2, dim=1))
     return {"rel": torch.stack(rel, 1).numpy(), "cos": torch.stack(cos, 1).numpy()}
@@ -258,16 +265,15 @@ def _ics(net, x, y, lr):
 
 def _smoothness(net, x, y, lr, multipliers):
     """Return loss variation and gradient change along the gradient, steps lr * multipliers."""
-    params = [{k: t.detach().requires_grad_() for k, t in layer.items()} for layer in net.params]
+    params = _leaves(dict(net.named_parameters()))
     loss0, g0 = _grads(net, params, x, y)
     losses, changes = [loss0], []
+    K = lr.shape[0]
     for mult in multipliers:
-        it = iter(g0)
-        moved = [{k: (t - lr * mult * next(it)).detach().requires_grad_() for k, t in layer.items()}
-                 for layer in params]
+        moved = _leaves({k: _step(t, g0[k], lr * mult) for k, t in params.items()})
         loss, g = _grads(net, moved, x, y)
         losses.append(loss)
-        diff = torch.sqrt(sum(((a - b).flatten(1) ** 2).sum(1) for a, b in zip(g, g0)))
+        diff = torch.sqrt(sum(((g[k] - g0[k]).reshape(K, -1) ** 2).sum(1) for k in g0))
         changes.append(diff)
     losses = torch.stack(losses, 1)  # (K, 1 + len(multipliers))
     loss_var = torch.nan_to_num(losses.max(1).values - losses.min(1).values, nan=float("inf"))
@@ -336,7 +342,7 @@ def train_ensemble(
         runs, order = [], []
         for b, z in kinds:
             idx = [k for k in range(K) if (bool(use_bn[k]), bool(use_noise[k])) == (b, z)]
-            runs.append(_train_ensemble(data, [seeds[k] for k in idx], use_bn[idx], use_noise[idx], lr[idx],
+            runs.append(_train_ensemble(data, [seeds[k] for k in idx], b, z, lr[idx],
                                         init_scale[idx], steps, hidden, act, batch_size, eval_every, probe_layer,
                                         probe_units, check_every, smooth_multipliers, progress))
             order += idx
@@ -364,50 +370,52 @@ def _merge_runs(runs, index):
 
 def _train_ensemble(data, seeds, use_bn, use_noise, lr, init_scale, steps, hidden, act, batch_size, eval_every,
                     probe_layer, probe_units, check_every, smooth_multipliers, progress):
+    """Train one stack of members that agree on BN and noise (use_bn, use_noise: bools)."""
     K, n = len(seeds), len(data.x_train)
     sizes = [data.num_features, *hidden, data.num_classes]
-    net = _Net(sizes, act, use_bn, use_noise, init_scale, seeds)
-    gens = [torch.Generator().manual_seed(s + 7919) for s in seeds]  # mini-batch order per member
     noise_gen = torch.Generator().manual_seed(seeds[0] + 104729)
-    lr_w = lr.reshape(K, 1, 1)
-    x_test = data.x_test.expand(K, *data.x_test.shape)  # (K, N_test, D), a view
-    eval_step, accs, probe_step, pcts, losses = [], [], [], [], []
+    net = _build(sizes, act, use_bn, use_noise, init_scale, seeds, noise_gen)
+    probes = [m for m in net if isinstance(m, _Probe)]
+    gens = [torch.Generator().manual_seed(s + 7919) for s in seeds]  # mini-batch order per member
+    batches = [torch.stack([torch.randperm(n, generator=g)[:batch_size] for g in gens]) for _ in range(steps)]
+    eval_step, accs, probe_step, pcts = [], [], [], []
     ics, smooth = {}, {}
     q = torch.tensor([0.15, 0.5, 0.85])
 
+    @torch.no_grad()
     def evaluate(step):
-        with torch.no_grad():
-            logits = net.forward(x_test, mode="eval")
-            accs.append((logits.argmax(-1) == data.y_test).float().mean(1).numpy())
-            eval_step.append(step)
-            if probe_layer is not None:
-                cap = (probe_layer, [], probe_units)
-                net.forward(x_test, mode="probe", gen=noise_gen, capture=cap)
-                pcts.append(torch.quantile(cap[1][0], q, dim=1).permute(1, 0, 2).numpy())  # (K, 3, U)
-                probe_step.append(step)
+        net.eval()
+        logits = net(data.x_test)  # (K, N_test, C)
+        accs.append((logits.argmax(-1) == data.y_test).float().mean(1).numpy())
+        eval_step.append(step)
+        if probe_layer is not None:
+            probe = probes[probe_layer]
+            probe.record, probe.units = [], probe_units
+            with _Clean(net, noise=True):  # batch statistics and noise, the running statistics kept
+                net(data.x_test)
+            pcts.append(torch.quantile(probe.record[0], q, dim=1).permute(1, 0, 2).numpy())  # (K, 3, U)
+            probe.record = None
+            probe_step.append(step)
+        net.train()
 
-    evaluate(0)
-    bar = tqdm(range(1, steps + 1), desc="train", disable=not show_progress(progress), leave=False)
-    for step in bar:
-        idx = torch.stack([torch.randperm(n, generator=g)[:batch_size] for g in gens])  # (K, B)
-        x, y = data.x_train[idx], data.y_train[idx]  # (K, B, D), (K, B)
+    def before_step(step):
         if check_every and (step == 1 or step % check_every == 0):
-            ics[step] = _ics(net, x, y, lr_w)
-            smooth[step] = _smoothness(net, x, y, lr_w, smooth_multipliers)
-        loss = _loss(net.forward(x, mode="train", gen=noise_gen), y)
-        params = _flat(net.params)
-        grads = torch.autograd.grad(loss.sum(), params, materialize_grads=True)  # zeros for unused gamma, beta
-        with torch.no_grad():
-            for p, g in zip(params, grads):
-                p -= lr_w * g
-        losses.append(loss.detach().numpy())
+            idx = batches[step - 1]
+            x, y = data.x_train[idx], data.y_train[idx]  # (K, B, D), (K, B)
+            ics[step] = _ics(net, x, y, lr)
+            smooth[step] = _smoothness(net, x, y, lr, smooth_multipliers)
+
+    def after_step(step, loss):
         if step % eval_every == 0 or step == steps:
             evaluate(step)
-            bar.set_postfix(acc=f"{np.median(accs[-1]):.3f}")
+
+    evaluate(0)
+    losses = ensemble.fit(net, data, lr=lr, batches=batches, momentum=0.0, before_step=before_step,
+                          after_step=after_step, progress=progress)
     return Run(
         eval_step=np.array(eval_step),
         test_acc=np.stack(accs, 1),
-        train_loss=np.stack(losses, 1),
+        train_loss=losses,
         probe_step=np.array(probe_step),
         pct=np.stack(pcts, 1) if pcts else np.zeros((K, 0, 3, 0)),
         ics=ics,
