@@ -42,15 +42,21 @@ def test_stack_then_member_gives_back_each_model():
         _assert_same_model(ensemble.member(ens, k), m, atol=0)
 
 
+def _assert_members_train_as_alone(make, seeds, data, atol=1e-5, **kw):
+    """Train make(seed) alone per seed and the stacked ensemble of them; compare member by member."""
+    alone = [make(s) for s in seeds]
+    ens = ensemble.stack([make(s) for s in seeds])
+    for m, s in zip(alone, seeds):
+        train(m, data, seed=s, progress=False, **kw)
+    ensemble.fit(ens, data, seeds=seeds, progress=False, **kw)
+    for k, m in enumerate(alone):
+        _assert_same_model(ensemble.member(ens, k), m, atol=atol)
+    return ens
+
+
 @pytest.mark.parametrize("norm", ["bn", "ghost", "none"])
 def test_each_member_trains_exactly_as_it_would_alone(blobs, norm):
-    alone = [_mlp(norm, s) for s in SEEDS]
-    ens = ensemble.stack([_mlp(norm, s) for s in SEEDS])
-    for m, s in zip(alone, SEEDS):
-        train(m, blobs, steps=25, lr=0.05, batch_size=32, seed=s, progress=False)
-    ensemble.fit(ens, blobs, steps=25, lr=0.05, batch_size=32, seeds=SEEDS, progress=False)
-    for k, m in enumerate(alone):
-        _assert_same_model(ensemble.member(ens, k), m)
+    _assert_members_train_as_alone(lambda s: _mlp(norm, s), SEEDS, blobs, steps=25, lr=0.05, batch_size=32)
 
 
 def test_population_norm_members_match_the_chapter_fit(blobs):
@@ -67,13 +73,35 @@ def test_normlab_batch_norm_and_renorm_fold_into_channels(blobs):
         return nn.Sequential(nn.Linear(10, 12), norm(12), nn.ReLU(), nn.Linear(12, 4))
 
     for norm in (normlab_nn.BatchNorm1d, lambda c: normlab_nn.BatchRenorm1d(c, r_max=1.5, d_max=0.5)):
-        alone = [model(s, norm) for s in SEEDS]
-        ens = ensemble.stack([model(s, norm) for s in SEEDS])
-        for m, s in zip(alone, SEEDS):
-            train(m, blobs, steps=15, lr=0.05, batch_size=16, seed=s, progress=False)
-        ensemble.fit(ens, blobs, steps=15, lr=0.05, batch_size=16, seeds=SEEDS, progress=False)
-        for k, m in enumerate(alone):
-            _assert_same_model(ensemble.member(ens, k), m)
+        _assert_members_train_as_alone(lambda s, norm=norm: model(s, norm), SEEDS, blobs, steps=15, lr=0.05,
+                                       batch_size=16)
+
+
+@pytest.mark.parametrize("norm", ["none", "layer", "batch"])
+def test_lstm_members_train_with_adam_as_alone(blobs, norm):
+    seqs = Split(blobs.x_train.reshape(-1, 5, 2), blobs.y_train, blobs.x_test.reshape(-1, 5, 2), blobs.y_test)
+
+    def model(seed):
+        torch.manual_seed(seed)
+        return nn.Sequential(normlab_nn.LastHidden(2, 6, norm, max_steps=5), nn.Linear(6, 4))
+
+    ens = _assert_members_train_as_alone(model, SEEDS, seqs, atol=1e-4, steps=12, lr=0.01, batch_size=16,
+                                         optimizer="adam")
+    assert isinstance(ens[0], ensemble.LSTM) and ens(seqs.x_test).shape == (3, len(seqs.x_test), 4)
+    got = ensemble.accuracy(ens, seqs.x_test, seqs.y_test)
+    for k in range(3):
+        m = ensemble.member(ens, k).eval()
+        assert got[k] == pytest.approx((m(seqs.x_test).argmax(1) == seqs.y_test).double().mean().item())
+    if norm == "batch":  # batch statistics of test batches, and the running ones left as they were
+        before = {k: v.clone() for k, v in ens.state_dict().items()}
+        from normlab.train import accuracy
+
+        two = ensemble.batch_accuracy(ens, seqs.x_test, seqs.y_test, 2)
+        for k in range(3):
+            want = accuracy(ensemble.member(ens, k), seqs.x_test, seqs.y_test, batch_size=2, train_mode=True)
+            assert two[k] == pytest.approx(want)
+        for key, value in ens.state_dict().items():
+            assert torch.equal(value, before[key]), key
 
 
 def test_evaluate_gives_each_members_numbers(blobs):
@@ -122,10 +150,18 @@ def test_errors_say_what_is_wrong(blobs):
     ens = ensemble.stack([_mlp("bn", s) for s in SEEDS])
     with pytest.raises(ValueError, match="one seed per member"):
         ensemble.fit(ens, blobs, steps=2, lr=0.1, seeds=[0, 1])
-    with pytest.raises(ValueError, match=r"expected \(3, N, D\)"):
+    with pytest.raises(ValueError, match=r"expected input \(3, N, \.\.\.\)"):
         ens(torch.zeros(2, 5, 10))
     with pytest.raises(IndexError, match="out of range"):
         ensemble.member(ens, 3)
+    with pytest.raises(ValueError, match="optimizer must be"):
+        ensemble.fit(ens, blobs, steps=2, lr=0.1, seeds=SEEDS, optimizer="rmsprop")
+    with pytest.raises(ValueError, match="Adam takes one"):
+        ensemble.fit(ens, blobs, steps=2, lr=[0.1, 0.2, 0.3], seeds=SEEDS, optimizer="adam")
+    lstms = [nn.Sequential(normlab_nn.LastHidden(2, 6, norm)) for norm in ("layer", "layer")]
+    lstms[1][0].lstm.cell.momentum = 0.5
+    with pytest.raises(ValueError, match="LSTM cells differ"):
+        ensemble.stack(lstms)
 
 
 def test_members_of_different_norms_at_one_depth_train_as_alone(blobs):
@@ -135,15 +171,9 @@ def test_members_of_different_norms_at_one_depth_train_as_alone(blobs):
 
     norms = [lambda: normlab_nn.BatchNorm1d(12), lambda: nn.LayerNorm(12), lambda: nn.GroupNorm(4, 12),
              lambda: nn.GroupNorm(4, 12), nn.Identity]
-    alone = [model(s, norm) for s, norm in enumerate(norms)]
-    ens = ensemble.stack([model(s, norm) for s, norm in enumerate(norms)])
+    ens = _assert_members_train_as_alone(lambda s: model(s, norms[s]), list(range(len(norms))), blobs, steps=15,
+                                         lr=0.05, batch_size=16)
     assert isinstance(ens[1], ensemble.Grouped) and ens[1].sizes == [1, 1, 2, 1]
-    seeds = list(range(len(norms)))
-    for m, s in zip(alone, seeds):
-        train(m, blobs, steps=15, lr=0.05, batch_size=16, seed=s, progress=False)
-    ensemble.fit(ens, blobs, steps=15, lr=0.05, batch_size=16, seeds=seeds, progress=False)
-    for k, m in enumerate(alone):
-        _assert_same_model(ensemble.member(ens, k), m)
 
 
 def test_per_member_learning_rates_and_given_batches(blobs):

@@ -38,8 +38,8 @@ from normlab.data import Split
 from normlab.stats import precise_bn
 from normlab.train import show_progress
 
-__all__ = ["Linear", "Folded", "MemberNorm", "Grouped", "Ensemble", "stack", "member", "member_batches", "SGD", "fit",
-           "evaluate", "batch_accuracy"]
+__all__ = ["Linear", "Folded", "MemberNorm", "LSTM", "Grouped", "Ensemble", "stack", "member", "member_batches",
+           "SGD", "fit", "evaluate", "accuracy", "batch_accuracy"]
 
 # Layers that act on each value (or each example's last axis) alone: they run on (K, N, D) as is.
 _ELEMENTWISE = (nn.ReLU, nn.Sigmoid, nn.Tanh, nn.GELU, nn.Identity, nn.Dropout)
@@ -108,6 +108,29 @@ class MemberNorm(nn.Module):
         return f"members={self.weight.shape[0]}, features={self.weight.shape[2]}, groups={self.groups}, eps={self.eps}"
 
 
+class LSTM(nn.Module):
+    """K stacked ``normlab.nn.LastHidden`` layers: (K, N, T, D) -> (K, N, H), each member's final hidden state.
+
+    ``cell`` is a ``normlab.nn.NormLSTMCell`` whose tensors carry the member axis (weights
+    (K, 4H, D) and (K, 4H, H), bias and gains (K, 1, width), running statistics
+    (max_steps, K, width)); its own ``step`` runs all members at once.
+    """
+
+    def __init__(self, cell: normlab_nn.NormLSTMCell, members: int):
+        super().__init__()
+        self.cell, self.members = cell, members
+
+    def forward(self, x):
+        K, N, T, _ = x.shape
+        h = c = x.new_zeros(K, N, self.cell.hidden_size)
+        for t in range(T):
+            h, c = self.cell.step(x[:, :, t], h, c, t)
+        return h
+
+    def extra_repr(self):
+        return f"members={self.members}"
+
+
 class Grouped(nn.Module):
     """Members of different layer types at one depth: consecutive members in groups, each its own layer."""
 
@@ -120,17 +143,22 @@ class Grouped(nn.Module):
 
 
 class Ensemble(nn.Sequential):
-    """A sequence of ensemble layers on (K, N, D) tensors; ``members`` is K."""
+    """A sequence of ensemble layers on (K, N, ...) tensors; ``members`` is K.
 
-    def __init__(self, *layers, members: int):
+    example_dims: the axes of one example (1 for features (D,), 2 for sequences (T, D)); an input
+    without the member axis goes to every member.
+    """
+
+    def __init__(self, *layers, members: int, example_dims: int = 1):
         super().__init__(*layers)
-        self.members = members
+        self.members, self.example_dims = members, example_dims
 
     def forward(self, x):
-        if x.dim() == 2:  # one input for every member: a view, no copy
+        if x.dim() == self.example_dims + 1:  # one input for every member: a view, no copy
             x = x.expand(self.members, *x.shape)
-        if x.shape[0] != self.members:
-            raise ValueError(f"expected ({self.members}, N, D) or (N, D) input, got shape {tuple(x.shape)}")
+        if x.dim() != self.example_dims + 2 or x.shape[0] != self.members:
+            raise ValueError(f"expected input ({self.members}, N, ...) of {self.example_dims + 2} axes, or (N, ...) of "
+                             f"{self.example_dims + 1} for every member; got shape {tuple(x.shape)}")
         return super().forward(x)
 
 
@@ -176,10 +204,28 @@ def _stack_layers(layers, i):
         weight = torch.stack([layer.weight.detach() for layer in layers]).unsqueeze(1).clone()  # (K, 1, D)
         bias = torch.stack([layer.bias.detach() for layer in layers]).unsqueeze(1).clone()
         return MemberNorm(weight, bias, 1 if ln else first.num_groups, first.eps)
+    if isinstance(first, normlab_nn.LastHidden):
+        return LSTM(_stack_cell([layer.lstm.cell for layer in layers], i), K)
     if isinstance(first, _ELEMENTWISE):
         return copy.deepcopy(first)
     raise TypeError(f"layer {i} ({type(first).__name__}) has no ensemble version; supported: Linear, batch norm "
-                    f"modules, LayerNorm, GroupNorm, {', '.join(t.__name__ for t in _ELEMENTWISE)}")
+                    f"modules, LayerNorm, GroupNorm, normlab.nn.LastHidden, "
+                    f"{', '.join(t.__name__ for t in _ELEMENTWISE)}")
+
+
+def _stack_cell(cells, i):
+    """One NormLSTMCell holding K cells: parameters stacked first, running statistics on axis 1."""
+    first = cells[0]
+    config = (first.input_size, first.hidden_size, first.norm, first.max_steps, first.eps, first.momentum)
+    if any((c.input_size, c.hidden_size, c.norm, c.max_steps, c.eps, c.momentum) != config for c in cells):
+        raise ValueError(f"layer {i}: the LSTM cells differ between models")
+    fused = copy.deepcopy(first)
+    for name, p in first.named_parameters(recurse=False):
+        joined = torch.stack([getattr(c, name).detach() for c in cells])  # (K, 4H, D) or (K, width)
+        setattr(fused, name, nn.Parameter(joined if p.dim() == 2 else joined.unsqueeze(1).clone()))
+    for name, _ in first.named_buffers(recurse=False):
+        setattr(fused, name, torch.stack([getattr(c, name) for c in cells], 1).clone())  # (T, K, width)
+    return fused
 
 
 def _runs(layers):
@@ -198,7 +244,8 @@ def stack(models) -> Ensemble:
     The models must have the same depth and the same layer sizes. Supported layers: ``nn.Linear``;
     batch norm modules of ``torch.nn`` and ``normlab.nn`` (1d: BatchNorm, GhostBatchNorm,
     PopulationNorm, BatchRenorm), folded into channels; ``nn.LayerNorm`` and ``nn.GroupNorm``;
-    element-wise layers (ReLU, Sigmoid, Tanh, GELU, Identity, Dropout). At a depth where the
+    element-wise layers (ReLU, Sigmoid, Tanh, GELU, Identity, Dropout); ``normlab.nn.LastHidden``
+    (an LSTM reading (N, T, D), first in the model: the ensemble then takes (K, N, T, D)). At a depth where the
     models hold different layer types (BN in some, LayerNorm in others), each run of consecutive
     models with one type becomes its own group (``Grouped``): order the models by type.
     """
@@ -221,7 +268,8 @@ def stack(models) -> Ensemble:
         if any(isinstance(layer, nn.Linear) for layer in layers):
             raise ValueError(f"layer {i} differs between models: {sorted({type(x).__name__ for x in layers})}")
         out.append(Grouped([_stack_layers(layers[a:b], i) for a, b in runs], [b - a for a, b in runs]))
-    return Ensemble(*out, members=K)
+    example_dims = 2 if isinstance(models[0][0], normlab_nn.LastHidden) else 1
+    return Ensemble(*out, members=K, example_dims=example_dims)
 
 
 def _member_layer(layer, k, K):
@@ -249,6 +297,15 @@ def _member_layer(layer, k, K):
             norm.weight.copy_(layer.weight[k, 0])
             norm.bias.copy_(layer.bias[k, 0])
         return norm
+    if isinstance(layer, LSTM):
+        c = layer.cell
+        one = normlab_nn.LastHidden(c.input_size, c.hidden_size, c.norm, c.max_steps, c.eps, c.momentum)
+        with torch.no_grad():
+            for name, p in one.lstm.cell.named_parameters(recurse=False):
+                p.copy_(getattr(c, name)[k].reshape(p.shape))
+            for name, b in one.lstm.cell.named_buffers(recurse=False):
+                b.copy_(getattr(c, name)[:, k])
+        return one
     if isinstance(layer, Grouped):
         for sub, size in zip(layer.layers, layer.sizes):
             if k < size:
@@ -353,6 +410,7 @@ def fit(
     batches=None,
     momentum: float = 0.9,
     weight_decay: float = 0.0,
+    optimizer: str = "sgd",
     refresh_every: int | None = None,
     before_step=None,
     after_step=None,
@@ -365,7 +423,9 @@ def fit(
     sequence of (K, B) index tensors (row k: member k's batch), one per step. SGD with momentum
     and weight decay acts on each value alone, so member k's run is the one it would have alone
     (dropout masks aside: they come from torch's global generator, seeded from ``seeds[0]``).
-    lr: one learning rate, or one per member. refresh_every: recompute the statistics of
+    lr: one learning rate, or one per member. optimizer: "sgd" (with ``momentum``) or "adam"
+    (``torch.optim.Adam`` with its default betas, one learning rate for all: Adam acts on each
+    value alone, so on stacked parameters it is every member's own Adam). refresh_every: recompute the statistics of
     population norm layers with ``precise_bn`` on the whole training set before the first step
     and every that many steps (default: every epoch, ``regularization.fit``'s schedule).
     before_step(step) and after_step(step, loss) run around each step (loss: (K,)), e.g. for a
@@ -398,7 +458,14 @@ def fit(
     if populations:
         refresh()
         refresh_every = refresh_every or max(1, n // batches[0].shape[1])
-    opt = SGD(ens, lr, momentum, weight_decay)
+    if optimizer == "sgd":
+        opt = SGD(ens, lr, momentum, weight_decay)
+    elif optimizer == "adam":
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr <= 0:
+            raise ValueError(f"Adam takes one positive learning rate for every member, got {lr!r}")
+        opt = torch.optim.Adam([p for p in ens.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+    else:
+        raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
     losses = []
     ens.train()
     bar = tqdm(batches, desc=f"{K} members", disable=not show_progress(progress), leave=False)
@@ -435,6 +502,23 @@ def evaluate(ens: Ensemble, data: Split) -> dict:
 
 
 @torch.no_grad()
+def accuracy(ens: Ensemble, x, y) -> np.ndarray:
+    """Return each member's accuracy on x, y in eval mode, all of x at once: (K,)."""
+    was = ens.training
+    ens.eval()
+    try:
+        return (ens(x).argmax(-1) == y).double().mean(1).numpy()
+    finally:
+        ens.train(was)
+
+
+def _uses_batch_statistics(module):
+    """Whether a module normalizes with batch statistics in training mode (and keeps running ones)."""
+    return isinstance(module, _CHANNEL_NORMS) or (isinstance(module, normlab_nn.NormLSTMCell)
+                                                  and module.norm == "batch")
+
+
+@torch.no_grad()
 def batch_accuracy(ens: Ensemble, x, y, batch_size: int) -> np.ndarray:
     """Return each member's accuracy on x, y with the statistics of consecutive batches of ``batch_size`` (K,).
 
@@ -445,7 +529,7 @@ def batch_accuracy(ens: Ensemble, x, y, batch_size: int) -> np.ndarray:
     K, N = ens.members, len(x)
     if not 2 <= batch_size <= N:
         raise ValueError(f"batch_size must be in [2, {N}], got {batch_size}")
-    norms = [m for m in ens.modules() if isinstance(m, _CHANNEL_NORMS)]
+    norms = [m for m in ens.modules() if _uses_batch_statistics(m)]
     saved = [{k: v.clone() for k, v in m.state_dict().items()} for m in norms]
     was = ens.training
     ens.eval()

@@ -35,6 +35,7 @@ __all__ = [
     "renorm_schedule",
     "NormLSTMCell",
     "NormLSTM",
+    "LastHidden",
     "SyncBatchNorm",
     "SyncBatchNormFunction",
 ]
@@ -514,9 +515,14 @@ class NormLSTMCell(nn.Module):
             self.bias[self.hidden_size : 2 * self.hidden_size] = 1.0  # remember by default
 
     def _norm(self, site, z, gain, shift, t):
-        """Normalize z (N, width) at one site and step."""
+        """Normalize z (N, width) at one site and step; or (K, N, width) for K stacked cells.
+
+        The arithmetic reads the example axis as -2 and the feature axis as -1, so that
+        ``normlab.ensemble`` runs K cells as one, with parameters stacked on a leading member axis
+        and running statistics (max_steps, K, width).
+        """
         if self.norm == "layer":
-            var, mean = torch.var_mean(z, 1, correction=0, keepdim=True)  # per example, over features
+            var, mean = torch.var_mean(z, -1, correction=0, keepdim=True)  # per example, over features
             z_hat = (z - mean) / torch.sqrt(var + self.eps)
         else:
             rm, rv = getattr(self, f"running_mean_{site}"), getattr(self, f"running_var_{site}")
@@ -525,17 +531,17 @@ class NormLSTMCell(nn.Module):
                     raise ValueError(
                         f"step t={t} in training, but statistics exist for max_steps={self.max_steps} steps"
                     )
-                if z.shape[0] < 2:
+                n = z.shape[-2]
+                if n < 2:
                     raise ValueError("batch norm in training mode needs more than 1 example per batch")
-                var, mean = torch.var_mean(z, 0, correction=0)  # per feature, over the batch: (width,)
+                var, mean = torch.var_mean(z, -2, correction=0)  # per feature, over the batch: (width,)
                 with torch.no_grad():
-                    n = z.shape[0]
                     rm[t].mul_(1 - self.momentum).add_(self.momentum * mean)
                     rv[t].mul_(1 - self.momentum).add_(self.momentum * var * n / (n - 1))  # unbiased
             else:
                 s = min(t, self.max_steps - 1)  # beyond the steps seen in training: the last one
                 mean, var = rm[s], rv[s]
-            z_hat = (z - mean) / torch.sqrt(var + self.eps)
+            z_hat = (z - mean.unsqueeze(-2)) / torch.sqrt(var.unsqueeze(-2) + self.eps)
         out = z_hat * gain
         return out if shift is None else out + shift
 
@@ -546,17 +552,23 @@ class NormLSTMCell(nn.Module):
             raise ValueError(f"t must be an int >= 0, got {t!r}")
         N, H = x.shape[0], self.hidden_size
         if state is None:
-            h = c = x.new_zeros(N, H)
-        else:
-            h, c = state
-            for name, v in (("h", h), ("c", c)):
-                if tuple(v.shape) != (N, H):
-                    raise ValueError(f"{name} has shape {tuple(v.shape)}, expected ({N}, {H})")
-        zx, zh = x @ self.weight_ih.T, h @ self.weight_hh.T  # (N, 4H) each
+            state = (x.new_zeros(N, H), x.new_zeros(N, H))
+        for name, v in zip("hc", state):
+            if tuple(v.shape) != (N, H):
+                raise ValueError(f"{name} has shape {tuple(v.shape)}, expected ({N}, {H})")
+        return self.step(x, *state, t)
+
+    def step(self, x, h, c, t):
+        """One step without the checks of ``forward``: x (..., N, input_size), h and c (..., N, H).
+
+        Returns (h, c). A leading axis is K stacked cells (``normlab.ensemble``), whose weights are
+        then (K, 4H, input_size) and (K, 4H, H), and gains and shifts (K, 1, width).
+        """
+        zx, zh = x @ self.weight_ih.transpose(-1, -2), h @ self.weight_hh.transpose(-1, -2)  # (..., N, 4H) each
         if self.norm != "none":
             zx = self._norm("ih", zx, self.gain_ih, None, t)
             zh = self._norm("hh", zh, self.gain_hh, None, t)
-        i, f, g, o = (zx + zh + self.bias).chunk(4, dim=1)  # (N, H) each
+        i, f, g, o = (zx + zh + self.bias).chunk(4, dim=-1)  # (..., N, H) each
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         c_out = c if self.norm == "none" else self._norm("c", c, self.gain_c, self.shift_c, t)
         h = torch.sigmoid(o) * torch.tanh(c_out)
@@ -586,6 +598,22 @@ class NormLSTM(nn.Module):
         if not outputs:
             raise ValueError("x has no time steps (T = 0)")
         return torch.stack(outputs, 1), state  # (N, T, H)
+
+
+class LastHidden(nn.Module):
+    """A ``NormLSTM`` as a layer: (N, T, input_size) -> its final hidden state (N, hidden_size).
+
+    For sequence classifiers written as ``nn.Sequential`` (``LastHidden`` then a Linear head),
+    which ``normlab.ensemble`` can stack. Arguments as ``NormLSTMCell``'s.
+    """
+
+    def __init__(self, input_size, hidden_size, norm="none", max_steps=64, eps=1e-5, momentum=0.1):
+        super().__init__()
+        self.lstm = NormLSTM(input_size, hidden_size, norm, max_steps, eps, momentum)
+
+    def forward(self, x):
+        _, (h, _) = self.lstm(x)
+        return h
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,10 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from normlab import ensemble
 from normlab.bench import median_time
 from normlab.data import Split
 from normlab.experiments import _check_positive_int, seeds_for
-from normlab.nn import NormLSTM
+from normlab.nn import LastHidden
 from normlab.train import accuracy, train
 
 __all__ = [
@@ -61,9 +62,10 @@ LABELS = {"none": "none", "bn": "BatchNorm", "ln": "LayerNorm", "in": "InstanceN
 def budget(scale="quick"):
     """Return the seeds, epochs and steps per experiment for a scale ('quick' or 'full')."""
     if scale == "quick":
-        return {"seeds": 3, "cnn_epochs": 1, "rnn_steps": 250, "style_steps": 150, "time_repeat": 15}
+        return {"seeds": 3, "rnn_seeds": 8, "cnn_epochs": 1, "rnn_steps": 250, "style_steps": 150, "time_repeat": 15}
     if scale == "full":
-        return {"seeds": 5, "cnn_epochs": 10, "rnn_steps": 3000, "style_steps": 600, "time_repeat": 51}
+        return {"seeds": 5, "rnn_seeds": 8, "cnn_epochs": 10, "rnn_steps": 3000, "style_steps": 600,
+                "time_repeat": 51}
     raise ValueError(f"scale must be 'quick' or 'full', got {scale!r}")
 
 
@@ -304,17 +306,12 @@ def pad_front(x, steps, value=0.0):
     return torch.cat([x.new_full((x.shape[0], steps, x.shape[2]), value), x], 1)
 
 
-class SeqClassifier(nn.Module):
-    """A NormLSTM reading (N, T, D) and a linear layer on its last hidden state."""
+class SeqClassifier(nn.Sequential):
+    """A NormLSTM reading (N, T, D), then a linear layer on its last hidden state (``normlab.ensemble`` stacks it)."""
 
     def __init__(self, norm, input_size=8, hidden_size=64, classes=10, max_steps=8):
-        super().__init__()
-        self.lstm = NormLSTM(input_size, hidden_size, norm, max_steps=max_steps)
-        self.head = nn.Linear(hidden_size, classes)
-
-    def forward(self, x):
-        _, (h, _) = self.lstm(x)
-        return self.head(h)
+        super().__init__(LastHidden(input_size, hidden_size, norm, max_steps=max_steps),
+                         nn.Linear(hidden_size, classes))
 
 
 def train_rnn(norm, seqs, steps=500, batch_size=32, lr=0.005, seed=0, eval_every=50):
@@ -336,33 +333,46 @@ def seq_accuracy(model, x, y, batch_size=None, train_mode=False):
     return accuracy(model, x, y, batch_size=batch_size, train_mode=train_mode)
 
 
-def rnn_experiment(seqs, seeds, steps=300, batch_size=32, lr=0.005, pad=8, eval_every=25, n_single=100):
+def rnn_experiment(seqs, seeds, steps=300, batch_size=32, lr=0.005, pad=8, eval_every=25, n_single=100,
+                   progress=None):
     """Train a SeqClassifier per norm and seed; return what the lab plots and asserts.
 
-    Returns a dict: 'eval_step' (E,); for each norm in ``RNN_NORMS`` a dict of arrays over seeds:
-    'curve' (S, E) test accuracy during training; 'full' (S,) test accuracy in eval mode on the
-    whole test set at once; 'b1_max_diff' (S,) the largest change of any logit when the first
-    ``n_single`` test sequences are evaluated one at a time instead of together; 'long' (S,)
-    accuracy with ``pad`` blank rows in front (sequences of T + pad steps); for 'batch' also
-    'batch2' (S,), accuracy with the statistics of test batches of 2 instead of the running ones.
+    The seeds of one norm train together as one ``normlab.ensemble`` (Adam, each member on the
+    batches ``train_rnn`` would draw for its seed; test accuracy in eval mode every
+    ``eval_every`` steps and after the last). Returns a dict: 'eval_step' (E,); for each norm in
+    ``RNN_NORMS`` a dict of arrays over seeds: 'curve' (S, E) test accuracy during training;
+    'full' (S,) test accuracy in eval mode on the whole test set at once; 'b1_max_diff' (S,) the
+    largest change of any logit when the first ``n_single`` test sequences are evaluated one at a
+    time instead of together; 'long' (S,) accuracy with ``pad`` blank rows in front (sequences of
+    T + pad steps); for 'batch' also 'batch2' (S,), accuracy with the statistics of test batches
+    of 2 instead of the running ones.
     """
-    out = {"eval_step": None}
+    _check_positive_int("steps", steps)
+    _check_positive_int("eval_every", eval_every)
+    out = {"eval_step": np.array([s for s in range(1, steps + 1) if s % eval_every == 0 or s == steps])}
     x_long = pad_front(seqs.x_test, pad)
+    x_some = seqs.x_test[:n_single]
     for norm in RNN_NORMS:
-        rec = {"curve": [], "full": [], "b1_max_diff": [], "long": [], "batch2": []}
+        models = []
         for s in seeds:
-            model, hist = train_rnn(norm, seqs, steps, batch_size, lr, s, eval_every)
-            out["eval_step"] = np.array(hist.eval_step)
-            rec["curve"].append(hist.test_acc)
-            model.eval()
-            with torch.no_grad():
-                x_some = seqs.x_test[:n_single]
-                logits = model(x_some)
-                one = torch.cat([model(x_some[i : i + 1]) for i in range(len(x_some))])
-            rec["full"].append(accuracy(model, seqs.x_test, seqs.y_test))
-            rec["b1_max_diff"].append(float((logits - one).abs().max()))
-            rec["long"].append(accuracy(model, x_long, seqs.y_test))
-            if norm == "batch":
-                rec["batch2"].append(accuracy(model, seqs.x_test, seqs.y_test, batch_size=2, train_mode=True))
-        out[norm] = {k: np.array(v) for k, v in rec.items() if len(v)}
+            torch.manual_seed(s)  # as train_rnn: the seed fixes the initial weights and the batches
+            models.append(SeqClassifier(norm, input_size=seqs.x_train.shape[2], max_steps=seqs.x_train.shape[1]))
+        ens = ensemble.stack(models)
+        curve = []
+
+        def measure(step, loss, ens=ens, curve=curve):
+            if step in out["eval_step"]:
+                curve.append(ensemble.accuracy(ens, seqs.x_test, seqs.y_test))
+
+        ensemble.fit(ens, seqs, lr=lr, seeds=seeds, steps=steps, batch_size=batch_size, optimizer="adam",
+                     after_step=measure, progress=progress)
+        with torch.no_grad():
+            logits = ens(x_some)  # (S, n_single, classes)
+            one = torch.cat([ens(x_some[i : i + 1]) for i in range(len(x_some))], 1)
+        rec = {"curve": np.stack(curve, 1), "full": ensemble.accuracy(ens, seqs.x_test, seqs.y_test),
+               "b1_max_diff": (logits - one).abs().amax((1, 2)).double().numpy(),
+               "long": ensemble.accuracy(ens, x_long, seqs.y_test)}
+        if norm == "batch":
+            rec["batch2"] = ensemble.batch_accuracy(ens, seqs.x_test, seqs.y_test, 2)
+        out[norm] = rec
     return out
