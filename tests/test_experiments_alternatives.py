@@ -1,5 +1,6 @@
 """normlab.experiments.alternatives: the layers, the style statistics and small runs of each experiment."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -65,6 +66,14 @@ def test_cnn_table_shapes(digits):
     table = alt.cnn_table(images, kinds=("bn", "ln"), batch_sizes=(32,), seeds=(0, 1), epochs=1)
     assert set(table) == {("bn", 32), ("ln", 32)}
     assert all(v.shape == (2,) and ((0 <= v) & (v <= 1)).all() for v in table.values())
+
+
+def test_cnn_table_trains_each_seed_as_train_cnn_does(digits):
+    images = alt.as_images(digits)
+    table = alt.cnn_table(images, kinds=("rms", "in"), batch_sizes=(32, 4), seeds=(0, 1), epochs=1, lr=0.1)
+    for (kind, b), accs in table.items():
+        alone = [alt.train_cnn(kind, images, b, epochs=1, lr=0.1, seed=s) for s in (0, 1)]
+        np.testing.assert_allclose(accs, alone, atol=1.5 / len(images.y_test))  # at most one test example apart
 
 
 def test_time_norms_returns_positive_times():

@@ -14,7 +14,13 @@ channels, (K, N, D) -> (N, K * D), calls the wrapped module and moves it back, s
 ``normlab.nn.BatchNorm1d(K * D)`` normalizes every member's features over that member's batch,
 keeps every member's running statistics, and works with ``precise_bn`` as it is. Ghost batch
 norm, population norm and batch renormalization fold the same way (the trick is the one
-``GhostBatchNorm`` uses for its virtual batches).
+``GhostBatchNorm`` uses for its virtual batches); batch norm of images, (K, N, C, H, W), folds
+into (N, K * C, H, W) alike.
+
+Convolutional and recurrent members: ``normlab.nn.LastHidden`` (an LSTM) has a stacked version,
+``LSTM``, that runs the library's own ``NormLSTMCell.step`` with a member axis; any other layer
+(convolutions, flattening, a chapter's own norm) is ``Vmapped``: the models' own modules with
+their parameters stacked, mapped over the member axis by ``torch.func.vmap``.
 
     models = [make_mlp(40, 10, seed=s) for s in seeds]   # ordinary nn.Sequential models
     ens = stack(models)                                  # one Ensemble of len(seeds) members
@@ -38,8 +44,8 @@ from normlab.data import Split
 from normlab.stats import precise_bn
 from normlab.train import show_progress
 
-__all__ = ["Linear", "Folded", "MemberNorm", "LSTM", "Grouped", "Ensemble", "stack", "member", "member_batches",
-           "SGD", "fit", "evaluate", "accuracy", "batch_accuracy"]
+__all__ = ["Linear", "Folded", "MemberNorm", "LSTM", "Vmapped", "Grouped", "Ensemble", "stack", "member",
+           "member_batches", "SGD", "fit", "evaluate", "accuracy", "batch_accuracy"]
 
 # Layers that act on each value (or each example's last axis) alone: they run on (K, N, D) as is.
 _ELEMENTWISE = (nn.ReLU, nn.Sigmoid, nn.Tanh, nn.GELU, nn.Identity, nn.Dropout)
@@ -70,42 +76,48 @@ class Linear(nn.Module):
 
 
 class Folded(nn.Module):
-    """Run a per-channel layer of K * D channels on (K, N, D) input: member k owns channels kD..(k+1)D-1."""
+    """Run a per-channel layer of K * C channels on (K, N, C, ...) input: member k owns channels kC..(k+1)C-1."""
 
     def __init__(self, module: nn.Module, members: int):
         super().__init__()
         self.module, self.members = module, members
 
     def forward(self, x):
-        K, N, D = x.shape
+        K, N, C, *rest = x.shape
         if K != self.members:
             raise ValueError(f"expected {self.members} members on axis 0, got input of shape {tuple(x.shape)}")
-        folded = x.transpose(0, 1).reshape(N, K * D)  # (N, K * D): each member's features are channels
-        return self.module(folded).reshape(N, K, D).transpose(0, 1)  # back to (K, N, D)
+        folded = x.transpose(0, 1).reshape(N, K * C, *rest)  # (N, K * C, ...): each member's channels
+        return self.module(folded).reshape(N, K, C, *rest).transpose(0, 1)  # back to (K, N, C, ...)
 
 
 class MemberNorm(nn.Module):
-    """LayerNorm or GroupNorm on (K, N, D): each example normalized alone, then member k's own gamma and beta.
+    """LayerNorm or GroupNorm on (K, N, C, ...): each example normalized alone, then member k's own gamma and beta.
 
-    groups: 1 for LayerNorm (all D features), G for GroupNorm (G groups of D / G features).
-    weight, bias: (K, 1, D). Like ``torch.nn.LayerNorm`` / ``GroupNorm`` with the biased variance.
+    layer=True: ``nn.LayerNorm`` over the last axis of (K, N, D) input. Otherwise
+    ``nn.GroupNorm`` with ``groups`` groups of channels (over the channels and any spatial axes;
+    one group is layer norm over (C, ...) as Wu & He define it for CNNs). weight, bias: (K, 1, C).
+    Like the torch modules, with the biased variance.
     """
 
-    def __init__(self, weight, bias, groups: int, eps: float):
+    def __init__(self, weight, bias, groups: int, eps: float, layer: bool = False):
         super().__init__()
         self.weight, self.bias = nn.Parameter(weight), nn.Parameter(bias)
-        self.groups, self.eps = groups, eps
+        self.groups, self.eps, self.layer = groups, eps, layer
 
     def forward(self, x):
-        K, N, D = x.shape
-        if self.groups == 1:
-            normed = F.layer_norm(x, (D,), eps=self.eps)
+        K, N, C, *rest = x.shape
+        if self.layer:
+            if rest:
+                raise ValueError(f"a stacked LayerNorm takes (K, N, D) input, got shape {tuple(x.shape)}")
+            normed = F.layer_norm(x, (C,), eps=self.eps)
         else:
-            normed = F.group_norm(x.reshape(K * N, D), self.groups, eps=self.eps).reshape(K, N, D)
-        return normed * self.weight + self.bias
+            normed = F.group_norm(x.reshape(K * N, C, *rest), self.groups, eps=self.eps).reshape(x.shape)
+        shape = (K, 1, C) + (1,) * len(rest)  # one gamma and beta per member and channel
+        return normed * self.weight.reshape(shape) + self.bias.reshape(shape)
 
     def extra_repr(self):
-        return f"members={self.weight.shape[0]}, features={self.weight.shape[2]}, groups={self.groups}, eps={self.eps}"
+        kind = "LayerNorm" if self.layer else f"groups={self.groups}"
+        return f"members={self.weight.shape[0]}, channels={self.weight.shape[2]}, {kind}, eps={self.eps}"
 
 
 class LSTM(nn.Module):
@@ -129,6 +141,60 @@ class LSTM(nn.Module):
 
     def extra_repr(self):
         return f"members={self.members}"
+
+
+class Vmapped(nn.Module):
+    """K same-shaped modules of any type as one: their parameters and buffers stacked, run with ``torch.func.vmap``.
+
+    For layers with no hand-written ensemble version (convolutions, flattening, a chapter's own
+    norm). ``vmap`` maps the member axis of the input, of every parameter and of every buffer, so
+    member k computes exactly what ``modules[k]`` computes on its slice (buffer updates in place
+    included); dropout inside draws different masks per member. Parameters are (K, ...) with
+    their names flattened ("0.weight" becomes "0__weight").
+    """
+
+    def __init__(self, modules):
+        super().__init__()
+        from torch.func import stack_module_state
+
+        self.members = len(modules)
+        params, buffers = stack_module_state(list(modules))
+        self._names = {name.replace(".", "__"): name for name in [*params, *buffers]}
+        for name, p in params.items():
+            self.register_parameter(name.replace(".", "__"), nn.Parameter(p.detach().clone()))
+        for name, b in buffers.items():
+            self.register_buffer(name.replace(".", "__"), b.clone())
+        self.template = [copy.deepcopy(modules[0]).to("meta")]  # in a list: not a submodule
+
+    def _state(self):
+        params = {self._names[n]: p for n, p in self.named_parameters(recurse=False)}
+        buffers = {self._names[n]: b for n, b in self.named_buffers(recurse=False)}
+        return params, buffers
+
+    def forward(self, x):
+        from torch.func import functional_call, vmap
+
+        template = self.template[0]
+        template.train(self.training)
+        params, buffers = self._state()
+
+        def one(p, b, xk):
+            return functional_call(template, (p, b), (xk,))
+
+        return vmap(one, randomness="different")(params, buffers, x)
+
+    def module_of(self, k: int) -> nn.Module:
+        """Member k as an ordinary module (a copy)."""
+        one = copy.deepcopy(self.template[0]).to_empty(device="cpu")
+        params, buffers = self._state()
+        with torch.no_grad():
+            for name, t in {**params, **buffers}.items():
+                target = one.get_parameter(name) if name in params else one.get_buffer(name)
+                target.copy_(t[k])
+        return one.train(self.training)
+
+    def extra_repr(self):
+        return f"members={self.members}, module={type(self.template[0]).__name__}"
 
 
 class Grouped(nn.Module):
@@ -203,14 +269,15 @@ def _stack_layers(layers, i):
             raise ValueError(f"layer {i}: a {type(first).__name__} without affine parameters is not supported")
         weight = torch.stack([layer.weight.detach() for layer in layers]).unsqueeze(1).clone()  # (K, 1, D)
         bias = torch.stack([layer.bias.detach() for layer in layers]).unsqueeze(1).clone()
-        return MemberNorm(weight, bias, 1 if ln else first.num_groups, first.eps)
+        return MemberNorm(weight, bias, 1 if ln else first.num_groups, first.eps, layer=ln)
     if isinstance(first, normlab_nn.LastHidden):
         return LSTM(_stack_cell([layer.lstm.cell for layer in layers], i), K)
     if isinstance(first, _ELEMENTWISE):
         return copy.deepcopy(first)
-    raise TypeError(f"layer {i} ({type(first).__name__}) has no ensemble version; supported: Linear, batch norm "
-                    f"modules, LayerNorm, GroupNorm, normlab.nn.LastHidden, "
-                    f"{', '.join(t.__name__ for t in _ELEMENTWISE)}")
+    shapes = [[tuple(t.shape) for t in (*m.parameters(), *m.buffers())] for m in layers]
+    if any(sh != shapes[0] for sh in shapes):
+        raise ValueError(f"layer {i} ({type(first).__name__}): parameter shapes differ between models")
+    return Vmapped(layers)  # any other layer: the models' own modules, mapped over the member axis
 
 
 def _stack_cell(cells, i):
@@ -268,7 +335,8 @@ def stack(models) -> Ensemble:
         if any(isinstance(layer, nn.Linear) for layer in layers):
             raise ValueError(f"layer {i} differs between models: {sorted({type(x).__name__ for x in layers})}")
         out.append(Grouped([_stack_layers(layers[a:b], i) for a, b in runs], [b - a for a, b in runs]))
-    example_dims = 2 if isinstance(models[0][0], normlab_nn.LastHidden) else 1
+    first = models[0][0]
+    example_dims = {nn.Conv2d: 3, nn.Conv1d: 2, normlab_nn.LastHidden: 2}.get(type(first), 1)  # axes of one example
     return Ensemble(*out, members=K, example_dims=example_dims)
 
 
@@ -292,11 +360,13 @@ def _member_layer(layer, k, K):
         return norm
     if isinstance(layer, MemberNorm):
         D = layer.weight.shape[2]
-        norm = nn.LayerNorm(D, eps=layer.eps) if layer.groups == 1 else nn.GroupNorm(layer.groups, D, eps=layer.eps)
+        norm = nn.LayerNorm(D, eps=layer.eps) if layer.layer else nn.GroupNorm(layer.groups, D, eps=layer.eps)
         with torch.no_grad():
             norm.weight.copy_(layer.weight[k, 0])
             norm.bias.copy_(layer.bias[k, 0])
         return norm
+    if isinstance(layer, Vmapped):
+        return layer.module_of(k)
     if isinstance(layer, LSTM):
         c = layer.cell
         one = normlab_nn.LastHidden(c.input_size, c.hidden_size, c.norm, c.max_steps, c.eps, c.momentum)

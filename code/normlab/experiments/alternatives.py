@@ -62,10 +62,9 @@ LABELS = {"none": "none", "bn": "BatchNorm", "ln": "LayerNorm", "in": "InstanceN
 def budget(scale="quick"):
     """Return the seeds, epochs and steps per experiment for a scale ('quick' or 'full')."""
     if scale == "quick":
-        return {"seeds": 3, "rnn_seeds": 8, "cnn_epochs": 1, "rnn_steps": 250, "style_steps": 150, "time_repeat": 15}
+        return {"seeds": 8, "cnn_epochs": 1, "rnn_steps": 250, "style_steps": 150, "time_repeat": 15}
     if scale == "full":
-        return {"seeds": 5, "rnn_seeds": 8, "cnn_epochs": 10, "rnn_steps": 3000, "style_steps": 600,
-                "time_repeat": 51}
+        return {"seeds": 8, "cnn_epochs": 10, "rnn_steps": 3000, "style_steps": 600, "time_repeat": 51}
     raise ValueError(f"scale must be 'quick' or 'full', got {scale!r}")
 
 
@@ -110,24 +109,21 @@ def make_norm(kind, channels, groups=4):
     raise ValueError(f"kind must be one of {CNN_NORMS}, got {kind!r}")
 
 
-class DigitCNN(nn.Module):
+class DigitCNN(nn.Sequential):
     """conv3x3(1->c1) - norm - ReLU - conv3x3 stride 2 (c1->c2) - norm - ReLU - flatten - linear.
 
     Input (N, 1, 8, 8); the second convolution gives (N, c2, 4, 4), flattened for the linear layer
-    (no global pooling: where a stroke is matters for a digit).
+    (no global pooling: where a stroke is matters for a digit). An ``nn.Sequential``, so that
+    ``normlab.ensemble`` stacks it.
     """
 
     def __init__(self, norm="bn", c1=16, c2=32, classes=10, groups=4):
-        super().__init__()
         bias = norm == "none"  # a shift before a mean-subtracting norm is cancelled by it
-        self.features = nn.Sequential(
+        super().__init__(
             nn.Conv2d(1, c1, 3, padding=1, bias=bias), make_norm(norm, c1, groups), nn.ReLU(),
             nn.Conv2d(c1, c2, 3, stride=2, padding=1, bias=bias), make_norm(norm, c2, groups), nn.ReLU(),
+            nn.Flatten(), nn.Linear(c2 * 16, classes),  # (N, c2, 4, 4) -> (N, c2 * 16) -> (N, classes)
         )
-        self.head = nn.Linear(c2 * 16, classes)
-
-    def forward(self, x):
-        return self.head(self.features(x).flatten(1))  # (N, c2 * 16) -> (N, classes)
 
 
 def as_images(data):
@@ -153,10 +149,26 @@ def train_cnn(kind, images, batch_size=32, epochs=3, lr=0.05, seed=0):
     return accuracy(model, images.x_test, images.y_test)
 
 
-def cnn_table(images, kinds=CNN_NORMS, batch_sizes=(32, 2), seeds=(0, 1, 2), epochs=3, lr=0.05):
-    """Return {(kind, batch_size): (S,) array of test accuracies}, one entry per seed."""
-    return {(k, b): np.array([train_cnn(k, images, b, epochs, lr, s) for s in seeds]) for k in kinds
-            for b in batch_sizes}
+def cnn_table(images, kinds=CNN_NORMS, batch_sizes=(32, 2), seeds=(0, 1, 2), epochs=3, lr=0.05, progress=None):
+    """Return {(kind, batch_size): (S,) array of test accuracies}, one entry per seed.
+
+    Each entry is ``train_cnn(kind, images, batch_size, epochs, lr, seed)`` for every seed, the
+    seeds trained together as one ``normlab.ensemble``.
+    """
+    _check_positive_int("epochs", epochs)
+    table = {}
+    for k in kinds:
+        for b in batch_sizes:
+            _check_positive_int("batch_size", b)
+            models = []
+            for s in seeds:
+                torch.manual_seed(s)  # as train_cnn
+                models.append(DigitCNN(k))
+            ens = ensemble.stack(models)
+            ensemble.fit(ens, images, lr=lr * b / 32, seeds=seeds, steps=max(1, epochs * len(images.x_train) // b),
+                         batch_size=b, progress=progress)
+            table[k, b] = ensemble.accuracy(ens, images.x_test, images.y_test)
+    return table
 
 
 # --------------------------------------------------------------------------------------------
