@@ -106,15 +106,18 @@ def test_lstm_members_train_with_adam_as_alone(blobs, norm):
 
 @pytest.mark.parametrize("norm", ["bn", "gn", "ln"])
 def test_convolutional_members_train_as_alone(blobs, norm):
-    """Conv1d layers (mapped over the members with vmap) between folded BN or stacked GroupNorm."""
+    """Stacked Conv1d layers (im2col), a circular-padded one and Unflatten (vmapped), between folded BN or GroupNorm."""
     def model(seed):
         torch.manual_seed(seed)
         layer = {"bn": lambda: nn.BatchNorm1d(6), "gn": lambda: nn.GroupNorm(2, 6), "ln": lambda: nn.GroupNorm(1, 6)}
         return nn.Sequential(nn.Unflatten(1, (1, 10)), nn.Conv1d(1, 6, 3, bias=False), layer[norm](), nn.ReLU(),
-                             nn.Conv1d(6, 6, 3, stride=2), nn.Flatten(), nn.Linear(18, 4))
+                             nn.Conv1d(6, 6, 3, stride=2, padding=1),
+                             nn.Conv1d(6, 6, 3, padding=1, padding_mode="circular"), nn.Flatten(), nn.Linear(24, 4))
 
     ens = _assert_members_train_as_alone(model, SEEDS, blobs, steps=15, lr=0.05, batch_size=16)
-    assert isinstance(ens[1], ensemble.Vmapped) and ens(blobs.x_test).shape == (3, len(blobs.x_test), 4)
+    assert [type(layer).__name__ for layer in ens][:6] == ["PerExample", "Conv", type(ens[2]).__name__, "ReLU",
+                                                            "Conv", "Vmapped"]
+    assert ens(blobs.x_test).shape == (3, len(blobs.x_test), 4)
     for k in range(3):  # member k of the ensemble computes what member(ens, k) computes
         torch.testing.assert_close(ens(blobs.x_test)[k], ensemble.member(ens, k).eval()(blobs.x_test),
                                    atol=1e-5, rtol=1e-4)
@@ -131,6 +134,21 @@ def test_images_go_in_with_their_channel_axis(blobs):
 
     ens = _assert_members_train_as_alone(model, SEEDS, images, steps=10, lr=0.05, batch_size=16)
     assert ens.example_dims == 3 and ens(images.x_test).shape == (3, len(images.x_test), 4)
+
+
+def test_accuracy_takes_one_set_for_all_members_or_one_set_each(blobs):
+    models = [rg.fit(_mlp("bn", s), blobs, steps=20, batch_size=32, lr=0.05, seed=s) for s in SEEDS]
+    ens = ensemble.stack(models)
+    x, y = blobs.x_test, blobs.y_test
+    shared = ensemble.accuracy(ens, x, y, batch_size=7)
+    for k, m in enumerate(models):
+        assert shared[k] == pytest.approx((m.eval()(x).argmax(1) == y).double().mean().item())
+    parts = [slice(0, 20), slice(10, 30), slice(20, 40)]  # member k on its own examples
+    own = ensemble.accuracy(ens, torch.stack([x[p] for p in parts]), torch.stack([y[p] for p in parts]), batch_size=6)
+    for k, (m, p) in enumerate(zip(models, parts)):
+        assert own[k] == pytest.approx((m(x[p]).argmax(1) == y[p]).double().mean().item())
+    with pytest.raises(ValueError, match="do not match"):
+        ensemble.accuracy(ens, x, y[:5])
 
 
 def test_evaluate_gives_each_members_numbers(blobs):
@@ -174,7 +192,7 @@ def test_errors_say_what_is_wrong(blobs):
         ensemble.stack([])
     with pytest.raises(ValueError, match="layer 0 differs"):
         ensemble.stack([nn.Sequential(nn.Linear(10, 4)), nn.Sequential(nn.ReLU())])
-    with pytest.raises(ValueError, match="parameter shapes differ"):
+    with pytest.raises(ValueError, match="sizes differ"):
         ensemble.stack([nn.Sequential(nn.Conv1d(1, 2, 3)), nn.Sequential(nn.Conv1d(1, 2, 5))])
     ens = ensemble.stack([_mlp("bn", s) for s in SEEDS])
     with pytest.raises(ValueError, match="one seed per member"):

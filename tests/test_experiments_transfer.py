@@ -99,11 +99,55 @@ def test_adaptation_and_finetuning_results_on_a_toy_problem():
     assert models[0].training is False  # the source models are left as they were
 
 
+def test_seeds_trained_together_give_what_each_seed_gives_alone():
+    """train_sources, adaptation_results and finetune_results run the seeds as one ensemble: check each
+    number against the same protocol run on one model at a time (within one test example: rounding)."""
+    data, seeds, one = toy(), [0, 1], 1.5 / 100
+    together = tr.train_sources(data, seeds, steps=30, width=8)
+    alone = [tr.train_source(data, s, steps=30, width=8) for s in seeds]
+    for a, b in zip(together, alone):
+        for (key, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+            torch.testing.assert_close(x.float(), y.float(), atol=1e-4, rtol=1e-4, msg=key)
+    shifted = Split(2 * data.x_train + 1, data.y_train, 2 * data.x_test + 1, data.y_test)
+    res = tr.adaptation_results(alone, {"shifted": shifted}, batch_sizes=(2,), priors=(8,), tent_batch=25,
+                                progress=False)
+    x, y = shifted.x_test, shifted.y_test
+    for j, model in enumerate(alone):
+        m = adapt.prior_adapt(copy.deepcopy(model), adapt.bn_statistics(model), 8)
+        assert res[("prior", 8, 2)]["shifted"][j] == pytest.approx(accuracy(m, x, y, batch_size=2), abs=one)
+        m = adapt.adabn(copy.deepcopy(model), shifted.x_train.split(500))
+        assert res["adabn"]["shifted"][j] == pytest.approx(accuracy(m, x, y), abs=one)
+        m = adapt.tent(copy.deepcopy(model), x.split(25), lr=1e-3)
+        assert res["tent"]["shifted"][j] == pytest.approx(accuracy(m, x, y, batch_size=25, train_mode=True), abs=one)
+    lrs = (0.003, 0.03)
+    ft = tr.finetune_results(alone, {"shifted": shifted}, seeds, labelled=(20,), n_val=30, lrs=lrs, steps=8,
+                             batch_size=10, progress=False)
+    for mode in tr.MODES:
+        for j, model in enumerate(alone):
+            part, validation = tr.labelled_split(shifted, 20, 30, seed=seeds[j])
+            a, lr = tr.finetune(model, part, validation, mode, lrs=lrs, steps=8, batch_size=10, seed=seeds[j])
+            assert ft["acc"][(20, mode)]["shifted"][j] == pytest.approx(a, abs=one), mode
+            assert ft["lr"][(20, mode)]["shifted"][j] == lr, mode
+
+
 def test_bn_only_vs_width_counts_parameters_and_trains_only_bn():
     res = tr.bn_only_vs_width(toy(), (4, 8), [0, 1], steps=5, full_width=8, progress=False)
     assert res["bn_only"].shape == (2, 2) and res["full"].shape == (2,)
     assert res["params"] == [4 * 4, 4 * 8]  # two BN layers, gamma and beta each
     assert ((0 <= res["gamma_small"]) & (res["gamma_small"] <= 1)).all()
+    from normlab.experiments.regularization import make_mlp
+    from normlab.train import train
+
+    for j, seed in enumerate([0, 1]):  # the ensemble's numbers are those of each seed trained alone
+        model = make_mlp(40, 10, width=8, seed=seed)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in adapt.bn_only_parameters(model):
+            p.requires_grad_(True)
+        train(model, toy(), steps=5, lr=0.5, batch_size=64, seed=seed, progress=False)
+        assert res["bn_only"][1, j] == pytest.approx(accuracy(model, toy().x_test, toy().y_test), abs=0.015)
+        gammas = torch.cat([p.detach() for p in adapt.bn_only_parameters(model)[0::2]])
+        assert res["gamma_small"][1, j] == pytest.approx((gammas.abs() < 0.1).double().mean().item())
 
 
 def test_summarize_formats_mean_and_sd_in_percent():

@@ -238,9 +238,9 @@ def prior_adapt(model: nn.Module, source_stats, n_prior) -> nn.Module:
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Return the entropy (nats) of softmax(logits) for each row of (N, classes) logits: (N,)."""
-    logp = F.log_softmax(logits, dim=1)
-    return -(logp.exp() * logp).sum(dim=1)
+    """Return the entropy (nats) of softmax(logits) for each row of (..., N, classes) logits: (..., N)."""
+    logp = F.log_softmax(logits, dim=-1)
+    return -(logp.exp() * logp).sum(dim=-1)
 
 
 def tent(model: nn.Module, batches, lr: float = 1e-3, steps: int = 1) -> nn.Module:
@@ -277,7 +277,9 @@ def tent(model: nn.Module, batches, lr: float = 1e-3, steps: int = 1) -> nn.Modu
             if x.shape[0] < 2:
                 raise ValueError(f"tent needs batches of at least 2 examples, got one of {x.shape[0]}")
             for _ in range(steps):
-                loss = entropy(model(x)).mean()
+                # The mean entropy of the batch; summed over the members of a normlab.ensemble (logits
+                # (K, N, classes)), so that each member gets the gradient it would get alone.
+                loss = entropy(model(x)).mean(-1).sum()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

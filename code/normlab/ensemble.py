@@ -17,10 +17,12 @@ norm, population norm and batch renormalization fold the same way (the trick is 
 ``GhostBatchNorm`` uses for its virtual batches); batch norm of images, (K, N, C, H, W), folds
 into (N, K * C, H, W) alike.
 
-Convolutional and recurrent members: ``normlab.nn.LastHidden`` (an LSTM) has a stacked version,
-``LSTM``, that runs the library's own ``NormLSTMCell.step`` with a member axis; any other layer
-(convolutions, flattening, a chapter's own norm) is ``Vmapped``: the models' own modules with
-their parameters stacked, mapped over the member axis by ``torch.func.vmap``.
+Convolutional and recurrent members: ``Conv`` stacks Conv1d/Conv2d layers (one batched product
+over the receptive fields); ``normlab.nn.LastHidden`` (an LSTM) has a stacked version, ``LSTM``,
+that runs the library's own ``NormLSTMCell.step`` with a member axis; ``PerExample`` runs
+Flatten/Unflatten; any other layer (a chapter's own norm, a circular-padded convolution) is
+``Vmapped``: the models' own modules with their parameters stacked, mapped over the member axis by
+``torch.func.vmap``.
 
     models = [make_mlp(40, 10, seed=s) for s in seeds]   # ordinary nn.Sequential models
     ens = stack(models)                                  # one Ensemble of len(seeds) members
@@ -31,7 +33,9 @@ their parameters stacked, mapped over the member axis by ``torch.func.vmap``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import math
 
 import numpy as np
 import torch
@@ -44,8 +48,8 @@ from normlab.data import Split
 from normlab.stats import precise_bn
 from normlab.train import show_progress
 
-__all__ = ["Linear", "Folded", "MemberNorm", "LSTM", "Vmapped", "Grouped", "Ensemble", "stack", "member",
-           "member_batches", "SGD", "fit", "evaluate", "accuracy", "batch_accuracy"]
+__all__ = ["Linear", "Conv", "Folded", "MemberNorm", "LSTM", "PerExample", "Vmapped", "Grouped", "Ensemble", "stack",
+           "member", "member_batches", "SGD", "fit", "evaluate", "accuracy", "batch_accuracy"]
 
 # Layers that act on each value (or each example's last axis) alone: they run on (K, N, D) as is.
 _ELEMENTWISE = (nn.ReLU, nn.Sigmoid, nn.Tanh, nn.GELU, nn.Identity, nn.Dropout)
@@ -88,6 +92,44 @@ class Folded(nn.Module):
             raise ValueError(f"expected {self.members} members on axis 0, got input of shape {tuple(x.shape)}")
         folded = x.transpose(0, 1).reshape(N, K * C, *rest)  # (N, K * C, ...): each member's channels
         return self.module(folded).reshape(N, K, C, *rest).transpose(0, 1)  # back to (K, N, C, ...)
+
+
+class Conv(nn.Module):
+    """K stacked ``nn.Conv1d`` or ``nn.Conv2d`` layers: (K, N, C, *S) -> (K, N, out, *S'), one batched product.
+
+    The convolution is written as a matrix product (im2col): ``Tensor.unfold`` views every
+    example's receptive fields, (C * kernel values) per output position, and one batched product
+    multiplies each member's fields by its own (C * kernel, out) weight. On a CPU this is faster
+    for small members than a grouped convolution. weight: (K, C * kernel, out), member k's kernel
+    flattened and transposed; bias: (K, 1, out), or None.
+    """
+
+    def __init__(self, weight, bias, *, kernel_size, stride, padding, dilation):
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+        self.bias = None if bias is None else nn.Parameter(bias)
+        self.kernel_size, self.stride, self.padding = tuple(kernel_size), tuple(stride), tuple(padding)
+        if any(d != 1 for d in dilation):
+            raise ValueError(f"dilated convolutions are not supported, got dilation={tuple(dilation)}")
+
+    def forward(self, x):
+        K, N, C, *S = x.shape
+        dims = len(self.kernel_size)
+        if len(S) != dims:
+            raise ValueError(f"expected (K, N, C) and {dims} spatial axes, got shape {tuple(x.shape)}")
+        pads = [q for p in reversed(self.padding) for q in (p, p)]
+        cols = F.pad(x, pads) if any(self.padding) else x
+        for axis, (k, st) in enumerate(zip(self.kernel_size, self.stride)):
+            cols = cols.unfold(3 + axis, k, st)  # (K, N, C, *out positions, *kernel): a view
+        out = cols.shape[3 : 3 + dims]
+        order = [0, 1, *range(3, 3 + dims), 2, *range(3 + dims, 3 + 2 * dims)]  # (K, N, *out, C, *kernel)
+        cols = cols.permute(order).reshape(K, N * math.prod(out), -1)  # (K, N * positions, C * kernel)
+        y = cols @ self.weight if self.bias is None else torch.baddbmm(self.bias, cols, self.weight)
+        return y.reshape(K, N, *out, -1).movedim(-1, 2)  # (K, N, out channels, *out positions)
+
+    def extra_repr(self):
+        K, fields, out = self.weight.shape
+        return f"members={K}, fields={fields}, out_channels={out}, kernel={self.kernel_size}, stride={self.stride}"
 
 
 class MemberNorm(nn.Module):
@@ -141,6 +183,18 @@ class LSTM(nn.Module):
 
     def extra_repr(self):
         return f"members={self.members}"
+
+
+class PerExample(nn.Module):
+    """A layer without parameters that acts on each example alone (``nn.Flatten``, ``nn.Unflatten``), on
+    (K, N, ...): the member and batch axes merged into one batch axis and split again afterwards."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x):
+        return self.module(x.flatten(0, 1)).unflatten(0, x.shape[:2])
 
 
 class Vmapped(nn.Module):
@@ -247,7 +301,23 @@ def _stack_norm(layers):
 
 
 def _stack_layers(layers, i):
-    """One ensemble layer from the K same-type layers found at depth i of the models."""
+    """One ensemble layer from the K same-type layers found at depth i of the models.
+
+    Parameters the models do not train (``requires_grad=False``, e.g. after ``freeze_bn``) are
+    not trained in the ensemble either; the models must agree on which.
+    """
+    flags = [[p.requires_grad for p in layer.parameters()] for layer in layers]
+    if any(f != flags[0] for f in flags):
+        raise ValueError(f"layer {i}: the models differ in which parameters train (requires_grad)")
+    stacked = _stack_layer(layers, i)
+    params = list(stacked.parameters())  # one stacked tensor per parameter of the model's layer, in order
+    assert len(params) == len(flags[0]), (type(stacked).__name__, len(params), len(flags[0]))
+    for p, flag in zip(params, flags[0]):
+        p.requires_grad_(flag)
+    return stacked
+
+
+def _stack_layer(layers, i):
     K, first = len(layers), layers[0]
     if isinstance(first, nn.Linear):
         if any(layer.weight.shape != first.weight.shape for layer in layers):
@@ -270,10 +340,21 @@ def _stack_layers(layers, i):
         weight = torch.stack([layer.weight.detach() for layer in layers]).unsqueeze(1).clone()  # (K, 1, D)
         bias = torch.stack([layer.bias.detach() for layer in layers]).unsqueeze(1).clone()
         return MemberNorm(weight, bias, 1 if ln else first.num_groups, first.eps, layer=ln)
+    if (isinstance(first, (nn.Conv1d, nn.Conv2d)) and first.groups == 1 and first.padding_mode == "zeros"
+            and not isinstance(first.padding, str) and all(d == 1 for d in first.dilation)):
+        if any(layer.weight.shape != first.weight.shape for layer in layers):
+            raise ValueError(f"layer {i}: convolution sizes differ between models")
+        out = first.out_channels
+        weight = torch.stack([layer.weight.detach().reshape(out, -1).T for layer in layers]).contiguous()
+        bias = None if first.bias is None else torch.stack([layer.bias.detach() for layer in layers]).unsqueeze(1)
+        return Conv(weight, None if bias is None else bias.clone(), kernel_size=first.kernel_size,
+                    stride=first.stride, padding=first.padding, dilation=first.dilation)
     if isinstance(first, normlab_nn.LastHidden):
         return LSTM(_stack_cell([layer.lstm.cell for layer in layers], i), K)
     if isinstance(first, _ELEMENTWISE):
         return copy.deepcopy(first)
+    if isinstance(first, (nn.Flatten, nn.Unflatten)):
+        return PerExample(copy.deepcopy(first))
     shapes = [[tuple(t.shape) for t in (*m.parameters(), *m.buffers())] for m in layers]
     if any(sh != shapes[0] for sh in shapes):
         raise ValueError(f"layer {i} ({type(first).__name__}): parameter shapes differ between models")
@@ -356,7 +437,7 @@ def _member_layer(layer, k, K):
         for name, t in list(norm.named_parameters(recurse=False)) + list(norm.named_buffers(recurse=False)):
             if t is not None and t.dim() == 1:
                 part = t.detach()[k * D : (k + 1) * D].clone()
-                setattr(norm, name, nn.Parameter(part) if isinstance(t, nn.Parameter) else part)
+                setattr(norm, name, nn.Parameter(part, t.requires_grad) if isinstance(t, nn.Parameter) else part)
         return norm
     if isinstance(layer, MemberNorm):
         D = layer.weight.shape[2]
@@ -367,6 +448,18 @@ def _member_layer(layer, k, K):
         return norm
     if isinstance(layer, Vmapped):
         return layer.module_of(k)
+    if isinstance(layer, PerExample):
+        return copy.deepcopy(layer.module)
+    if isinstance(layer, Conv):
+        fields, out = layer.weight.shape[1:]
+        cls = nn.Conv1d if len(layer.kernel_size) == 1 else nn.Conv2d
+        conv = cls(fields // math.prod(layer.kernel_size), out, layer.kernel_size, stride=layer.stride,
+                   padding=layer.padding, bias=layer.bias is not None)
+        with torch.no_grad():
+            conv.weight.copy_(layer.weight[k].T.reshape(conv.weight.shape))
+            if layer.bias is not None:
+                conv.bias.copy_(layer.bias[k, 0])
+        return conv
     if isinstance(layer, LSTM):
         c = layer.cell
         one = normlab_nn.LastHidden(c.input_size, c.hidden_size, c.norm, c.max_steps, c.eps, c.momentum)
@@ -572,14 +665,26 @@ def evaluate(ens: Ensemble, data: Split) -> dict:
 
 
 @torch.no_grad()
-def accuracy(ens: Ensemble, x, y) -> np.ndarray:
-    """Return each member's accuracy on x, y in eval mode, all of x at once: (K,)."""
-    was = ens.training
-    ens.eval()
-    try:
-        return (ens(x).argmax(-1) == y).double().mean(1).numpy()
-    finally:
-        ens.train(was)
+def accuracy(ens: Ensemble, x, y, batch_size: int | None = None, train_mode: bool = False) -> np.ndarray:
+    """Return each member's accuracy on x, y: (K,). As ``normlab.train.accuracy``, for every member at once.
+
+    x, y: one set for every member ((N, ...) and (N,)), or one per member ((K, N, ...) and (K, N)).
+    By default in eval mode on all of x at once; with ``batch_size``, on consecutive batches (the
+    last one may be shorter). ``train_mode=True`` normalizes each batch with its own statistics
+    (what forgetting ``model.eval()`` does: the norm layers in training mode; dropout stays off);
+    running statistics are saved and restored, so the call changes nothing.
+    """
+    own = x.dim() == ens.example_dims + 2  # one set per member: examples on axis 1
+    N = x.shape[1] if own else len(x)
+    if y.shape[-1] != N or (y.dim() == 2) != own:
+        raise ValueError(f"x of shape {tuple(x.shape)} and y of shape {tuple(y.shape)} do not match")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    step = batch_size or N
+    with _batch_statistics(ens, train_mode):
+        correct = sum((ens(x[:, i : i + step] if own else x[i : i + step]).argmax(-1) == y[..., i : i + step]).sum(1)
+                      for i in range(0, N, step))
+    return (correct.double() / N).numpy()
 
 
 def _uses_batch_statistics(module):
@@ -588,31 +693,35 @@ def _uses_batch_statistics(module):
                                                   and module.norm == "batch")
 
 
+@contextlib.contextmanager
+def _batch_statistics(ens, on=True):
+    """Within the block: ``ens`` in eval mode, its norm layers in training mode (if ``on``); afterwards
+    every norm layer's running statistics are what they were, and the modes too."""
+    norms = [m for m in ens.modules() if _uses_batch_statistics(m)] if on else []
+    saved = [{k: v.clone() for k, v in m.state_dict().items()} for m in norms]
+    was = ens.training
+    ens.eval()
+    for m in norms:
+        m.train()
+    try:
+        yield
+    finally:
+        for m, state in zip(norms, saved):
+            m.load_state_dict(state)
+        ens.train(was)
+
+
 @torch.no_grad()
 def batch_accuracy(ens: Ensemble, x, y, batch_size: int) -> np.ndarray:
     """Return each member's accuracy on x, y with the statistics of consecutive batches of ``batch_size`` (K,).
 
     The norm layers run in training mode (what forgetting ``model.eval()`` does) on each batch in
     turn; the rest of the model (dropout) in eval mode; running statistics are saved and restored,
-    so the call changes nothing. A last short batch is left out.
+    so the call changes nothing. A last short batch is left out (``accuracy(..., train_mode=True)``
+    keeps it).
     """
-    K, N = ens.members, len(x)
+    N = len(x)
     if not 2 <= batch_size <= N:
         raise ValueError(f"batch_size must be in [2, {N}], got {batch_size}")
-    norms = [m for m in ens.modules() if _uses_batch_statistics(m)]
-    saved = [{k: v.clone() for k, v in m.state_dict().items()} for m in norms]
-    was = ens.training
-    ens.eval()
-    for m in norms:
-        m.train()
-    correct = torch.zeros(K)
-    try:
-        M = N // batch_size
-        for j in range(M):
-            part = slice(j * batch_size, (j + 1) * batch_size)
-            correct += (ens(x[part]).argmax(-1) == y[part]).sum(1)  # (K,)
-    finally:
-        for m, state in zip(norms, saved):
-            m.load_state_dict(state)
-        ens.train(was)
-    return (correct / (M * batch_size)).double().numpy()
+    M = N // batch_size
+    return accuracy(ens, x[: M * batch_size], y[: M * batch_size], batch_size, train_mode=True)

@@ -27,10 +27,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from normlab import ensemble
 from normlab.adapt import adabn, bn_only_parameters, bn_statistics, freeze_bn, prior_adapt, tent
 from normlab.data import Split, add_noise, affine_shift, load_mnist1d, mnist1d_shifted
 from normlab.experiments import _check_positive_int, seeds_for
 from normlab.experiments.regularization import make_mlp
+from normlab.stats import batch_norm_layers
 from normlab.train import accuracy, show_progress, train
 
 __all__ = [
@@ -42,6 +44,7 @@ __all__ = [
     "make_cnn",
     "domains",
     "train_source",
+    "train_sources",
     "adaptation_results",
     "labelled_split",
     "set_mode",
@@ -65,10 +68,10 @@ MODE_LABELS = {
 def budget(scale: str = "quick") -> dict:
     """Seeds, steps and sizes per experiment at a scale ('quick': the 60 s notebooks; 'full')."""
     if scale == "quick":
-        return {"seeds": 3, "num_samples": 5000, "source_steps": 600, "finetune_steps": 100,
+        return {"seeds": 8, "num_samples": 5000, "source_steps": 600, "finetune_steps": 100,
                 "bn_only_steps": 800, "widths": (32, 128, 512), "labelled": (50,)}
     if scale == "full":
-        return {"seeds": 5, "num_samples": 10000, "source_steps": 2000, "finetune_steps": 300,
+        return {"seeds": 8, "num_samples": 10000, "source_steps": 2000, "finetune_steps": 300,
                 "bn_only_steps": 3000, "widths": (32, 128, 512, 2048), "labelled": (50, 500)}
     raise ValueError(f"scale must be 'quick' or 'full', got {scale!r}")
 
@@ -134,6 +137,18 @@ def train_source(data: Split, seed: int, *, steps: int = 600, width: int = 32, l
     return model.eval()
 
 
+def train_sources(data: Split, seeds, *, steps: int = 600, width: int = 32, lr: float = 0.05, batch_size=64,
+                  progress=None) -> list:
+    """``train_source(data, seed, ...)`` for every seed, the seeds trained together as one ``normlab.ensemble``.
+
+    Returns one model per seed, in eval mode, each the model ``train_source`` gives for its seed
+    (up to float rounding: the ensemble's batched products sum in another order).
+    """
+    ens = ensemble.stack([make_cnn(data.num_features, data.num_classes, width=width, seed=s) for s in seeds])
+    ensemble.fit(ens, data, lr=lr, seeds=seeds, steps=steps, batch_size=batch_size, progress=progress)
+    return [ensemble.member(ens, k).eval() for k in range(len(seeds))]
+
+
 # --------------------------------------------------------------------------------------------
 # 1. Adapting statistics without labels: AdaBN, the prior, TENT
 # --------------------------------------------------------------------------------------------
@@ -151,32 +166,33 @@ def adaptation_results(models, targets: dict, *, batch_sizes=(2, 64), priors=(0,
     statistics at that batch size). Batch sizes below 16 are evaluated on the first
     ``small_batch_examples`` test examples only (hundreds of forward passes of two examples are
     slow); ("prior", math.inf, B) is the source model by construction and is copied from "source".
-    Returns {method: {domain: (seeds,) array}}.
+    The models run together as one ``normlab.ensemble`` (the adaptations act on each member's own
+    BN channels, and TENT's loss is each member's own). Returns {method: {domain: (seeds,) array}}.
     """
     out = {}
-
-    def put(method, domain, j, value):
-        out.setdefault(method, {}).setdefault(domain, np.zeros(len(models)))[j] = value
-
-    jobs = [(j, d) for j in range(len(models)) for d in targets]
-    for j, name in _bar(jobs, "adaptation", progress):
+    stacked = ensemble.stack(models)  # every seed's model as one: each step below runs all of them
+    for name in _bar(list(targets), "adaptation", progress):
         data = targets[name]
-        model = copy.deepcopy(models[j]).eval()
-        source = bn_statistics(model)
-        put("source", name, j, accuracy(model, data.x_test, data.y_test))
+        ens = copy.deepcopy(stacked).eval()
+        source = bn_statistics(ens)
+
+        def put(method, value, name=name):
+            out.setdefault(method, {})[name] = value
+
+        put("source", ensemble.accuracy(ens, data.x_test, data.y_test))
         for n_prior in priors:
-            prior_adapt(model, source, n_prior)
+            prior_adapt(ens, source, n_prior)
             for b in batch_sizes:
                 if math.isinf(n_prior):
-                    put(("prior", n_prior, b), name, j, out["source"][name][j])
+                    put(("prior", n_prior, b), out["source"][name].copy())
                     continue
                 k = small_batch_examples if b < 16 else len(data.y_test)
-                put(("prior", n_prior, b), name, j, accuracy(model, data.x_test[:k], data.y_test[:k], batch_size=b))
-        prior_adapt(model, source, math.inf)  # back to the source model
-        put("adabn", name, j, accuracy(adabn(copy.deepcopy(model), data.x_train.split(chunk)),
-                                       data.x_test, data.y_test))
-        tent(model, data.x_test.split(tent_batch), lr=tent_lr)
-        put("tent", name, j, accuracy(model, data.x_test, data.y_test, batch_size=tent_batch, train_mode=True))
+                put(("prior", n_prior, b), ensemble.accuracy(ens, data.x_test[:k], data.y_test[:k], batch_size=b))
+        prior_adapt(ens, source, math.inf)  # back to the source models
+        put("adabn", ensemble.accuracy(adabn(copy.deepcopy(ens), data.x_train.split(chunk)), data.x_test,
+                                       data.y_test))
+        tent(ens, data.x_test.split(tent_batch), lr=tent_lr)
+        put("tent", ensemble.accuracy(ens, data.x_test, data.y_test, batch_size=tent_batch, train_mode=True))
     return out
 
 
@@ -257,21 +273,38 @@ def finetune_results(models, targets: dict, seeds, *, labelled=(50,), n_val=500,
     Returns {"acc": {(n, mode): {domain: (seeds,) array}}, "lr": the same with the chosen learning
     rates}, plus "source" and "adabn" ({domain: (seeds,)}): the accuracies without labels, for
     comparison. The labelled examples of seed j are ``labelled_split(target, n, n_val, seeds[j])``.
+    Each model's fine-tuning is ``finetune``'s (one run per learning rate, the best on the
+    validation examples wins; ties: the earlier rate); all runs of one mode, every seed and every
+    rate, train together as one ``normlab.ensemble`` whose member (rate l, seed j) draws seed j's
+    batches from seed j's labelled examples.
     """
+    K, R = len(models), len(lrs)
     acc, lr_chosen, base = {}, {}, {"source": {}, "adabn": {}}
-    jobs = [(j, d, n) for j in range(len(models)) for d in targets for n in labelled]
-    for j, name, n in _bar(jobs, "fine-tuning", progress):
+    stacked = ensemble.stack(models)
+    jobs = [(d, n, mode) for d in targets for n in labelled for mode in modes]
+    for name, n, mode in _bar(jobs, "fine-tuning", progress):
         data = targets[name]
-        part, validation = labelled_split(data, n, n_val, seed=seeds[j])
-        for mode in modes:
-            a, lr = finetune(models[j], part, validation, mode, lrs=lrs, steps=steps,
-                             batch_size=min(batch_size, n), seed=seeds[j])
-            acc.setdefault((n, mode), {}).setdefault(name, np.zeros(len(models)))[j] = a
-            lr_chosen.setdefault((n, mode), {}).setdefault(name, np.zeros(len(models)))[j] = lr
-        if n == labelled[0]:
-            base["source"].setdefault(name, np.zeros(len(models)))[j] = accuracy(models[j], data.x_test, data.y_test)
-            adapted = adabn(copy.deepcopy(models[j]), data.x_train.split(500))
-            base["adabn"].setdefault(name, np.zeros(len(models)))[j] = accuracy(adapted, data.x_test, data.y_test)
+        splits = [labelled_split(data, n, n_val, seed=seeds[j]) for j in range(K)]
+        # One training set holding every seed's labelled examples: seed j's are rows j*n .. (j+1)*n - 1.
+        pooled = Split(torch.cat([part.x_train for part, _ in splits]), torch.cat([part.y_train for part, _ in splits]),
+                       data.x_test, data.y_test, name=f"{data.name}[{K} x {n} labelled]")
+        draw = ensemble.member_batches(seeds, n, min(batch_size, n))  # row j: as train(seed=seeds[j]) draws
+        offset = n * torch.arange(K).unsqueeze(1)
+        batches = [(next(draw) + offset).repeat(R, 1) for _ in range(steps)]  # members: rate-major, then seed
+        ens = ensemble.stack([set_mode(copy.deepcopy(models[j]), mode) for _ in lrs for j in range(K)])
+        ensemble.fit(ens, pooled, lr=[lr for lr in lrs for _ in range(K)], batches=batches)
+        test = ensemble.accuracy(ens, data.x_test, data.y_test).reshape(R, K)
+        # Every run on its own seed's validation examples: (R * K, n_val, ...) in the members' order.
+        x_val = torch.stack([v[0] for _, v in splits]).repeat(R, *[1] * splits[0][1][0].dim())
+        val = ensemble.accuracy(ens, x_val, torch.stack([v[1] for _, v in splits]).repeat(R, 1)).reshape(R, K)
+        for j in range(K):
+            best = int(np.argmax(val[:, j]))  # the first of equal maxima: the earlier rate
+            acc.setdefault((n, mode), {}).setdefault(name, np.zeros(K))[j] = test[best, j]
+            lr_chosen.setdefault((n, mode), {}).setdefault(name, np.zeros(K))[j] = lrs[best]
+        if n == labelled[0] and mode == modes[0]:
+            base["source"][name] = ensemble.accuracy(stacked, data.x_test, data.y_test)
+            adapted = adabn(copy.deepcopy(stacked), data.x_train.split(500))
+            base["adabn"][name] = ensemble.accuracy(adapted, data.x_test, data.y_test)
     return {"acc": acc, "lr": lr_chosen, **base}
 
 
@@ -289,31 +322,30 @@ def bn_only_vs_width(data: Split, widths, seeds, *, steps=800, lr=0.5, batch_siz
     with SGD (momentum 0.9). Returns {"bn_only": (widths, seeds) test accuracies, "params":
     trainable parameter counts per width, "gamma_small": (widths, seeds) fraction of |gamma| < 0.1
     after training}; with ``full_width``, also "full": (seeds,) accuracies of the same MLP at that
-    width with every weight trained (lr ``full_lr``), for reference.
+    width with every weight trained (lr ``full_lr``), for reference. The seeds of one width train
+    together as one ``normlab.ensemble``.
     """
     out = {"bn_only": np.zeros((len(widths), len(seeds))), "gamma_small": np.zeros((len(widths), len(seeds))),
            "params": []}
-    for w in widths:
-        model = make_mlp(data.num_features, data.num_classes, width=w)
-        out["params"].append(sum(p.numel() for p in bn_only_parameters(model)))
-    jobs = [(i, j) for i in range(len(widths)) for j in range(len(seeds))]
-    for i, j in _bar(jobs, "BN only", progress):
-        model = make_mlp(data.num_features, data.num_classes, width=widths[i], seed=seeds[j])
-        for p in model.parameters():
-            p.requires_grad_(False)
-        params = bn_only_parameters(model)
-        for p in params:
-            p.requires_grad_(True)
-        train(model, data, steps=steps, lr=lr, batch_size=batch_size, seed=seeds[j], progress=False)
-        out["bn_only"][i, j] = accuracy(model, data.x_test, data.y_test)
-        gammas = torch.cat([p.detach() for p in params[0::2]])
-        out["gamma_small"][i, j] = (gammas.abs() < 0.1).float().mean().item()
+    for i, w in enumerate(_bar(widths, "BN only", progress)):
+        models = []
+        for s in seeds:
+            model = make_mlp(data.num_features, data.num_classes, width=w, seed=s)
+            for p in model.parameters():
+                p.requires_grad_(False)
+            for p in bn_only_parameters(model):
+                p.requires_grad_(True)
+            models.append(model)
+        out["params"].append(sum(p.numel() for p in bn_only_parameters(models[0])))
+        ens = ensemble.stack(models)  # the seeds train together; only the folded BN layers' gamma and beta train
+        ensemble.fit(ens, data, lr=lr, seeds=seeds, steps=steps, batch_size=batch_size)
+        out["bn_only"][i] = ensemble.accuracy(ens, data.x_test, data.y_test)
+        gammas = torch.cat([m.weight.detach().reshape(len(seeds), -1) for m in batch_norm_layers(ens)], 1)
+        out["gamma_small"][i] = (gammas.abs() < 0.1).double().mean(1).numpy()  # (seeds,)
     if full_width is not None:
-        out["full"] = np.zeros(len(seeds))
-        for j in _bar(range(len(seeds)), "full training", progress):
-            model = make_mlp(data.num_features, data.num_classes, width=full_width, seed=seeds[j])
-            train(model, data, steps=steps, lr=full_lr, batch_size=batch_size, seed=seeds[j], progress=False)
-            out["full"][j] = accuracy(model, data.x_test, data.y_test)
+        ens = ensemble.stack([make_mlp(data.num_features, data.num_classes, width=full_width, seed=s) for s in seeds])
+        ensemble.fit(ens, data, lr=full_lr, seeds=seeds, steps=steps, batch_size=batch_size)
+        out["full"] = ensemble.accuracy(ens, data.x_test, data.y_test)
     return out
 
 
