@@ -49,7 +49,7 @@ from normlab.stats import precise_bn
 from normlab.train import show_progress
 
 __all__ = ["Linear", "Conv", "Folded", "MemberNorm", "LSTM", "PerExample", "Vmapped", "Grouped", "Ensemble", "stack",
-           "member", "member_batches", "SGD", "fit", "evaluate", "accuracy", "batch_accuracy"]
+           "member", "member_batches", "member_loss", "SGD", "fit", "evaluate", "accuracy", "batch_accuracy"]
 
 # Layers that act on each value (or each example's last axis) alone: they run on (K, N, D) as is.
 _ELEMENTWISE = (nn.ReLU, nn.Sigmoid, nn.Tanh, nn.GELU, nn.Identity, nn.Dropout)
@@ -491,7 +491,7 @@ def member_batches(seeds, n: int, batch_size: int):
         yield torch.stack([torch.randperm(n, generator=g)[:batch_size] for g in gens])
 
 
-def _member_loss(logits, y):
+def member_loss(logits, y):
     """Per-member mean cross-entropy, (K,): logits (K, B, C), y (K, B)."""
     K, B, C = logits.shape
     return F.cross_entropy(logits.reshape(K * B, C), y.reshape(K * B), reduction="none").reshape(K, B).mean(1)
@@ -635,7 +635,7 @@ def fit(
     for step, idx in enumerate(bar, 1):  # idx: (K, B)
         if before_step is not None:
             before_step(step)
-        loss = _member_loss(ens(data.x_train[idx]), data.y_train[idx])  # (K,)
+        loss = member_loss(ens(data.x_train[idx]), data.y_train[idx])  # (K,)
         opt.zero_grad()
         loss.sum().backward()  # members share no weights: each gets the gradient of its own loss
         opt.step()
@@ -657,7 +657,7 @@ def evaluate(ens: Ensemble, data: Split) -> dict:
     for part, x, y in (("train", data.x_train, data.y_train), ("test", data.x_test, data.y_test)):
         logits = ens(x)  # (K, N, C)
         out[f"{part}_acc"] = (logits.argmax(-1) == y).double().mean(1).numpy()
-        out[f"{part}_loss"] = _member_loss(logits, y.expand(ens.members, -1)).double().numpy()
+        out[f"{part}_loss"] = member_loss(logits, y.expand(ens.members, -1)).double().numpy()
     out["acc_gap"] = out["train_acc"] - out["test_acc"]
     out["loss_gap"] = out["test_loss"] - out["train_loss"]
     ens.train(was)

@@ -221,16 +221,10 @@ class _Clean:
         self.net.train(self.was)
 
 
-def _loss(logits, y):
-    """Return the per-member mean cross-entropy, (K,)."""
-    K, N, C = logits.shape
-    return F.cross_entropy(logits.reshape(K * N, C), y.reshape(K * N), reduction="none").reshape(K, N).mean(1)
-
-
 def _grads(net, params, x, y):
     """Per-member loss (K,) and the gradient of each parameter, at ``params`` (a name -> tensor dict)."""
     with _Clean(net):  # backward inside too: restoring the running statistics is an in-place change
-        loss = _loss(torch.func.functional_call(net, params, (x,)), y)
+        loss = ensemble.member_loss(torch.func.functional_call(net, params, (x,)), y)
         grads = torch.autograd.grad(loss.sum(), list(params.values()), materialize_grads=True)
     return loss.detach(), dict(zip(params, grads))
 
