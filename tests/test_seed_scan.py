@@ -5,7 +5,8 @@ import json
 import pytest
 
 from conftest import ROOT, cell_source, load_notebook
-from normlab.seedscan import _merge, _seeds, asserts_in, rewrite_cell
+from normlab.evidence import paired
+from normlab.seedscan import _merge, _seeds, asserts_in, interval_check, rewrite_cell
 
 SCAN = ROOT / "seed_scan.json"
 
@@ -19,7 +20,8 @@ def run_rewritten(source, env):
         if not passed:
             raise AssertionError(src)
 
-    exec(rewrite_cell(source, "nb:0"), env | {"__scan__": scan})  # noqa: S102 (test of the rewriter)
+    env = env | {"__scan__": scan, "__interval_check__": interval_check}
+    exec(rewrite_cell(source, "nb:0"), env)  # noqa: S102 (test of the rewriter)
     return records
 
 
@@ -42,6 +44,18 @@ def test_a_failing_part_still_fails_and_later_parts_are_not_run():
 def test_other_asserts_report_their_truth():
     records = run_rewritten("assert all([True, True])\n", {})
     assert records == [("all([True, True])", True, None, None, None)]
+
+
+def test_an_interval_criterion_reports_the_bound_it_tested_and_the_margin():
+    cmp = paired([3.0, 4.0, 5.0, 4.5], [1.0, 1.0, 1.0, 1.0])  # differences 2, 3, 4, 3.5
+    lo, hi = cmp.interval
+    records = run_rewritten("assert cmp.above(1) and cmp.below(6) and cmp.within(7) and cmp.above()\n", {"cmp": cmp})
+    assert records == [("cmp.above(1)", True, lo, ">", 1.0), ("cmp.below(6)", True, hi, "<", 6.0),
+                       ("cmp.within(7)", True, max(-lo, hi), "<=", 7.0), ("cmp.above()", True, lo, ">", 0.0)]
+    ratio = paired([2.0, 2.2, 1.9], [1.0, 1.0, 1.0], ratio=True)
+    assert interval_check(ratio, "above", 1.5)[1:] == (">", pytest.approx(0.405465), True)  # log(1.5)
+    with pytest.raises(AssertionError, match=r"cmp.above\(3\)"):
+        run_rewritten("assert cmp.above(3)\n", {"cmp": cmp})
 
 
 def test_magics_are_read_as_statements_in_their_block():

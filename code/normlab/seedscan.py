@@ -7,7 +7,10 @@ executes each notebook once per seed (``NORMLAB_SEED``, quick scale, one thread)
 - ``assert a <op> b`` records a and b, and the *slack*: how far the assert was from failing
   (a - b for >= and >, b - a for <= and <); ``and`` and chained comparisons are split into their
   parts, each recorded on its own;
-- any other assert (``assert cmp.above(0)``) records whether it held.
+- an interval criterion of ``normlab.evidence`` (``assert cmp.above(2)``, ``.below(m)``,
+  ``.within(w)``) records the bound of the 95% interval it tested and the margin, on the scale
+  of the paired differences (log-ratios for a ratio): ``lo > m``, ``hi < m``, ``max(-lo, hi) <= w``;
+- any other assert (``assert all(c.above(3) for c in cmps)``) records whether it held.
 
 It writes ``seed_scan.json``: the seeds, the date, the code version, each notebook's seconds and
 errors per seed, and per assert its source, how often it held, the seeds where it failed, and the
@@ -46,7 +49,30 @@ def __scan__(key, source, passed, a=None, op=None, b=None):
                               "slack": slack}) + "\\n")
     if not passed:
         raise AssertionError(source)
+
+
+from normlab.seedscan import interval_check as __interval_check__
 '''
+_CRITERIA = ("above", "below", "within")
+
+
+def interval_check(obj, method, *args):
+    """Run ``obj.<method>(*args)``, an interval criterion of a ``normlab.evidence.Paired``.
+
+    Returns (a, op, b, passed): the interval bound the criterion tested, the comparison and the
+    margin on the differences' scale, and its result; (None, None, None, passed) for an object
+    without an interval.
+    """
+    passed = getattr(obj, method)(*args)
+    if not hasattr(obj, "interval") or not hasattr(obj, "_on_scale"):
+        return None, None, None, passed
+    lo, hi = obj.interval
+    margin = obj._on_scale(args[0]) if args else obj._on_scale(obj._null) if method != "within" else None
+    if method == "above":
+        return lo, ">", margin, passed
+    if method == "below":
+        return hi, "<", margin, passed
+    return max(-lo, hi), "<=", margin, passed
 
 
 def _parts(test):
@@ -78,6 +104,15 @@ class _Rewrite(ast.NodeTransformer):
                           ast.Assign([ast.Name("__b", ast.Store())], part.comparators[0]),
                           ast.Expr(ast.Call(ast.Name("__scan__", ast.Load()), args + [
                               ast.Compare(a, part.ops, [b]), a, ast.Constant(_OPS[type(part.ops[0])]), b], []))]
+            elif (isinstance(part, ast.Call) and isinstance(part.func, ast.Attribute) and part.func.attr in _CRITERIA
+                  and not part.keywords and len(part.args) <= 1):
+                names = ["__a", "__op", "__b", "__passed"]
+                check = ast.Call(ast.Name("__interval_check__", ast.Load()),
+                                 [part.func.value, ast.Constant(part.func.attr), *part.args], [])
+                calls += [ast.Assign([ast.Tuple([ast.Name(n, ast.Store()) for n in names], ast.Store())], check),
+                          ast.Expr(ast.Call(ast.Name("__scan__", ast.Load()), args + [
+                              ast.Name("__passed", ast.Load()), ast.Name("__a", ast.Load()),
+                              ast.Name("__op", ast.Load()), ast.Name("__b", ast.Load())], []))]
             else:
                 calls.append(ast.Expr(ast.Call(ast.Name("__scan__", ast.Load()), args + [part], [])))
         return calls
