@@ -151,6 +151,19 @@ def test_accuracy_takes_one_set_for_all_members_or_one_set_each(blobs):
         ensemble.accuracy(ens, x, y[:5])
 
 
+def test_pooling_runs_per_example(blobs):
+    images = Split(blobs.x_train[:, :9].reshape(-1, 1, 3, 3), blobs.y_train, blobs.x_test[:, :9].reshape(-1, 1, 3, 3),
+                   blobs.y_test)
+
+    def model(seed):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True),
+                             nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 4))
+
+    ens = _assert_members_train_as_alone(model, SEEDS, images, steps=10, lr=0.05, batch_size=16)
+    assert isinstance(ens[2], ensemble.PerExample) and isinstance(ens[4], ensemble.PerExample)
+
+
 def test_evaluate_gives_each_members_numbers(blobs):
     models = [rg.fit(_mlp("bn", s), blobs, steps=20, batch_size=32, lr=0.05, seed=s) for s in SEEDS]
     got = ensemble.evaluate(ensemble.stack(models), blobs)

@@ -10,6 +10,7 @@ from torch import nn
 from normlab import nn as normlab_nn
 from normlab.data import Split
 from normlab.experiments import pytorch as ex
+from normlab.train import accuracy, train
 
 
 def tiny_split(n_train=48, n_test=20, seed=0):
@@ -109,6 +110,21 @@ def test_recompute_bn_statistics_rejects_bad_arguments(kwargs):
     args = {"model": ex.make_cnn(channels=(4,)), "x": torch.randn(8, 64)} | kwargs
     with pytest.raises(ValueError):
         ex.recompute_bn_statistics(**args)
+
+
+def test_placement_experiment_trains_each_seed_as_train_does():
+    data = tiny_split()
+    result = ex.placement_experiment(data, [0, 1], steps=6, lr=0.05, batch_size=8, channels=(4,))
+    for placement in ex.PLACEMENTS:
+        for j, seed in enumerate([0, 1]):
+            torch.manual_seed(seed)
+            model = ex.make_cnn(placement, channels=(4,))
+            history = train(model, data, steps=6, lr=0.05, batch_size=8, seed=seed, progress=False)
+            assert result.acc[placement][j] == pytest.approx(history.final_test_acc, abs=1e-9)
+            precise = ex.recompute_bn_statistics(model, data.x_train, batch_size=8)
+            assert result.acc_precise[placement][j] == pytest.approx(accuracy(precise, data.x_test, data.y_test))
+            for a, b in zip(result.models[placement][j].state_dict().values(), model.state_dict().values()):
+                torch.testing.assert_close(a.float(), b.float(), atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize(

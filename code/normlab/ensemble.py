@@ -20,9 +20,9 @@ into (N, K * C, H, W) alike.
 Convolutional and recurrent members: ``Conv`` stacks Conv1d/Conv2d layers (one batched product
 over the receptive fields); ``normlab.nn.LastHidden`` (an LSTM) has a stacked version, ``LSTM``,
 that runs the library's own ``NormLSTMCell.step`` with a member axis; ``PerExample`` runs
-Flatten/Unflatten; any other layer (a chapter's own norm, a circular-padded convolution) is
-``Vmapped``: the models' own modules with their parameters stacked, mapped over the member axis by
-``torch.func.vmap``.
+Flatten, Unflatten and pooling; any other layer (a chapter's own norm, a circular-padded
+convolution) is ``Vmapped``: the models' own modules with their parameters stacked, mapped over
+the member axis by ``torch.func.vmap``.
 
     models = [make_mlp(40, 10, seed=s) for s in seeds]   # ordinary nn.Sequential models
     ens = stack(models)                                  # one Ensemble of len(seeds) members
@@ -54,6 +54,9 @@ __all__ = ["Linear", "Conv", "Folded", "MemberNorm", "LSTM", "PerExample", "Vmap
 # Layers that act on each value (or each example's last axis) alone: they run on (K, N, D) as is.
 _ELEMENTWISE = (nn.ReLU, nn.Sigmoid, nn.Tanh, nn.GELU, nn.Identity, nn.Dropout)
 _CHANNEL_NORMS = (nn.modules.batchnorm._BatchNorm, normlab_nn._BatchNorm)
+# Layers without parameters that act on each example alone (reshapes, pooling): run on K * N examples.
+_PER_EXAMPLE = (nn.Flatten, nn.Unflatten, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AvgPool1d, nn.AvgPool2d,
+                nn.MaxPool1d, nn.MaxPool2d)
 
 
 class Linear(nn.Module):
@@ -186,8 +189,8 @@ class LSTM(nn.Module):
 
 
 class PerExample(nn.Module):
-    """A layer without parameters that acts on each example alone (``nn.Flatten``, ``nn.Unflatten``), on
-    (K, N, ...): the member and batch axes merged into one batch axis and split again afterwards."""
+    """A layer without parameters that acts on each example alone (``nn.Flatten``, ``nn.Unflatten``,
+    pooling), on (K, N, ...): the member and batch axes merged into one and split again afterwards."""
 
     def __init__(self, module: nn.Module):
         super().__init__()
@@ -200,10 +203,10 @@ class PerExample(nn.Module):
 class Vmapped(nn.Module):
     """K same-shaped modules of any type as one: their parameters and buffers stacked, run with ``torch.func.vmap``.
 
-    For layers with no hand-written ensemble version (convolutions, flattening, a chapter's own
-    norm). ``vmap`` maps the member axis of the input, of every parameter and of every buffer, so
-    member k computes exactly what ``modules[k]`` computes on its slice (buffer updates in place
-    included); dropout inside draws different masks per member. Parameters are (K, ...) with
+    For layers with no hand-written ensemble version (a chapter's own norm, a convolution with
+    circular padding or groups). ``vmap`` maps the member axis of the input, of every parameter
+    and of every buffer, so member k computes exactly what ``modules[k]`` computes on its slice
+    (buffer updates in place included); dropout inside draws different masks per member. Parameters are (K, ...) with
     their names flattened ("0.weight" becomes "0__weight").
     """
 
@@ -353,7 +356,7 @@ def _stack_layer(layers, i):
         return LSTM(_stack_cell([layer.lstm.cell for layer in layers], i), K)
     if isinstance(first, _ELEMENTWISE):
         return copy.deepcopy(first)
-    if isinstance(first, (nn.Flatten, nn.Unflatten)):
+    if isinstance(first, _PER_EXAMPLE):
         return PerExample(copy.deepcopy(first))
     shapes = [[tuple(t.shape) for t in (*m.parameters(), *m.buffers())] for m in layers]
     if any(sh != shapes[0] for sh in shapes):
@@ -391,11 +394,16 @@ def stack(models) -> Ensemble:
 
     The models must have the same depth and the same layer sizes. Supported layers: ``nn.Linear``;
     batch norm modules of ``torch.nn`` and ``normlab.nn`` (1d: BatchNorm, GhostBatchNorm,
-    PopulationNorm, BatchRenorm), folded into channels; ``nn.LayerNorm`` and ``nn.GroupNorm``;
-    element-wise layers (ReLU, Sigmoid, Tanh, GELU, Identity, Dropout); ``normlab.nn.LastHidden``
-    (an LSTM reading (N, T, D), first in the model: the ensemble then takes (K, N, T, D)). At a depth where the
-    models hold different layer types (BN in some, LayerNorm in others), each run of consecutive
-    models with one type becomes its own group (``Grouped``): order the models by type.
+    PopulationNorm, BatchRenorm; torch's 2d too), folded into channels; ``nn.LayerNorm`` and
+    ``nn.GroupNorm``; element-wise layers (ReLU, Sigmoid, Tanh, GELU, Identity, Dropout);
+    ``nn.Conv1d`` / ``nn.Conv2d`` (zero padding, no groups or dilation), ``nn.Flatten``,
+    ``nn.Unflatten`` and pooling; ``normlab.nn.LastHidden`` (an LSTM reading (N, T, D)); any
+    other layer runs ``Vmapped``. The first layer decides the input: (K, N, D) for most,
+    (K, N, T, D) for an LSTM, (K, N, C, L) for a Conv1d, (K, N, C, H, W) for a Conv2d. Parameters
+    that do not train in the models (``requires_grad=False``) do not train in the ensemble. At a
+    depth where the models hold different layer types (BN in some, LayerNorm in others), each run
+    of consecutive models with one type becomes its own group (``Grouped``): order the models by
+    type.
     """
     models = list(models)
     if not models:
