@@ -206,8 +206,8 @@ class Vmapped(nn.Module):
     For layers with no hand-written ensemble version (a chapter's own norm, a convolution with
     circular padding or groups). ``vmap`` maps the member axis of the input, of every parameter
     and of every buffer, so member k computes exactly what ``modules[k]`` computes on its slice
-    (buffer updates in place included); dropout inside draws different masks per member. Parameters are (K, ...) with
-    their names flattened ("0.weight" becomes "0__weight").
+    (buffer updates in place included); dropout inside draws different masks per member.
+    Parameters are (K, ...) with their names flattened ("0.weight" becomes "0__weight").
     """
 
     def __init__(self, modules):

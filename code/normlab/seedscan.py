@@ -67,7 +67,7 @@ def interval_check(obj, method, *args):
     if not hasattr(obj, "interval") or not hasattr(obj, "_on_scale"):
         return None, None, None, passed
     lo, hi = obj.interval
-    margin = obj._on_scale(args[0]) if args else obj._on_scale(obj._null) if method != "within" else None
+    margin = obj._on_scale(args[0] if args and args[0] is not None else obj._null)
     if method == "above":
         return lo, ">", margin, passed
     if method == "below":
