@@ -127,13 +127,18 @@ def test_images_go_in_with_their_channel_axis(blobs):
     images = Split(blobs.x_train[:, :9].reshape(-1, 1, 3, 3), blobs.y_train, blobs.x_test[:, :9].reshape(-1, 1, 3, 3),
                    blobs.y_test)
 
-    def model(seed):
+    def model(seed):  # 2-D convolutions run as one grouped convolution: strides, padding, a 3x2 kernel
         torch.manual_seed(seed)
-        return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
-                             nn.Linear(36, 4))
+        return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                             nn.Conv2d(4, 5, (3, 2), stride=(2, 1), padding=(1, 0), bias=False), nn.Flatten(),
+                             nn.Linear(20, 4))
 
     ens = _assert_members_train_as_alone(model, SEEDS, images, steps=10, lr=0.05, batch_size=16)
     assert ens.example_dims == 3 and ens(images.x_test).shape == (3, len(images.x_test), 4)
+    assert isinstance(ens[3], ensemble.Conv) and ens[3].kernel_size == (3, 2)
+    for k in range(3):
+        torch.testing.assert_close(ens(images.x_test)[k], ensemble.member(ens, k).eval()(images.x_test),
+                                   atol=1e-5, rtol=1e-4)
 
 
 def test_accuracy_takes_one_set_for_all_members_or_one_set_each(blobs):

@@ -16,12 +16,13 @@ import torch
 from torch import nn
 from torch.utils import benchmark
 
+from normlab import ensemble
 from normlab import nn as normlab_nn
 from normlab.data import Split
 from normlab.evidence import paired
 from normlab.experiments import _check_positive_int
 from normlab.fold import fold_model
-from normlab.train import accuracy, train
+from normlab.train import accuracy
 
 __all__ = [
     "PLACEMENTS",
@@ -100,8 +101,10 @@ def placement_experiment(data, seeds, *, steps, lr, batch_size=64, channels=(16,
 
     A seed fixes the initial weights (the same for both placements: the layers are created in the
     same order) and the order of the mini-batches, so the two placements are compared in pairs.
-    Each trained model is tested twice: with the running statistics training left, and with
-    statistics recomputed over the training set (``recompute_bn_statistics``).
+    The seeds of one placement train together as one ``normlab.ensemble`` (each member exactly
+    the run ``normlab.train.train(model, data, seed=seed)`` would give). Each trained model is
+    tested twice: with the running statistics training left, and with statistics recomputed over
+    the training set (``recompute_bn_statistics``).
     """
     if not isinstance(data, Split):
         raise ValueError(f"data must be a normlab.data.Split, got {type(data).__name__}")
@@ -112,15 +115,16 @@ def placement_experiment(data, seeds, *, steps, lr, batch_size=64, channels=(16,
         raise ValueError(f"seeds must be distinct, got {seeds}")
     result = PlacementResult(seeds=seeds)
     for placement in PLACEMENTS:
-        result.acc[placement], result.acc_precise[placement], result.models[placement] = [], [], []
+        models = []
         for seed in seeds:
             torch.manual_seed(seed)
-            model = make_cnn(placement, channels=channels)
-            history = train(model, data, steps=steps, lr=lr, batch_size=batch_size, seed=seed, progress=progress)
-            precise = recompute_bn_statistics(model, data.x_train, batch_size=batch_size)
-            result.acc[placement].append(history.final_test_acc)
-            result.acc_precise[placement].append(accuracy(precise, data.x_test, data.y_test))
-            result.models[placement].append(model.eval())
+            models.append(make_cnn(placement, channels=channels))
+        ens = ensemble.stack(models)
+        ensemble.fit(ens, data, lr=lr, seeds=seeds, steps=steps, batch_size=batch_size, progress=progress)
+        precise = recompute_bn_statistics(ens, data.x_train, batch_size=batch_size)
+        result.acc[placement] = ensemble.accuracy(ens, data.x_test, data.y_test).tolist()
+        result.acc_precise[placement] = ensemble.accuracy(precise, data.x_test, data.y_test).tolist()
+        result.models[placement] = [ensemble.member(ens, k).eval() for k in range(len(seeds))]
     return result
 
 
