@@ -91,6 +91,7 @@ def test_the_scan_covers_at_least_12_seeds_at_quick_scale(scan):
     assert len(set(scan["seeds"])) >= 12 and scan["scale"] == "quick"
     for nb, info in scan["notebooks"].items():
         assert sorted(info["seconds"], key=int) == sorted(map(str, scan["seeds"]), key=int), f"{nb}: seeds missing"
+        assert info["date"] and info["code_version"], f"{nb}: the scan's date and code version are missing"
 
 
 def test_every_scanned_assert_held_at_every_scanned_seed(scan):

@@ -20,10 +20,9 @@ into (N, K * C, H, W) alike.
 Convolutional and recurrent members: ``Conv`` stacks Conv1d/Conv2d layers (one grouped
 convolution, or one batched product over the receptive fields); ``normlab.nn.LastHidden`` (an
 LSTM) has a stacked version, ``LSTM``, that runs the library's own ``NormLSTMCell.step`` with a
-member axis; ``PerExample`` runs
-Flatten, Unflatten and pooling; any other layer (a chapter's own norm, a circular-padded
-convolution) is ``Vmapped``: the models' own modules with their parameters stacked, mapped over
-the member axis by ``torch.func.vmap``.
+member axis; ``PerExample`` runs Flatten, Unflatten and pooling; any other layer (a chapter's
+own norm, a circular-padded convolution) is ``Vmapped``: the models' own modules with their
+parameters stacked, mapped over the member axis by ``torch.func.vmap``.
 
     models = [make_mlp(40, 10, seed=s) for s in seeds]   # ordinary nn.Sequential models
     ens = stack(models)                                  # one Ensemble of len(seeds) members

@@ -12,9 +12,11 @@ executes each notebook once per seed (``NORMLAB_SEED``, quick scale, one thread)
   of the paired differences (log-ratios for a ratio): ``lo > m``, ``hi < m``, ``max(-lo, hi) <= w``;
 - any other assert (``assert all(c.above(3) for c in cmps)``) records whether it held.
 
-It writes ``seed_scan.json``: the seeds, the date, the code version, each notebook's seconds and
-errors per seed, and per assert its source, how often it held, the seeds where it failed, and the
-worst slack with its seed. Margins are chosen from this file; ``tests/test_seed_scan.py`` fails
+It writes ``seed_scan.json``: the seeds; per notebook the date and code version (git commit, with
+"+changes" for uncommitted edits under chapters/ or code/) of the scan that ran it, and its seconds
+and errors per seed; per assert its notebook, source, how often it held, the seeds where it failed,
+and the worst slack with its seed. Scans of some notebooks merge into the file; the top-level date
+and code version are those of the latest scan. Margins are chosen from this file; ``tests/test_seed_scan.py`` fails
 when a scanned assert did not hold at a scanned seed, or when a scanned notebook holds an assert
 the scan has not seen (rerun the scan after changing one).
 """
@@ -197,7 +199,8 @@ def scan(notebooks, seeds, root=".", out=None):
               "code_version": _version(root), "notebooks": {}, "asserts": {}}
     for nb in notebooks:
         rel = str(Path(nb).resolve().relative_to(root.resolve()))
-        result["notebooks"][rel] = {"seconds": {}, "errors": {}}
+        result["notebooks"][rel] = {"seconds": {}, "errors": {}, "date": result["date"],
+                                    "code_version": result["code_version"]}
         for seed in seeds:
             with tempfile.NamedTemporaryFile("w+", suffix=".jsonl", delete=False) as f:
                 log = Path(f.name)

@@ -328,23 +328,16 @@ def bn_only_vs_width(data: Split, widths, seeds, *, steps=800, lr=0.5, batch_siz
     out = {"bn_only": np.zeros((len(widths), len(seeds))), "gamma_small": np.zeros((len(widths), len(seeds))),
            "params": []}
     for i, w in enumerate(_bar(widths, "BN only", progress)):
-        models = []
-        for s in seeds:
-            model = make_mlp(data.num_features, data.num_classes, width=w, seed=s)
-            for p in model.parameters():
-                p.requires_grad_(False)
-            for p in bn_only_parameters(model):
-                p.requires_grad_(True)
-            models.append(model)
+        models = [set_mode(make_mlp(data.num_features, data.num_classes, width=w, seed=s), "bn_only") for s in seeds]
         out["params"].append(sum(p.numel() for p in bn_only_parameters(models[0])))
         ens = ensemble.stack(models)  # the seeds train together; only the folded BN layers' gamma and beta train
-        ensemble.fit(ens, data, lr=lr, seeds=seeds, steps=steps, batch_size=batch_size)
+        ensemble.fit(ens, data, lr=lr, seeds=seeds, steps=steps, batch_size=batch_size, progress=progress)
         out["bn_only"][i] = ensemble.accuracy(ens, data.x_test, data.y_test)
         gammas = torch.cat([m.weight.detach().reshape(len(seeds), -1) for m in batch_norm_layers(ens)], 1)
         out["gamma_small"][i] = (gammas.abs() < 0.1).double().mean(1).numpy()  # (seeds,)
     if full_width is not None:
         ens = ensemble.stack([make_mlp(data.num_features, data.num_classes, width=full_width, seed=s) for s in seeds])
-        ensemble.fit(ens, data, lr=full_lr, seeds=seeds, steps=steps, batch_size=batch_size)
+        ensemble.fit(ens, data, lr=full_lr, seeds=seeds, steps=steps, batch_size=batch_size, progress=progress)
         out["full"] = ensemble.accuracy(ens, data.x_test, data.y_test)
     return out
 
