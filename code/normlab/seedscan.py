@@ -1,8 +1,8 @@
 """The seed scan: run notebooks at many seeds and record, for every assert, the value it tested.
 
 ``python -m normlab.seedscan --seeds 100-111 chapters/pytorch/lab.ipynb ...`` (``make seed-scan``)
-executes each notebook once per seed (``NORMLAB_SEED``, quick scale, one thread), with every
-``assert`` in its code rewritten to report before it checks:
+executes each notebook once per seed (``NORMLAB_SEED``, quick scale, ``OMP_NUM_THREADS=1`` unless
+the notebook sets its own), with every ``assert`` in its code rewritten to report before it checks:
 
 - ``assert a <op> b`` records a and b, and the *slack*: how far the assert was from failing
   (a - b for >= and >, b - a for <= and <); ``and`` and chained comparisons are split into their
@@ -16,9 +16,9 @@ It writes ``seed_scan.json``: the seeds; per notebook the date and code version 
 "+changes" for uncommitted edits under chapters/ or code/) of the scan that ran it, and its seconds
 and errors per seed; per assert its notebook, source, how often it held, the seeds where it failed,
 and the worst slack with its seed. Scans of some notebooks merge into the file; the top-level date
-and code version are those of the latest scan. Margins are chosen from this file; ``tests/test_seed_scan.py`` fails
-when a scanned assert did not hold at a scanned seed, or when a scanned notebook holds an assert
-the scan has not seen (rerun the scan after changing one).
+and code version are those of the latest scan. Margins are chosen from this file;
+``tests/test_seed_scan.py`` fails when a scanned assert did not hold at a scanned seed, or when a
+scanned notebook holds an assert the scan has not seen (rerun the scan after changing one).
 """
 
 from __future__ import annotations
