@@ -1,5 +1,6 @@
 """The repository's conventions: clean notebooks, a complete toc, the standard first cell, citations."""
 
+import ast
 import re
 
 import pytest
@@ -20,6 +21,28 @@ def test_notebook_is_stored_without_outputs(path):
         if cell["cell_type"] == "code":
             assert not cell["outputs"], f"cell {i} has outputs: strip them (the book executes notebooks)"
             assert cell["execution_count"] is None, f"cell {i} has an execution count"
+
+
+def _python(source):
+    """A cell's code with IPython magics and shell lines blanked out, parsed."""
+    lines = [line[: len(line) - len(line.lstrip())] + "pass" if line.lstrip().startswith(("%", "!")) else line
+             for line in source.split("\n")]
+    return ast.parse("\n".join(lines))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_no_cell_rebinds_an_imported_name(path):
+    """``checks = ...`` after ``from normlab import checks`` breaks every self-check run after it."""
+    imported, rebound = set(), []
+    for i, cell in enumerate(load_notebook(path)["cells"]):
+        if cell["cell_type"] != "code":
+            continue
+        for node in ast.walk(_python(cell_source(cell))):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                imported |= {(a.asname or a.name).split(".")[0] for a in node.names}
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store) and node.id in imported:
+                rebound.append(f"cell {i}: {node.id}")
+    assert not rebound, f"names imported earlier are assigned again: {rebound}"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
