@@ -6,6 +6,7 @@ import re
 import pytest
 
 from conftest import ROOT, cell_source, load_notebook, notebook_paths, toc_files
+from normlab.seedscan import parse_cell
 
 NOTEBOOKS = notebook_paths()
 IDS = [str(p.relative_to(ROOT)) for p in NOTEBOOKS]
@@ -23,13 +24,6 @@ def test_notebook_is_stored_without_outputs(path):
             assert cell["execution_count"] is None, f"cell {i} has an execution count"
 
 
-def _python(source):
-    """A cell's code with IPython magics and shell lines blanked out, parsed."""
-    lines = [line[: len(line) - len(line.lstrip())] + "pass" if line.lstrip().startswith(("%", "!")) else line
-             for line in source.split("\n")]
-    return ast.parse("\n".join(lines))
-
-
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
 def test_no_cell_rebinds_an_imported_name(path):
     """``checks = ...`` after ``from normlab import checks`` breaks every self-check run after it."""
@@ -37,7 +31,7 @@ def test_no_cell_rebinds_an_imported_name(path):
     for i, cell in enumerate(load_notebook(path)["cells"]):
         if cell["cell_type"] != "code":
             continue
-        for node in ast.walk(_python(cell_source(cell))):
+        for node in ast.walk(parse_cell(cell_source(cell))):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 imported |= {(a.asname or a.name).split(".")[0] for a in node.names}
             elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store) and node.id in imported:

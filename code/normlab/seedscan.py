@@ -122,12 +122,12 @@ class _Rewrite(ast.NodeTransformer):
 
 def asserts_in(source):
     """Return the sources of the assert parts in a code cell, in order (what the scan records)."""
-    tree = _parse(source)
+    tree = parse_cell(source)
     return [ast.unparse(p) for node in ast.walk(tree) if isinstance(node, ast.Assert) for p in _parts(node.test)]
 
 
-def _parse(source):
-    # IPython magics (%pip, !ls) are not Python: the scan leaves those lines alone
+def parse_cell(source):
+    """Parse a code cell's source, its IPython magic and shell lines (%pip, !ls) read as ``pass``."""
     lines = [line[: len(line) - len(line.lstrip())] + "pass" if line.lstrip().startswith(("%", "!")) else line
              for line in source.splitlines()]
     return ast.parse("\n".join(lines))
@@ -137,7 +137,7 @@ def rewrite_cell(source, prefix):
     """Return the cell's source with its asserts reporting to ``__scan__``; unchanged if it has none."""
     if "assert" not in source:
         return source
-    tree = _parse(source)
+    tree = parse_cell(source)
     if not any(isinstance(n, ast.Assert) for n in ast.walk(tree)):
         return source
     magics = [line for line in source.splitlines() if line.lstrip().startswith(("%", "!"))]
