@@ -267,3 +267,19 @@ def test_batch_accuracy_is_train_mode_accuracy_and_changes_nothing(blobs):
         assert got[k] == pytest.approx(accuracy(m, blobs.x_test, blobs.y_test, batch_size=8, train_mode=True))
     for key, value in ens.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+def test_one_norm_type_with_different_settings_stacks_as_separate_groups(blobs):
+    """Ghost batch norm and renorm with different virtual batch sizes at one depth: each member keeps
+    its own (the stacked layer must not take the first model's setting for all)."""
+    def model(seed, norm):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(10, 12), norm(), nn.ReLU(), nn.Linear(12, 4))
+
+    norms = [lambda: normlab_nn.GhostBatchNorm1d(12, virtual_batch_size=4),
+             lambda: normlab_nn.GhostBatchNorm1d(12, virtual_batch_size=8),
+             lambda: normlab_nn.BatchRenorm1d(12, r_max=1.5, d_max=0.5, virtual_batch_size=4),
+             lambda: normlab_nn.BatchRenorm1d(12, r_max=1.5, d_max=0.5, virtual_batch_size=16)]
+    ens = _assert_members_train_as_alone(lambda s: model(s, norms[s]), list(range(len(norms))), blobs, steps=15,
+                                         lr=0.05, batch_size=16)
+    assert isinstance(ens[1], ensemble.Grouped) and ens[1].sizes == [1, 1, 1, 1]

@@ -135,3 +135,53 @@ def test_batch_stats_sweep_leaves_the_model_alone(digits):
     before = model[1].running_mean.clone()
     acc = sb.batch_stats_sweep(model, digits, [2, 8])
     assert acc.shape == (2,) and torch.equal(model[1].running_mean, before)
+
+
+@pytest.mark.parametrize("arch", ["cnn", "mlp"])
+def test_group_members_share_weights_per_seed_and_keep_their_group_size(arch):
+    ens, members = sb.group_members(arch, seeds=[4, 9], group_sizes=(8, 2))
+    assert members == [("bn", 2), ("bn", 8), ("brn", 2), ("brn", 8), ("gn", None), ("ln", None)]
+    models = [ensemble.member(ens, k) for k in range(ens.members)]  # kind-major: (bn, 2) seed 4, seed 9, ...
+    first = 1 if arch == "cnn" else 0  # the first layer with weights
+    for k, m in enumerate(models):
+        torch.testing.assert_close(m[first].weight, models[k % 2][first].weight, rtol=0, atol=0)
+    assert not torch.equal(models[0][first].weight, models[1][first].weight)
+    norm = first + 1
+    assert [getattr(models[2 * i][norm], "virtual_batch_size", None) for i in range(6)] == [2, 8, 2, 8, None, None]
+    assert isinstance(models[4][norm], normlab_nn.BatchRenorm2d if arch == "cnn" else normlab_nn.BatchRenorm1d)
+    assert models[4][norm].r_max == 1.0  # BN until the schedule relaxes it
+    ln = models[-1][norm]
+    assert (ln.num_groups == 1) if arch == "cnn" else isinstance(ln, nn.LayerNorm)
+
+
+def test_bn_with_groups_of_the_whole_batch_is_plain_bn(digits):
+    """The member with B = the optimizer batch trains exactly as a plain BN model alone."""
+    run = sb.group_size_sweep(digits, "mlp", seeds=[3], steps=20, lr=0.05, batch_size=16, group_sizes=(4, 16),
+                              hidden=(32,), progress=False)
+    assert run.err_eval[("bn", 16)].shape == (1,)
+    model = sb._mlp(3, normlab_nn.BatchNorm1d, (64, 32, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    draw = ensemble.member_batches([3 + 7919], len(digits.x_train), 16)
+    for _ in range(20):
+        idx = next(draw)[0]
+        loss = nn.functional.cross_entropy(model(digits.x_train[idx]), digits.y_train[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    err = 100 * (1 - (model(digits.x_test).argmax(1) == digits.y_test).double().mean().item())
+    assert run.err_eval[("bn", 16)][0] == pytest.approx(err, abs=1e-9)
+    assert run.err("gn", 4).shape == (1,) and run.err("gn") is run.err_eval[("gn", None)]
+    for table in (run.err_eval, run.err_batch, run.train_err_batch):
+        assert all(0 <= v[0] <= 100 for v in table.values())
+
+
+def test_group_size_sweep_rejects_bad_arguments(digits):
+    with pytest.raises(ValueError, match="divide the batch"):
+        sb.group_size_sweep(digits, "mlp", seeds=[0], steps=2, lr=0.1, batch_size=32, group_sizes=(3,))
+    with pytest.raises(ValueError, match="arch"):
+        sb.group_size_sweep(digits, "rnn", seeds=[0], steps=2, lr=0.1)
+    with pytest.raises(ValueError, match="group_sizes"):
+        sb.group_members("mlp", [0], group_sizes=(1, 4))
+    with pytest.raises(KeyError, match="no members"):
+        sb.group_size_sweep(digits, "mlp", seeds=[0], steps=2, lr=0.1, group_sizes=(4,), hidden=(8,)).err("bn", 2)

@@ -1,5 +1,6 @@
 """Batch renormalization (normlab.nn.BatchRenorm1d/2d) and its schedule: the properties Chapter 5 relies on."""
 
+import copy
 import math
 
 import pytest
@@ -168,3 +169,56 @@ def test_schedule_rejects_bad_arguments():
         nlnn.renorm_schedule(1, 10, 20, r_max=0.5)
     with pytest.raises(ValueError, match="d_max"):
         nlnn.renorm_schedule(1, 10, 20, d_max=-0.1)
+
+
+@pytest.mark.parametrize("cls,shape", [(nlnn.BatchRenorm1d, (12, 5)), (nlnn.BatchRenorm2d, (8, 3, 4, 2))])
+def test_virtual_batches_renormalize_each_group_as_a_batch_of_its_own(cls, shape):
+    """Groups of virtual_batch_size: each output (and gradient) is that of a layer that saw only its
+    group, with the same pre-step running statistics; the running statistics take the groups' average."""
+    v = 4 if shape[0] == 12 else 2
+    torch.manual_seed(0)
+    ghost = cls(shape[1], r_max=1.5, d_max=0.5, virtual_batch_size=v).double()
+    with torch.no_grad():
+        ghost.running_mean.uniform_(-1, 1), ghost.running_var.uniform_(0.5, 2)
+        ghost.weight.uniform_(0.5, 1.5), ghost.bias.uniform_(-1, 1)
+    alone = [copy.deepcopy(ghost) for _ in range(shape[0] // v)]
+    for m in alone:
+        m.virtual_batch_size = None
+    x = (torch.randn(shape, dtype=torch.float64) * 2 + 1).requires_grad_()
+    dy = torch.randn(shape, dtype=torch.float64)
+    out = ghost(x)
+    (dx,) = torch.autograd.grad((out * dy).sum(), x)
+    xs, dys = x.detach().split(v), dy.split(v)
+    outs, dxs = [], []
+    for m, xg, dyg in zip(alone, xs, dys):
+        xg = xg.clone().requires_grad_()
+        o = m(xg)
+        outs.append(o.detach())
+        dxs.append(torch.autograd.grad((o * dyg).sum(), xg)[0])
+    torch.testing.assert_close(out.detach(), torch.cat(outs), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dx, torch.cat(dxs), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ghost.running_mean, torch.stack([m.running_mean for m in alone]).mean(0))
+    torch.testing.assert_close(ghost.running_var, torch.stack([m.running_var for m in alone]).mean(0))
+    assert ghost.last_r.shape == (shape[0] // v, shape[1])
+    torch.testing.assert_close(ghost.last_r, torch.stack([m.last_r for m in alone]))
+    assert "virtual_batch_size=" in repr(ghost)
+
+
+def test_virtual_batches_no_smaller_than_the_batch_are_the_plain_layer():
+    torch.manual_seed(1)
+    a = nlnn.BatchRenorm1d(5, r_max=2.0, d_max=1.0)
+    b = copy.deepcopy(a)
+    b.virtual_batch_size = 16
+    x = torch.randn(16, 5) * 3
+    for _ in range(3):
+        torch.testing.assert_close(a(x), b(x))
+    torch.testing.assert_close(a.running_var, b.running_var)
+    assert a.last_r.shape == b.last_r.shape == (5,)
+
+
+def test_virtual_batches_must_divide_the_batch():
+    with pytest.raises(ValueError, match="multiple of 4"):
+        nlnn.BatchRenorm1d(3, virtual_batch_size=4)(torch.randn(10, 3))
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match="virtual_batch_size"):
+            nlnn.BatchRenorm1d(3, virtual_batch_size=bad)

@@ -394,11 +394,20 @@ def _stack_cell(cells, i):
     return fused
 
 
+def _kind(layer):
+    """What must agree for layers to stack as one: the type, and for layers without weights of
+    their own shape (norms, dropout, ...) the settings ``extra_repr`` shows (a ghost batch size,
+    eps, p), which the stacked layer takes from the first model."""
+    if isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+        return type(layer), ""  # their sizes are checked when they stack
+    return type(layer), layer.extra_repr()
+
+
 def _runs(layers):
-    """Split layers into runs of consecutive equal types: [(start, stop), ...]."""
+    """Split layers into runs of consecutive layers of one kind (``_kind``): [(start, stop), ...]."""
     runs, start = [], 0
     for k in range(1, len(layers) + 1):
-        if k == len(layers) or type(layers[k]) is not type(layers[start]):
+        if k == len(layers) or _kind(layers[k]) != _kind(layers[start]):
             runs.append((start, k))
             start = k
     return runs
@@ -416,9 +425,9 @@ def stack(models) -> Ensemble:
     other layer runs ``Vmapped``. The first layer decides the input: (K, N, D) for most,
     (K, N, T, D) for an LSTM, (K, N, C, L) for a Conv1d, (K, N, C, H, W) for a Conv2d. Parameters
     that do not train in the models (``requires_grad=False``) do not train in the ensemble. At a
-    depth where the models hold different layer types (BN in some, LayerNorm in others), each run
-    of consecutive models with one type becomes its own group (``Grouped``): order the models by
-    type.
+    depth where the models hold different layer types (BN in some, LayerNorm in others) or one
+    type with different settings (ghost batches of 2 in some, of 8 in others), each run of
+    consecutive models of one kind becomes its own group (``Grouped``): order the models by kind.
     """
     models = list(models)
     if not models:

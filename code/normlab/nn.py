@@ -340,6 +340,12 @@ class _BatchRenorm(_BatchNorm):
     attributes a training loop may change (see ``renorm_schedule``). After each training step,
     ``last_r`` and ``last_d`` hold that step's (C,) correction factors, before clipping in
     ``last_r_raw`` / ``last_d_raw``, for inspection.
+
+    ``virtual_batch_size`` (default None: the whole batch) computes the batch statistics, r and d
+    per group of that many consecutive examples, as ``GhostBatchNorm`` does (the batch must then
+    be a multiple of it): the small "per-device" batches of Wu and He's experiment inside one
+    optimizer batch. The running statistics take in the groups' average mean and average
+    unbiased variance, once per call, and ``last_r`` etc. are then (groups, C).
     """
 
     def __init__(
@@ -352,8 +358,14 @@ class _BatchRenorm(_BatchNorm):
         affine: bool = True,
         device=None,
         dtype=None,
+        virtual_batch_size: int | None = None,
     ):
         super().__init__(num_features, eps, momentum, affine, True, device, dtype)
+        if virtual_batch_size is not None and (
+            isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, int) or virtual_batch_size < 1
+        ):
+            raise ValueError(f"virtual_batch_size must be None or a positive int, got {virtual_batch_size!r}")
+        self.virtual_batch_size = virtual_batch_size
         self.r_max = r_max
         self.d_max = d_max
         self.last_r = self.last_d = self.last_r_raw = self.last_d_raw = None
@@ -380,30 +392,38 @@ class _BatchRenorm(_BatchNorm):
             raise ValueError(f"expected {self.num_features} channels (dim 1), got input of shape {tuple(input.shape)}")
         if not self.training:
             return super().forward(input)  # BatchNorm's eval: the running statistics
-        C = self.num_features
-        n = input.numel() // C  # values per channel
-        if n <= 1:
+        C, N = self.num_features, input.shape[0]
+        v = self.virtual_batch_size
+        v = N if v is None or N <= v else v  # examples per group
+        if N % v:
+            raise ValueError(f"a batch of {N} does not split into groups of virtual_batch_size={v}: "
+                             f"pass a multiple of {v} (or at most {v} examples)")
+        if input.numel() // (C * N // v) <= 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
-        dims = [0] + list(range(2, input.dim()))  # every axis but the channel
-        shape = (1, C) + (1,) * (input.dim() - 2)  # broadcasts a (C,) vector against x
         x = input.to(torch.float32) if input.dtype in (torch.float16, torch.bfloat16) else input
-        var_b, mu_b = torch.var_mean(x, dim=dims, correction=0)  # (C,), biased; gradients flow
-        sigma_b = torch.sqrt(var_b + self.eps)
+        # (x - mu_B) / sigma_B per group, with its gradient through mu_B and sigma_B, by torch's fused
+        # batch norm (GhostBatchNorm's trick); the groups' means and unbiased variances come with it.
+        x_hat, mu_b, unbiased, counts = _ghost_normalize(x, v, self.eps)  # (N, C, *), (G, C), (G, C)
+        G, n = mu_b.shape[0], counts[0]  # groups, values per channel in one group
+        shape = (G, 1, C) + (1,) * (x.dim() - 2)  # broadcasts a (G, C) statistic against the groups
         with torch.no_grad():  # r and d are constants for autograd
+            sigma_b = torch.sqrt(unbiased * (n - 1) / n + self.eps)  # from the biased variance
             sigma = torch.sqrt(self.running_var.to(x.dtype) + self.eps)
             r_raw = sigma_b / sigma
             d_raw = (mu_b - self.running_mean.to(x.dtype)) / sigma
             r = r_raw.clamp(1.0 / self.r_max, self.r_max)
             d = d_raw.clamp(-self.d_max, self.d_max)
-        x_hat = (x - mu_b.view(shape)) / sigma_b.view(shape) * r.view(shape) + d.view(shape)
-        out = scale_shift(x_hat, self.weight, self.bias)
+        x_hat = x_hat.reshape(G, N // G, *x.shape[1:]) * r.view(shape) + d.view(shape)
+        out = scale_shift(x_hat.reshape(input.shape), self.weight, self.bias)
         # Now, and only now, the running statistics take this batch in, as in BatchNorm.
         with torch.no_grad():
             self.num_batches_tracked.add_(1)
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-            self.running_mean.mul_(1 - factor).add_(mu_b.to(self.running_mean.dtype), alpha=factor)
-            unbiased = var_b * n / (n - 1)  # the running estimate stores the unbiased variance
-            self.running_var.mul_(1 - factor).add_(unbiased.to(self.running_var.dtype), alpha=factor)
+            # the groups' average mean and unbiased variance (equal sizes)
+            self.running_mean.mul_(1 - factor).add_(mu_b.mean(0).to(self.running_mean.dtype), alpha=factor)
+            self.running_var.mul_(1 - factor).add_(unbiased.mean(0).to(self.running_var.dtype), alpha=factor)
+        if G == 1:  # one group: (C,) vectors, as for a plain batch
+            r, d, r_raw, d_raw = r[0], d[0], r_raw[0], d_raw[0]
         self.last_r, self.last_d, self.last_r_raw, self.last_d_raw = r, d, r_raw, d_raw
         return out.to(input.dtype)
 
@@ -411,6 +431,7 @@ class _BatchRenorm(_BatchNorm):
         return (
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, r_max={self.r_max}, "
             f"d_max={self.d_max}, affine={self.affine}"
+            + ("" if self.virtual_batch_size is None else f", virtual_batch_size={self.virtual_batch_size}")
         )
 
 

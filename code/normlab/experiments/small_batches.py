@@ -1,12 +1,15 @@
 """Chapter 5's experiments: small and non-i.i.d. batches, and batch renormalization.
 
-The central experiment trains an *ensemble*: for each seed, one MLP per normalization (BN, batch
-renormalization, GroupNorm, LayerNorm), all starting from the same weights and seeing the same
-mini-batches, so that the normalization is the only difference. They train as one model with the
-course's ensemble trainer, ``normlab.ensemble`` (one batched matrix product runs every member's
-layer; the norms are the library's own ``normlab.nn.BatchNorm1d`` and ``BatchRenorm1d``, folded
-into channels, and torch's ``GroupNorm`` and ``LayerNorm`` per member), which is what fits six
-batch sizes x four normalizations x eight seeds into the quick budget. The lab notebook
+The central experiment is Wu and He's (2018) in small: the optimizer batch stays fixed at 32 and
+BN (or batch renormalization) computes its statistics per group of B examples, as each GPU does
+in their runs, for B = 2 to 32, against GroupNorm and LayerNorm; once on a small CNN (each
+statistic averages B * H * W values, as in theirs) and once on an MLP (B values: the extreme
+case). For each seed every member starts from the same weights and sees the same mini-batches,
+so that the normalization is the only difference. They train as one model with the course's
+ensemble trainer, ``normlab.ensemble`` (the norms are the library's own ghost batch norm and
+batch renormalization, folded into channels, and torch's ``GroupNorm`` and ``LayerNorm`` per
+member), which is what fits five group sizes x four normalizations x eight seeds into the quick
+budget. The lab notebook
 ``chapters/small_batches/lab.ipynb`` calls these
 functions and asserts what the chapter claims.
 """
@@ -38,7 +41,11 @@ __all__ = [
     "make_members",
     "EnsembleRun",
     "train_norms",
-    "batch_size_sweep",
+    "GROUP_SIZES",
+    "make_cnn",
+    "group_members",
+    "GroupRun",
+    "group_size_sweep",
     "non_iid_experiment",
     "batch_stats_sweep",
     "grad_accumulation",
@@ -55,11 +62,11 @@ def _check_scale(scale):
 
 
 def budget(scale="quick"):
-    """Return the epochs, seeds and sizes per experiment for a scale ('quick' or 'full')."""
+    """Return the steps, epochs, seeds and sizes per experiment for a scale ('quick' or 'full')."""
     _check_scale(scale)
     if scale == "quick":
-        return {"seeds": 8, "epochs": 4, "non_iid_epochs": 8, "noise_batches": 2000, "trace_steps": 600}
-    return {"seeds": 5, "epochs": 20, "non_iid_epochs": 30, "noise_batches": 20000, "trace_steps": 5000}
+        return {"seeds": 8, "group_steps": 200, "non_iid_epochs": 8, "noise_batches": 2000, "trace_steps": 600}
+    return {"seeds": 16, "group_steps": 2000, "non_iid_epochs": 30, "noise_batches": 20000, "trace_steps": 5000}
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,7 +159,7 @@ def make_members(sizes, kinds, seeds, groups=8):
 
 
 def _renorm_layers(ens):
-    return [m for m in ens.modules() if isinstance(m, normlab_nn.BatchRenorm1d)]
+    return [m for m in ens.modules() if isinstance(m, normlab_nn._BatchRenorm)]
 
 
 @dataclass
@@ -303,27 +310,170 @@ def train_norms(
 
 
 # --------------------------------------------------------------------------------------------
-# 2-4. Error vs batch size; train/test discrepancy; non-i.i.d. batches
+# 4. Non-i.i.d. batches
 # --------------------------------------------------------------------------------------------
 
 
-def batch_size_sweep(data, batch_sizes, *, seeds, epochs, base_lr=0.1, base_batch=32, kinds=NORMS, progress=None,
-                     **kwargs):
-    """Train every kind at every batch size for the same number of epochs, lr = base_lr * B / base_batch.
+# --------------------------------------------------------------------------------------------
+# 2-3. Error vs batch size in Wu and He's regime (BN per group of B examples inside a fixed
+#      optimizer batch), and the train/test discrepancy
+# --------------------------------------------------------------------------------------------
 
-    Returns {B: EnsembleRun}.
+GROUP_SIZES = (2, 4, 8, 16, 32)
+ARCHS = ("cnn", "mlp")
+
+
+def _grouped_norm(kind, width, group_size, image, groups):
+    """One norm layer of ``width`` channels whose batch statistics come from groups of ``group_size``."""
+    if kind == "bn":
+        cls = normlab_nn.GhostBatchNorm2d if image else normlab_nn.GhostBatchNorm1d
+        return cls(width, virtual_batch_size=group_size)
+    if kind == "brn":
+        cls = normlab_nn.BatchRenorm2d if image else normlab_nn.BatchRenorm1d
+        return cls(width, r_max=1.0, d_max=0.0, virtual_batch_size=group_size)  # BN until the schedule relaxes it
+    if width % groups:
+        raise ValueError(f"{width} channels do not split into {groups} groups")
+    if kind == "gn":
+        return nn.GroupNorm(groups, width)
+    if kind == "ln":  # over every feature of an example: a CNN's (C, H, W) is GroupNorm with one group
+        return nn.GroupNorm(1, width) if image else nn.LayerNorm(width)
+    raise ValueError(f"kind must be one of {NORMS}, got {kind!r}")
+
+
+def group_members(arch, seeds, group_sizes=GROUP_SIZES, groups=4, channels=(8, 16), hidden=(128, 128)):
+    """Return (ensemble, members): one model per (kind, group size, seed), and the (kind, B) of each.
+
+    BN and batch renorm get one member per group size B; GroupNorm and LayerNorm never look at
+    other examples, so they get one member per seed (B = None): at a fixed optimizer batch their
+    training does not depend on B at all. arch: "cnn" (``make_cnn``) or "mlp" (``make_members``'
+    MLP, ``hidden`` layers).
+    GroupNorm has ``groups`` groups. Members of one seed start from the same weights whatever
+    their norm.
     """
-    sizes = [int(b) for b in batch_sizes]
-    if not sizes or min(sizes) < 2:
-        raise ValueError(f"batch_sizes must be ints >= 2, got {batch_sizes!r}")
-    if not base_lr > 0:
-        raise ValueError(f"base_lr must be positive, got {base_lr!r}")
-    _check_positive_int("base_batch", base_batch)
-    out = {}
-    for B in tqdm(sizes, desc="batch sizes", disable=not show_progress(progress), leave=False):
-        out[B] = train_norms(data, seeds=seeds, batch_size=B, epochs=epochs, lr=base_lr * B / base_batch,
-                             kinds=kinds, progress=progress, **kwargs)
-    return out
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+    sizes = sorted({int(b) for b in group_sizes})
+    if not sizes or sizes[0] < 2:
+        raise ValueError(f"group_sizes must be ints >= 2, got {group_sizes!r}")
+    members = [(k, b) for k in ("bn", "brn") for b in sizes] + [("gn", None), ("ln", None)]
+    models = []
+    for kind, b in members:
+        for s in seeds:
+            if arch == "cnn":
+                torch.manual_seed(int(s))
+                models.append(make_cnn(lambda c, kind=kind, b=b: _grouped_norm(kind, c, b, True, groups), channels))
+            else:
+                sizes = (64, *hidden, 10)
+                models.append(_mlp(int(s), lambda c, kind=kind, b=b: _grouped_norm(kind, c, b, False, groups), sizes))
+    return ensemble.stack(models), members
+
+
+def make_cnn(norm, channels=(8, 16), num_classes=10):
+    """A small CNN for the 8x8 digits stored as (N, 64): two 3x3 convolutions, each followed by ``norm(c)`` and a ReLU.
+
+    The first keeps the 8x8 map, the second halves it (stride 2), and a linear layer reads the
+    flattened (c2, 4, 4) maps, so BN averages B * 64 values per statistic in the first layer and
+    B * 16 in the second. The convolutions have no bias (the norm's beta is one).
+    """
+    c1, c2 = channels
+    return nn.Sequential(nn.Unflatten(1, (1, 8, 8)),
+                         nn.Conv2d(1, c1, 3, padding=1, bias=False), norm(c1), nn.ReLU(),
+                         nn.Conv2d(c1, c2, 3, stride=2, padding=1, bias=False), norm(c2), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(c2 * 16, num_classes))
+
+
+def _mlp(seed, norm, sizes=(64, 128, 128, 10)):
+    """make_members' MLP for one seed (He-initialized from a generator seeded with the seed, zero biases)."""
+    layers = []
+    for i, (d_in, d_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        lin = nn.Linear(d_in, d_out)
+        with torch.no_grad():
+            w = torch.randn(d_in, d_out, generator=torch.Generator().manual_seed(seed)) * math.sqrt(2.0 / d_in)
+            lin.weight.copy_(w.T)
+            lin.bias.zero_()
+        layers.append(lin)
+        if i < len(sizes) - 2:
+            layers += [norm(d_out), nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+@dataclass
+class GroupRun:
+    """What ``group_size_sweep`` measured, in percent, per member kind and seed.
+
+    err_eval[(kind, B)]: (S,) test error in eval mode (running statistics). err_batch: test error
+    in train mode, each test batch of the optimizer's size normalized per group of B as in
+    training (running statistics untouched; batch renorm as plain BN). train_err_batch: the same on
+    the training set (how well the network fits under the normalization it trained with). B is None
+    for GroupNorm and LayerNorm.
+    """
+
+    arch: str
+    seeds: list
+    group_sizes: list
+    batch_size: int
+    steps: int
+    members: list
+    err_eval: dict
+    err_batch: dict
+    train_err_batch: dict
+
+    def err(self, kind, group_size=None, which="err_eval"):
+        """(S,) errors of one kind at one group size (GroupNorm / LayerNorm: any group size)."""
+        key = (kind, None) if kind in ("gn", "ln") else (kind, group_size)
+        if key not in self.err_eval:
+            raise KeyError(f"no members {key}; kinds {NORMS}, group sizes {self.group_sizes}")
+        return getattr(self, which)[key]
+
+
+def group_size_sweep(data: Split, arch, *, seeds, steps, lr, batch_size=32, group_sizes=GROUP_SIZES, momentum=0.9,
+                     groups=4, renorm=(0.05, 0.25, 3.0, 5.0), eval_train=448, progress=None, **sizes) -> GroupRun:
+    """Train BN and batch renorm with statistics per group of B, and GroupNorm and LayerNorm, at one optimizer batch.
+
+    Every member takes the same ``steps`` SGD steps on batches of ``batch_size`` (a seed's batches
+    are the same for every kind); BN and batch renorm normalize each group of B consecutive
+    examples of a batch on its own (Wu and He's "images per GPU", with the optimizer batch fixed),
+    so B changes the statistics and nothing else. renorm: the schedule's warm-up and relaxation
+    fractions of ``steps`` and its targets r_max, d_max. The train-mode error on the training set
+    is measured on ``eval_train`` examples (a multiple of the batch). sizes: ``channels`` or
+    ``hidden`` for ``group_members``. Returns a ``GroupRun``.
+    """
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError("seeds must name at least one seed")
+    _check_positive_int("steps", steps)
+    _check_positive_int("batch_size", batch_size)
+    if not lr > 0:
+        raise ValueError(f"lr must be positive, got {lr!r}")
+    bad = [b for b in group_sizes if batch_size % int(b)]
+    if bad:
+        raise ValueError(f"every group size must divide the batch of {batch_size}; {bad} do not")
+    net, members = group_members(arch, seeds, group_sizes, groups, **sizes)
+    S, n = len(seeds), len(data.x_train)
+    draw = ensemble.member_batches([s + 7919 for s in seeds], n, batch_size)
+    batches = [next(draw).repeat(len(members), 1) for _ in range(steps)]  # (K, B): a seed's batch, every kind
+    warm_frac, relax_frac, r_target, d_target = renorm
+    warmup, relax = int(round(warm_frac * steps)), int(round(relax_frac * steps))
+    renorms = _renorm_layers(net)
+
+    def schedule(step):
+        for m in renorms:
+            m.r_max, m.d_max = normlab_nn.renorm_schedule(step - 1, warmup, relax, r_target, d_target)
+
+    ensemble.fit(net, data, lr=lr, batches=batches, momentum=momentum, before_step=schedule, progress=progress)
+    gen = torch.Generator().manual_seed(seeds[0] + 1)
+    shape = (len(members), S)
+    x_te, y_te = data.x_test, data.y_test
+    err_eval = 100 * (1 - np.nan_to_num(ensemble.accuracy(net, x_te, y_te, batch_size=150)).reshape(shape))
+    err_batch = 100 * (1 - _batch_accuracy(net, x_te, y_te, batch_size, torch.randperm(len(y_te), generator=gen)))
+    some = torch.randperm(n, generator=gen)[:eval_train]
+    train_err = 100 * (1 - _batch_accuracy(net, data.x_train, data.y_train, batch_size, some))
+    err_batch, train_err = err_batch.reshape(shape), train_err.reshape(shape)
+    return GroupRun(arch=arch, seeds=seeds, group_sizes=sorted({int(b) for b in group_sizes}),
+                    batch_size=batch_size, steps=steps, members=members,
+                    err_eval={m: err_eval[i] for i, m in enumerate(members)},
+                    err_batch={m: err_batch[i] for i, m in enumerate(members)},
+                    train_err_batch={m: train_err[i] for i, m in enumerate(members)})
 
 
 def non_iid_experiment(data, *, seeds, epochs, batch_size=32, lr=0.1, samplers=("shuffled", 2, 1),
