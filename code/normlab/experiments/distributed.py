@@ -48,9 +48,9 @@ MODES = ("local", "sync")  # per-device BN, synchronized BN
 def budget(scale="quick"):
     """Return the world size, per-device batch, steps of the global batch, seeds and timing sizes for a scale."""
     if scale == "quick":
-        return {"world": 2, "per_device": 2, "steps": 200, "seeds": 3, "timing_steps": 15, "timing_layers": 8}
+        return {"world": 2, "per_device": 2, "steps": 200, "seeds": 8, "timing_steps": 15, "timing_layers": 8}
     if scale == "full":
-        return {"world": 4, "per_device": 2, "steps": 1700, "seeds": 5, "timing_steps": 200, "timing_layers": 16}
+        return {"world": 4, "per_device": 2, "steps": 1700, "seeds": 8, "timing_steps": 200, "timing_layers": 16}
     raise ValueError(f"scale must be 'quick' or 'full', got {scale!r}")
 
 
