@@ -118,18 +118,43 @@ def fit_slope(batch_sizes, spread):
 # --------------------------------------------------------------------------------------------
 
 
-def _norm_module(kind, width, groups):
+def _norm(kind, width, groups, group_size=None, image=False):
+    """One norm layer of ``width`` channels (features, or image channels if ``image``).
+
+    BN and batch renorm take their batch statistics from groups of ``group_size`` examples (None:
+    the whole batch); GroupNorm has ``groups`` groups; LayerNorm normalizes every feature of an
+    example (for images, GroupNorm with one group).
+    """
     if kind == "bn":
-        return normlab_nn.BatchNorm1d(width)
+        if group_size is None:
+            return (normlab_nn.BatchNorm2d if image else normlab_nn.BatchNorm1d)(width)
+        cls = normlab_nn.GhostBatchNorm2d if image else normlab_nn.GhostBatchNorm1d
+        return cls(width, virtual_batch_size=group_size)
     if kind == "brn":
-        return normlab_nn.BatchRenorm1d(width, r_max=1.0, d_max=0.0)  # plain BN until the schedule relaxes it
+        cls = normlab_nn.BatchRenorm2d if image else normlab_nn.BatchRenorm1d
+        return cls(width, r_max=1.0, d_max=0.0, virtual_batch_size=group_size)  # BN until the schedule relaxes it
     if kind == "gn":
         if width % groups:
-            raise ValueError(f"{width} features do not split into {groups} groups")
+            raise ValueError(f"{width} channels do not split into {groups} groups")
         return nn.GroupNorm(groups, width)
     if kind == "ln":
-        return nn.LayerNorm(width)
+        return nn.GroupNorm(1, width) if image else nn.LayerNorm(width)
     raise ValueError(f"kind must be one of {NORMS}, got {kind!r}")
+
+
+def _mlp(seed, norm, sizes=(64, 128, 128, 10)):
+    """make_members' MLP for one seed (He-initialized from a generator seeded with the seed, zero biases)."""
+    layers = []
+    for i, (d_in, d_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        lin = nn.Linear(d_in, d_out)
+        with torch.no_grad():
+            w = torch.randn(d_in, d_out, generator=torch.Generator().manual_seed(seed)) * math.sqrt(2.0 / d_in)
+            lin.weight.copy_(w.T)
+            lin.bias.zero_()
+        layers.append(lin)
+        if i < len(sizes) - 2:
+            layers += [norm(d_out), nn.ReLU()]
+    return nn.Sequential(*layers)
 
 
 def make_members(sizes, kinds, seeds, groups=8):
@@ -138,24 +163,8 @@ def make_members(sizes, kinds, seeds, groups=8):
     Members of one seed start from the same He-initialized weights, whatever their norm, so that
     the normalization is the only difference between them.
     """
-    weights = []  # per layer, per seed: (d_in, d_out), each from a generator seeded with the seed
-    for d_in, d_out in zip(sizes[:-1], sizes[1:]):
-        weights.append([torch.randn(d_in, d_out, generator=torch.Generator().manual_seed(int(s)))
-                        * math.sqrt(2.0 / d_in) for s in seeds])
-    models = []
-    for kind in kinds:
-        for j in range(len(seeds)):
-            layers = []
-            for i, (d_in, d_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-                lin = nn.Linear(d_in, d_out)
-                with torch.no_grad():
-                    lin.weight.copy_(weights[i][j].T)
-                    lin.bias.zero_()
-                layers.append(lin)
-                if i < len(sizes) - 2:
-                    layers += [_norm_module(kind, d_out, groups), nn.ReLU()]
-            models.append(nn.Sequential(*layers))
-    return ensemble.stack(models)
+    return ensemble.stack([_mlp(int(s), lambda c, kind=kind: _norm(kind, c, groups), sizes)
+                           for kind in kinds for s in seeds])
 
 
 def _renorm_layers(ens):
@@ -310,34 +319,12 @@ def train_norms(
 
 
 # --------------------------------------------------------------------------------------------
-# 4. Non-i.i.d. batches
-# --------------------------------------------------------------------------------------------
-
-
-# --------------------------------------------------------------------------------------------
 # 2-3. Error vs batch size in Wu and He's regime (BN per group of B examples inside a fixed
 #      optimizer batch), and the train/test discrepancy
 # --------------------------------------------------------------------------------------------
 
 GROUP_SIZES = (2, 4, 8, 16, 32)
 ARCHS = ("cnn", "mlp")
-
-
-def _grouped_norm(kind, width, group_size, image, groups):
-    """One norm layer of ``width`` channels whose batch statistics come from groups of ``group_size``."""
-    if kind == "bn":
-        cls = normlab_nn.GhostBatchNorm2d if image else normlab_nn.GhostBatchNorm1d
-        return cls(width, virtual_batch_size=group_size)
-    if kind == "brn":
-        cls = normlab_nn.BatchRenorm2d if image else normlab_nn.BatchRenorm1d
-        return cls(width, r_max=1.0, d_max=0.0, virtual_batch_size=group_size)  # BN until the schedule relaxes it
-    if width % groups:
-        raise ValueError(f"{width} channels do not split into {groups} groups")
-    if kind == "gn":
-        return nn.GroupNorm(groups, width)
-    if kind == "ln":  # over every feature of an example: a CNN's (C, H, W) is GroupNorm with one group
-        return nn.GroupNorm(1, width) if image else nn.LayerNorm(width)
-    raise ValueError(f"kind must be one of {NORMS}, got {kind!r}")
 
 
 def group_members(arch, seeds, group_sizes=GROUP_SIZES, groups=4, channels=(8, 16), hidden=(128, 128)):
@@ -361,10 +348,10 @@ def group_members(arch, seeds, group_sizes=GROUP_SIZES, groups=4, channels=(8, 1
         for s in seeds:
             if arch == "cnn":
                 torch.manual_seed(int(s))
-                models.append(make_cnn(lambda c, kind=kind, b=b: _grouped_norm(kind, c, b, True, groups), channels))
+                models.append(make_cnn(lambda c, kind=kind, b=b: _norm(kind, c, groups, b, image=True), channels))
             else:
                 sizes = (64, *hidden, 10)
-                models.append(_mlp(int(s), lambda c, kind=kind, b=b: _grouped_norm(kind, c, b, False, groups), sizes))
+                models.append(_mlp(int(s), lambda c, kind=kind, b=b: _norm(kind, c, groups, b), sizes))
     return ensemble.stack(models), members
 
 
@@ -380,21 +367,6 @@ def make_cnn(norm, channels=(8, 16), num_classes=10):
                          nn.Conv2d(1, c1, 3, padding=1, bias=False), norm(c1), nn.ReLU(),
                          nn.Conv2d(c1, c2, 3, stride=2, padding=1, bias=False), norm(c2), nn.ReLU(),
                          nn.Flatten(), nn.Linear(c2 * 16, num_classes))
-
-
-def _mlp(seed, norm, sizes=(64, 128, 128, 10)):
-    """make_members' MLP for one seed (He-initialized from a generator seeded with the seed, zero biases)."""
-    layers = []
-    for i, (d_in, d_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-        lin = nn.Linear(d_in, d_out)
-        with torch.no_grad():
-            w = torch.randn(d_in, d_out, generator=torch.Generator().manual_seed(seed)) * math.sqrt(2.0 / d_in)
-            lin.weight.copy_(w.T)
-            lin.bias.zero_()
-        layers.append(lin)
-        if i < len(sizes) - 2:
-            layers += [norm(d_out), nn.ReLU()]
-    return nn.Sequential(*layers)
 
 
 @dataclass
@@ -474,6 +446,11 @@ def group_size_sweep(data: Split, arch, *, seeds, steps, lr, batch_size=32, grou
                     err_eval={m: err_eval[i] for i, m in enumerate(members)},
                     err_batch={m: err_batch[i] for i, m in enumerate(members)},
                     train_err_batch={m: train_err[i] for i, m in enumerate(members)})
+
+
+# --------------------------------------------------------------------------------------------
+# 4. Non-i.i.d. batches
+# --------------------------------------------------------------------------------------------
 
 
 def non_iid_experiment(data, *, seeds, epochs, batch_size=32, lr=0.1, samplers=("shuffled", 2, 1),
