@@ -60,36 +60,87 @@ def test_bias_switch_and_norm_class_are_honoured():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"placement": "middle"}, {"channels": ()}, {"channels": (4, 0)}, {"bias": 1}, {"num_classes": 0}],
+    [{"placement": "middle"}, {"channels": ()}, {"channels": (4, 0)}, {"bias": 1}, {"num_classes": 0},
+     {"head": "relu"}, {"placement": "after", "head": "plain", "channels": (4,)}],
 )
 def test_make_cnn_rejects_bad_arguments(kwargs):
     with pytest.raises(ValueError):
         ex.make_cnn(**kwargs)
 
 
-def test_placement_experiment_returns_one_accuracy_and_model_per_seed_and_placement():
-    result = ex.placement_experiment(tiny_split(), [0, 1], steps=2, lr=0.01, batch_size=8, channels=(4,),
-                                     progress=False)
+def test_heads_equalize_what_the_pool_sees():
+    bn, relu, pool = nn.BatchNorm2d, nn.ReLU, nn.AdaptiveAvgPool2d
+    ends = {(p, h): layer_types(ex.make_cnn(p, channels=(4, 6), head=h))[-5:-2]
+            for p in ex.PLACEMENTS for h in ex.HEADS}
+    assert ends["before", "plain"] == [bn, relu, pool] and ends["after", "plain"] == [nn.Conv2d, relu, pool]
+    assert ends["before", "bn"] == ends["after", "bn"] == [relu, bn, pool]
+    counts = {k: sum(isinstance(m, bn) for m in ex.make_cnn(k[0], channels=(4, 6), head=k[1]))
+              for k in [("before", "plain"), ("before", "bn"), ("after", "plain"), ("after", "bn")]}
+    assert counts == {("before", "plain"): 2, ("before", "bn"): 3, ("after", "plain"): 1, ("after", "bn"): 2}
+    for p in ex.PLACEMENTS:  # no head named: the placement's natural ending, the nets of earlier editions
+        assert layer_types(ex.make_cnn(p, channels=(4,))) == layer_types(
+            ex.make_cnn(p, channels=(4,), head=ex.NATURAL_HEAD[p]))
+
+
+def test_every_placement_and_head_starts_from_the_same_weights_for_the_same_seed():
+    weights = []
     for p in ex.PLACEMENTS:
-        for acc in (result.acc[p], result.acc_precise[p]):
+        for h in ex.HEADS:
+            torch.manual_seed(3)
+            model = ex.make_cnn(p, channels=(4, 6), head=h)
+            weights.append([m.weight for m in model if isinstance(m, (nn.Conv2d, nn.Linear))])
+    assert all(len(w) == 3 and all(torch.equal(a, b) for a, b in zip(w, weights[0])) for w in weights)
+
+
+def test_validation_split_holds_out_part_of_the_training_set_only():
+    data = tiny_split()
+    split = ex.validation_split(data, 10, seed=4)
+    assert (len(split.x_train), len(split.x_test)) == (38, 10)
+    rows = torch.cat([split.x_train, split.x_test])
+    assert torch.equal(rows[rows[:, 0].argsort()], data.x_train[data.x_train[:, 0].argsort()])  # a partition
+    assert torch.equal(ex.validation_split(data, 10, seed=4).x_test, split.x_test)  # the seed decides
+    assert not torch.equal(ex.validation_split(data, 10, seed=5).x_test, split.x_test)
+    for bad in (0, 47):
+        with pytest.raises(ValueError, match="val_size"):
+            ex.validation_split(data, bad, seed=0)
+
+
+def run_small(data=None, nets=None, **kwargs):
+    args = dict(steps=2, lrs=(0.01, 0.05), tune_seeds=[7], val_size=10, batch_size=8, channels=(4, 4),
+                progress=False) | kwargs
+    return ex.placement_experiment(data or tiny_split(), [0, 1], nets=nets, **args)
+
+
+def test_placement_experiment_returns_one_accuracy_and_model_per_seed_and_net():
+    result = run_small()
+    assert result.nets == [("before", "plain"), ("before", "bn"), ("after", "plain"), ("after", "bn")]
+    for net in result.nets:
+        for acc in (result.acc[net], result.acc_precise[net]):
             assert len(acc) == 2 and all(0.0 <= a <= 1.0 for a in acc)
-        assert len(result.models[p]) == 2 and not result.models[p][0].training
-    cmp = result.paired(precise=True)
-    assert cmp.n == 2 and cmp.mean == pytest.approx(100 * (result.mean("before", True) - result.mean("after", True)))
+        assert len(result.models[net]) == 2 and not result.models[net][0].training
+        assert result.lr[net] in (0.01, 0.05) and len(result.val_acc[net]) == 2
+    for head in ex.HEADS:
+        cmp = result.paired(head, precise=True)
+        assert cmp.n == 2 and cmp.mean == pytest.approx(
+            100 * (result.mean("before", head, True) - result.mean("after", head, True)))
 
 
 def test_placement_result_summaries_and_the_choice_of_statistics():
     r = ex.PlacementResult(
-        seeds=[0, 1, 2],
-        acc={"before": [0.9, 0.8, 0.85], "after": [0.95, 0.9, 0.8]},
-        acc_precise={"before": [0.9, 0.9, 0.9], "after": [0.8, 0.8, 0.8]},
+        seeds=[0, 1, 2], lrs=[0.1],
+        acc={("before", "bn"): [0.9, 0.8, 0.85], ("after", "bn"): [0.95, 0.9, 0.8]},
+        acc_precise={("before", "bn"): [0.9, 0.9, 0.9], ("after", "bn"): [0.8, 0.8, 0.8]},
     )
-    assert r.mean("before") == pytest.approx(0.85)
-    assert r.std("before") == pytest.approx(0.05)  # sample standard deviation
-    assert r.paired().n_positive == 1 and r.paired().diffs == pytest.approx([-5.0, -10.0, 5.0])
-    assert r.paired(precise=True).n_positive == 3 and r.paired(precise=True).above(5.0)  # +10 at every seed
+    assert r.mean("before", "bn") == pytest.approx(0.85)
+    assert r.std("before", "bn") == pytest.approx(0.05)  # sample standard deviation
+    assert r.paired("bn").n_positive == 1 and r.paired("bn").diffs == pytest.approx([-5.0, -10.0, 5.0])
+    assert r.paired("bn", precise=True).n_positive == 3 and r.paired("bn", precise=True).above(5.0)  # +10 each
     with pytest.raises(ValueError, match="placement"):
-        r.mean("middle")
+        r.mean("middle", "bn")
+    with pytest.raises(ValueError, match="head"):
+        r.mean("before", "relu")
+    with pytest.raises(ValueError, match="no network"):
+        r.paired("plain")
 
 
 def test_recompute_bn_statistics_averages_the_batches_and_leaves_the_model_alone():
@@ -112,32 +163,42 @@ def test_recompute_bn_statistics_rejects_bad_arguments(kwargs):
         ex.recompute_bn_statistics(**args)
 
 
-def test_placement_experiment_trains_each_seed_as_train_does():
+def test_placement_experiment_tunes_on_held_out_examples_and_trains_each_seed_as_train_does():
     data = tiny_split()
-    result = ex.placement_experiment(data, [0, 1], steps=6, lr=0.05, batch_size=8, channels=(4,))
-    for placement in ex.PLACEMENTS:
+    nets = [("before", "bn"), ("after", "plain")]
+    result = run_small(data, nets, steps=6)
+    tune = ex.validation_split(data, 10, seed=7)
+    for net in nets:
+        val = []
+        for lr in (0.01, 0.05):  # the tuning, one run per rate
+            torch.manual_seed(7)
+            model = ex.make_cnn(net[0], channels=(4, 4), head=net[1])
+            train(model, tune, steps=6, lr=lr, batch_size=8, seed=7, progress=False)
+            val.append(accuracy(ex.recompute_bn_statistics(model, tune.x_train, batch_size=8), tune.x_test,
+                                tune.y_test))
+        assert result.val_acc[net] == pytest.approx(val)
+        assert result.lr[net] == (0.05 if val[1] > val[0] else 0.01)  # ties: the smaller rate
         for j, seed in enumerate([0, 1]):
             torch.manual_seed(seed)
-            model = ex.make_cnn(placement, channels=(4,))
-            history = train(model, data, steps=6, lr=0.05, batch_size=8, seed=seed, progress=False)
-            assert result.acc[placement][j] == pytest.approx(history.final_test_acc, abs=1e-9)
+            model = ex.make_cnn(net[0], channels=(4, 4), head=net[1])
+            history = train(model, data, steps=6, lr=result.lr[net], batch_size=8, seed=seed, progress=False)
+            assert result.acc[net][j] == pytest.approx(history.final_test_acc, abs=1e-9)
             precise = ex.recompute_bn_statistics(model, data.x_train, batch_size=8)
-            assert result.acc_precise[placement][j] == pytest.approx(accuracy(precise, data.x_test, data.y_test))
-            for a, b in zip(result.models[placement][j].state_dict().values(), model.state_dict().values()):
+            assert result.acc_precise[net][j] == pytest.approx(accuracy(precise, data.x_test, data.y_test))
+            for a, b in zip(result.models[net][j].state_dict().values(), model.state_dict().values()):
                 torch.testing.assert_close(a.float(), b.float(), atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize(
-    "seeds, match", [([0], "at least 2 seeds"), ([1, 1], "distinct")]
+    "kwargs, match",
+    [({"seeds": [0]}, "at least 2 seeds"), ({"seeds": [1, 1]}, "distinct"), ({"tune_seeds": []}, "tune_seeds"),
+     ({"lrs": ()}, "lrs"), ({"lrs": (0.1, -0.1)}, "lrs"), ({"nets": [("before", "relu")]}, "net"),
+     ({"data": (torch.zeros(4, 64), torch.zeros(4))}, "Split")],
 )
-def test_placement_experiment_rejects_bad_seeds(seeds, match):
+def test_placement_experiment_rejects_bad_arguments(kwargs, match):
+    args = dict(data=tiny_split(), seeds=[0, 1], steps=1, lrs=(0.01,), tune_seeds=[0], val_size=10) | kwargs
     with pytest.raises(ValueError, match=match):
-        ex.placement_experiment(tiny_split(), seeds, steps=1, lr=0.01)
-
-
-def test_placement_experiment_rejects_data_that_is_not_a_split():
-    with pytest.raises(ValueError, match="Split"):
-        ex.placement_experiment((torch.zeros(4, 64), torch.zeros(4)), [0, 1], steps=1, lr=0.01)
+        ex.placement_experiment(args.pop("data"), args.pop("seeds"), **args)
 
 
 def test_eval_pitfall_shapes_and_it_leaves_the_running_statistics_alone():

@@ -193,19 +193,28 @@ REGISTRY = {c.key: c for c in [
         "placement", "Batch normalization belongs after the linear layer and before the activation.",
         "chapters/pytorch/lab.ipynb", "pytorch-lab-placement",
         setup=("A small CNN (two 3x3 conv layers of 16 and 32 channels, global average pooling, a linear "
-               "head) on the digits as 8x8 images, SGD with momentum 0.9 at one learning rate for both "
-               "placements; " + _SEEDS.replace("with and without BN", "for both placements") + "."),
-        measurement=("Test accuracy per seed with BN before the ReLU and after it, once with the EMA "
-                     "statistics training left and once with statistics recomputed over the training set."),
+               "layer) on the digits as 8x8 images, BN before or after each ReLU, at two heads that both "
+               "placements share: the pool sees ReLU outputs (plain head) or a BN's output (BN head). SGD "
+               "with momentum 0.9, batch 64, 500 steps; each of the four networks gets its own learning "
+               "rate, tuned the same way (the grid 0.1, 0.2, 0.4, two tuning seeds, 300 training examples "
+               "held out, validation accuracy with recomputed statistics); "
+               + _SEEDS.replace("with and without BN", "for all four networks") + "."),
+        measurement=("Test accuracy per seed of each network at its tuned rate, once with the EMA statistics "
+                     "training left and once with statistics recomputed over the training set."),
         criteria=(
-            _c("precise", "recomputed statistics: before minus after, 95% CI above 0 points", "above", 0.0,
+            _c("plain_precise", "plain head, recomputed statistics: before minus after, 95% CI above 0 points",
+               "above", 0.0, "accuracy"),
+            _c("bn_precise", "BN head, recomputed statistics: before minus after, 95% CI above 0 points",
+               "above", 0.0, "accuracy"),
+            _c("plain_ema", "plain head, EMA statistics: before minus after, 95% CI above 0 points", "above", 0.0,
                "accuracy"),
-            _c("ema", "EMA statistics: before minus after, 95% CI above 0 points", "above", 0.0, "accuracy"),
+            _c("bn_ema", "BN head, EMA statistics: before minus after, 95% CI above 0 points", "above", 0.0,
+               "accuracy"),
         ),
         at_scale=("The 2015 paper puts BN before the nonlinearity {cite}`ioffe2015batch`; ResNet v2 keeps it before "
                   "the ReLU but moves the pair in front of each convolution {cite}`he2016identity`; no large-scale "
                   "ablation settles it for every architecture."),
-        untested="one CNN at one learning rate cannot show where BN belongs in every network",
+        untested="one small CNN on one dataset cannot show where BN belongs in every network",
     ),
     Claim(
         "small_batches", "Batch normalization depends on the batch size and struggles with small batches.",

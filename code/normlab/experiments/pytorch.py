@@ -25,10 +25,13 @@ from normlab.fold import fold_model
 from normlab.train import accuracy
 
 __all__ = [
+    "HEADS",
+    "NATURAL_HEAD",
     "PLACEMENTS",
     "PlacementResult",
     "make_cnn",
     "placement_experiment",
+    "validation_split",
     "recompute_bn_statistics",
     "eval_pitfall",
     "momentum_none_vs_ema",
@@ -38,15 +41,27 @@ __all__ = [
 PLACEMENTS = ("before", "after")  # BN before the ReLU (the paper's choice) or after it
 
 
-def make_cnn(placement="before", bias=False, channels=(16, 32), norm=nn.BatchNorm2d, num_classes=10):
+HEADS = ("plain", "bn")  # what the global pool sees: ReLU outputs, or a BN's normalized maps
+NATURAL_HEAD = {"before": "plain", "after": "bn"}  # the head each placement gets when nothing is said
+
+
+def make_cnn(placement="before", bias=False, channels=(16, 32), norm=nn.BatchNorm2d, num_classes=10, head=None):
     """Build a small CNN for 8x8 digits stored as (N, 64), with batch norm before or after each ReLU.
 
     Each block is a 3x3 convolution (padding 1, so the maps stay 8x8), then BN and ReLU in the order
-    ``placement`` names. Global average pooling and a linear layer make the logits (N, num_classes).
-    ``norm`` is the BN class: torch's ``nn.BatchNorm2d`` or ``normlab.nn.BatchNorm2d``.
+    ``placement`` names. A head of global average pooling and a linear layer makes the logits
+    (N, num_classes). ``head`` says what the pool sees: ``"plain"`` the last ReLU's outputs,
+    ``"bn"`` a BN of them. BN after the ReLU ends every block with a BN, so with the plain head its
+    last block has none; BN before the ReLU gets one extra BN for the bn head. ``head=None`` takes
+    the placement's natural ending (``NATURAL_HEAD``: "before" plain, "after" bn). The layers are
+    created in the same order whatever the arguments, so one seed gives every variant the same
+    initial weights. ``norm`` is the BN class: torch's ``nn.BatchNorm2d`` or ``normlab.nn.BatchNorm2d``.
     """
     if placement not in PLACEMENTS:
         raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+    head = NATURAL_HEAD[placement] if head is None else head
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {HEADS} or None, got {head!r}")
     if not isinstance(bias, bool):
         raise ValueError(f"bias must be a bool, got {bias!r}")
     if not isinstance(channels, (tuple, list)) or not channels:
@@ -54,77 +69,155 @@ def make_cnn(placement="before", bias=False, channels=(16, 32), norm=nn.BatchNor
     for c in channels:
         _check_positive_int("each entry of channels", c)
     _check_positive_int("num_classes", num_classes)
+    if placement == "after" and head == "plain" and len(channels) == 1:
+        raise ValueError("BN after the ReLU with the plain head needs at least 2 blocks: with 1 it has no BN")
     layers = [nn.Unflatten(1, (1, 8, 8))]  # (N, 64) -> (N, 1, 8, 8)
     c_in = 1
-    for c in channels:
+    for i, c in enumerate(channels):
         conv = nn.Conv2d(c_in, c, kernel_size=3, padding=1, bias=bias)  # (N, c, 8, 8)
-        pair = [norm(c), nn.ReLU()] if placement == "before" else [nn.ReLU(), norm(c)]
+        last = i == len(channels) - 1
+        if placement == "before":
+            pair = [norm(c), nn.ReLU()]
+        else:  # the last block's BN after the ReLU is the bn head's BN
+            pair = [nn.ReLU()] if last else [nn.ReLU(), norm(c)]
         layers += [conv, *pair]
         c_in = c
+    if head == "bn":
+        layers.append(norm(c_in))
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, num_classes)]  # (N, c_in) -> logits
     return nn.Sequential(*layers)
 
 
 @dataclass
 class PlacementResult:
-    """Final test accuracies (one per seed) and the trained models, for each placement.
+    """The placement study: per network (placement, head), the tuned learning rate and the test results.
 
-    ``acc`` holds the accuracies in eval mode with the running statistics that training left
-    (PyTorch's default EMA); ``acc_precise`` the same models' accuracies after
-    ``recompute_bn_statistics`` over the training set. Every summary takes ``precise`` to choose;
-    ``paired`` compares the placements seed by seed (the only comparison the chapter draws on).
+    Every dict is keyed by ``(placement, head)``. ``lr`` holds the learning rate the tuning chose and
+    ``val_acc`` the mean validation accuracy of each rate in ``lrs``; ``acc`` the final test accuracy
+    per seed in eval mode with the running statistics training left (PyTorch's default EMA),
+    ``acc_precise`` the same models' accuracy after ``recompute_bn_statistics`` over the training
+    set, ``models`` the trained models. Every summary takes ``precise`` to choose; ``paired``
+    compares the placements seed by seed at one head (the comparison the chapter draws on).
     """
 
     seeds: list
-    acc: dict = field(default_factory=dict)  # placement -> [accuracy per seed], EMA statistics
-    acc_precise: dict = field(default_factory=dict)  # placement -> [accuracy per seed], recomputed
-    models: dict = field(default_factory=dict)  # placement -> [trained model per seed]
+    lrs: list
+    lr: dict = field(default_factory=dict)  # (placement, head) -> the chosen learning rate
+    val_acc: dict = field(default_factory=dict)  # (placement, head) -> [mean validation accuracy per rate]
+    acc: dict = field(default_factory=dict)  # (placement, head) -> [accuracy per seed], EMA statistics
+    acc_precise: dict = field(default_factory=dict)  # (placement, head) -> [accuracy per seed], recomputed
+    models: dict = field(default_factory=dict)  # (placement, head) -> [trained model per seed]
 
-    def _acc(self, placement, precise):
+    @property
+    def nets(self):
+        """The (placement, head) pairs that were trained, in training order."""
+        return list(self.acc)
+
+    def _acc(self, placement, head, precise):
         if placement not in PLACEMENTS:
             raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
-        return (self.acc_precise if precise else self.acc)[placement]
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+        if (placement, head) not in self.acc:
+            raise ValueError(f"no network ({placement!r}, {head!r}) was trained; trained: {self.nets}")
+        return (self.acc_precise if precise else self.acc)[placement, head]
 
-    def mean(self, placement, precise=False) -> float:
-        return float(np.mean(self._acc(placement, precise)))
+    def mean(self, placement, head, precise=False) -> float:
+        return float(np.mean(self._acc(placement, head, precise)))
 
-    def std(self, placement, precise=False) -> float:
-        return float(np.std(self._acc(placement, precise), ddof=1))  # sample standard deviation over seeds
+    def std(self, placement, head, precise=False) -> float:
+        return float(np.std(self._acc(placement, head, precise), ddof=1))  # sample standard deviation over seeds
 
-    def paired(self, precise=False):
-        """Return the paired comparison before minus after, in points (same seed: same init and batches)."""
-        return paired(self._acc("before", precise), self._acc("after", precise), scale=100, unit="points")
+    def paired(self, head, precise=False):
+        """Return before minus after at one head, in points, paired by seed (same init and batches)."""
+        return paired(self._acc("before", head, precise), self._acc("after", head, precise), scale=100,
+                      unit="points")
+
+    def paired_head(self, placement, precise=False):
+        """Return the bn head minus the plain head at one placement, in points, paired by seed."""
+        return paired(self._acc(placement, "bn", precise), self._acc(placement, "plain", precise), scale=100,
+                      unit="points")
 
 
-def placement_experiment(data, seeds, *, steps, lr, batch_size=64, channels=(16, 32), progress=None):
-    """Train the CNN with BN before and after the ReLU, once per seed; return a ``PlacementResult``.
+def validation_split(data, val_size, seed):
+    """Split ``data``'s training set at random into a smaller training set and ``val_size`` held-out examples.
 
-    A seed fixes the initial weights (the same for both placements: the layers are created in the
-    same order) and the order of the mini-batches, so the two placements are compared in pairs.
-    The seeds of one placement train together as one ``normlab.ensemble`` (each member exactly
-    the run ``normlab.train.train(model, data, seed=seed)`` would give). Each trained model is
-    tested twice: with the running statistics training left, and with statistics recomputed over
-    the training set (``recompute_bn_statistics``).
+    Returns a ``Split`` whose "test" part is the validation examples; ``data``'s test set is not
+    used, so a choice made on this split never sees the test set.
     """
     if not isinstance(data, Split):
         raise ValueError(f"data must be a normlab.data.Split, got {type(data).__name__}")
+    _check_positive_int("val_size", val_size)
+    n = len(data.x_train)
+    if val_size > n - 2:
+        raise ValueError(f"val_size must leave at least 2 training examples of {n}, got {val_size}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    fit, val = order[val_size:], order[:val_size]
+    return Split(data.x_train[fit], data.y_train[fit], data.x_train[val], data.y_train[val],
+                 name=f"{data.name}[train minus {val_size} held out]")
+
+
+def _check_seeds(name, seeds, fewest):
     seeds = list(seeds)
-    if len(seeds) < 2:
-        raise ValueError(f"need at least 2 seeds to measure a spread, got {len(seeds)}")
+    if len(seeds) < fewest:
+        raise ValueError(f"need at least {fewest} {name}, got {len(seeds)}")
     if len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds must be distinct, got {seeds}")
-    result = PlacementResult(seeds=seeds)
-    for placement in PLACEMENTS:
-        models = []
-        for seed in seeds:
-            torch.manual_seed(seed)
-            models.append(make_cnn(placement, channels=channels))
-        ens = ensemble.stack(models)
+        raise ValueError(f"{name} must be distinct, got {seeds}")
+    return seeds
+
+
+def _cnns(placement, head, seeds, channels):
+    models = []
+    for seed in seeds:
+        torch.manual_seed(seed)  # the same initial weights for every (placement, head) at one seed
+        models.append(make_cnn(placement, channels=channels, head=head))
+    return models
+
+
+def placement_experiment(data, seeds, *, steps, lrs, tune_seeds, val_size=300, nets=None, batch_size=64,
+                         channels=(16, 32), progress=None):
+    """Tune and train the CNN with BN before and after the ReLU, at each head; return a ``PlacementResult``.
+
+    nets: the (placement, head) pairs to run (default: all four). Each net is tuned the same way:
+    one run per learning rate in ``lrs`` and seed in ``tune_seeds``, trained on the training set
+    minus ``val_size`` held-out examples (``validation_split``, seeded by ``tune_seeds[0]``); the rate
+    with the highest mean validation accuracy, with recomputed statistics, wins (ties: the smaller
+    rate). Then every seed in ``seeds`` trains the net at its rate on the whole training set; the
+    runs of one net train together as one ``normlab.ensemble`` (each member exactly the run
+    ``normlab.train.train(model, data, seed=seed, lr=lr)`` would give). A seed fixes the initial
+    weights (the same for every net: the layers are created in the same order) and the order of
+    the mini-batches, so the nets are compared in pairs. Each trained model is tested twice: with
+    the running statistics training left, and with statistics recomputed over the training set.
+    """
+    if not isinstance(data, Split):
+        raise ValueError(f"data must be a normlab.data.Split, got {type(data).__name__}")
+    seeds = _check_seeds("seeds", seeds, 2)
+    tune_seeds = _check_seeds("tune_seeds", tune_seeds, 1)
+    lrs = sorted(float(lr) for lr in lrs)
+    if not lrs or lrs[0] <= 0 or len(set(lrs)) != len(lrs):
+        raise ValueError(f"lrs must be distinct positive learning rates, got {lrs}")
+    nets = [(p, h) for p in PLACEMENTS for h in HEADS] if nets is None else [tuple(n) for n in nets]
+    for p, h in nets:
+        if p not in PLACEMENTS or h not in HEADS:
+            raise ValueError(f"each net must be (placement, head) from {PLACEMENTS} x {HEADS}, got {(p, h)}")
+    tune = validation_split(data, val_size, tune_seeds[0])
+    result = PlacementResult(seeds=seeds, lrs=lrs)
+    for p, h in nets:
+        # tuning: members rate-major, then seed
+        ens = ensemble.stack([m for _ in lrs for m in _cnns(p, h, tune_seeds, channels)])
+        ensemble.fit(ens, tune, lr=[lr for lr in lrs for _ in tune_seeds], seeds=tune_seeds * len(lrs),
+                     steps=steps, batch_size=batch_size, progress=progress)
+        precise = recompute_bn_statistics(ens, tune.x_train, batch_size=batch_size)
+        val = ensemble.accuracy(precise, tune.x_test, tune.y_test).reshape(len(lrs), len(tune_seeds)).mean(axis=1)
+        result.val_acc[p, h] = val.tolist()
+        result.lr[p, h] = lr = lrs[int(np.argmax(val))]  # the first of equal maxima: the smaller rate
+        # the paired runs, at the chosen rate
+        ens = ensemble.stack(_cnns(p, h, seeds, channels))
         ensemble.fit(ens, data, lr=lr, seeds=seeds, steps=steps, batch_size=batch_size, progress=progress)
         precise = recompute_bn_statistics(ens, data.x_train, batch_size=batch_size)
-        result.acc[placement] = ensemble.accuracy(ens, data.x_test, data.y_test).tolist()
-        result.acc_precise[placement] = ensemble.accuracy(precise, data.x_test, data.y_test).tolist()
-        result.models[placement] = [ensemble.member(ens, k).eval() for k in range(len(seeds))]
+        result.acc[p, h] = ensemble.accuracy(ens, data.x_test, data.y_test).tolist()
+        result.acc_precise[p, h] = ensemble.accuracy(precise, data.x_test, data.y_test).tolist()
+        result.models[p, h] = [ensemble.member(ens, k).eval() for k in range(len(seeds))]
     return result
 
 
