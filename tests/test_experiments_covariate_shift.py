@@ -113,6 +113,17 @@ def test_lr_sweep_bn_survives_a_large_rate(digits):
     assert np.median(acc_bn[0, :, -1]) >= 0.6 and np.median(acc_plain[0, :, -1]) <= 0.2
 
 
+def test_scale_output_decides_whether_the_output_layer_shares_the_initial_scale():
+    gen = torch.Generator().manual_seed(0)
+    sizes = [6, 8, 8, 3]
+    base = cs._build(sizes, "relu", True, False, torch.ones(1), [5], gen)
+    for scale_output in (True, False):
+        net = cs._build(sizes, "relu", True, False, torch.full((1,), 10.0), [5], gen, scale_output)
+        linears = [(m.weight, b.weight) for m, b in zip(net, base) if isinstance(m, ensemble.Linear)]
+        torch.testing.assert_close(linears[0][0], 10 * linears[0][1])  # hidden layers: scaled
+        torch.testing.assert_close(linears[-1][0], (10 if scale_output else 1) * linears[-1][1])
+
+
 def test_init_sweep_bn_survives_a_tiny_scale(digits):
     acc_bn, acc_plain = cs.init_sweep(digits, [1e-3], n_seeds=2, steps=100, progress=False)
     assert np.median(acc_bn) >= 0.8 and np.median(acc_plain) <= 0.2

@@ -161,19 +161,22 @@ def _members(values, name, k):
     return t
 
 
-def _build(sizes, act, use_bn, use_noise, init_scale, seeds, noise_gen):
+def _build(sizes, act, use_bn, use_noise, init_scale, seeds, noise_gen, scale_output=True):
     """The stacked MLP: Linear -> (BN) -> (noise) -> probe -> activation per hidden layer, Linear on top.
 
-    Each member's weights ~ N(0, init_scale^2 / fan_in), drawn layer by layer from its own seed.
+    Each member's weights ~ N(0, init_scale^2 / fan_in), drawn layer by layer from its own seed;
+    with ``scale_output=False`` the output layer's are ~ N(0, 1 / fan_in) whatever init_scale says.
     """
     K = len(seeds)
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     layers = []
     for i, (d_in, d_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-        W = torch.stack([torch.randn(d_in, d_out, generator=g) * float(init_scale[k]) / math.sqrt(d_in)
+        last = i == len(sizes) - 2
+        scale = [1.0 if last and not scale_output else float(v) for v in init_scale]
+        W = torch.stack([torch.randn(d_in, d_out, generator=g) * scale[k] / math.sqrt(d_in)
                          for k, g in enumerate(gens)])  # (K, d_in, d_out)
         layers.append(ensemble.Linear(W, torch.zeros(K, 1, d_out)))
-        if i == len(sizes) - 2:
+        if last:
             break
         if use_bn:
             layers.append(ensemble.Folded(nn.BatchNorm1d(K * d_out), K))
@@ -286,6 +289,7 @@ def train_ensemble(
     act: str = "sigmoid",
     use_noise=False,
     init_scale=1.0,
+    scale_output: bool = True,
     batch_size: int = 60,
     eval_every: int = 25,
     probe_layer: int | None = None,
@@ -297,7 +301,8 @@ def train_ensemble(
     """Train K MLPs at once with plain SGD on ``data``; return what they recorded (see ``Run``).
 
     seeds: K ints (each fixes a member's initial weights and mini-batch order). use_bn, use_noise,
-    lr, init_scale: one value for all members or one per member. probe_layer: index of the hidden
+    lr, init_scale: one value for all members or one per member. scale_output: whether init_scale
+    applies to the output layer too (False: it starts at scale 1 in every member). probe_layer: index of the hidden
     layer whose pre-activations (after BN and noise) are recorded, on the test inputs, at each
     evaluation. check_every: measure ICS and smoothness every that many steps (None: never).
     """
@@ -336,8 +341,8 @@ def train_ensemble(
         runs, order = [], []
         for b, z in kinds:
             idx = [k for k in range(K) if (bool(use_bn[k]), bool(use_noise[k])) == (b, z)]
-            runs.append(_train_ensemble(data, [seeds[k] for k in idx], b, z, lr[idx],
-                                        init_scale[idx], steps, hidden, act, batch_size, eval_every, probe_layer,
+            runs.append(_train_ensemble(data, [seeds[k] for k in idx], b, z, lr[idx], init_scale[idx],
+                                        scale_output, steps, hidden, act, batch_size, eval_every, probe_layer,
                                         probe_units, check_every, smooth_multipliers, progress))
             order += idx
         return _merge_runs(runs, np.argsort(order))
@@ -362,13 +367,13 @@ def _merge_runs(runs, index):
     )
 
 
-def _train_ensemble(data, seeds, use_bn, use_noise, lr, init_scale, steps, hidden, act, batch_size, eval_every,
-                    probe_layer, probe_units, check_every, smooth_multipliers, progress):
+def _train_ensemble(data, seeds, use_bn, use_noise, lr, init_scale, scale_output, steps, hidden, act, batch_size,
+                    eval_every, probe_layer, probe_units, check_every, smooth_multipliers, progress):
     """Train one stack of members that agree on BN and noise (use_bn, use_noise: bools)."""
     K, n = len(seeds), len(data.x_train)
     sizes = [data.num_features, *hidden, data.num_classes]
     noise_gen = torch.Generator().manual_seed(seeds[0] + 104729)
-    net = _build(sizes, act, use_bn, use_noise, init_scale, seeds, noise_gen)
+    net = _build(sizes, act, use_bn, use_noise, init_scale, seeds, noise_gen, scale_output)
     probes = [m for m in net if isinstance(m, _Probe)]
     gens = [torch.Generator().manual_seed(s + 7919) for s in seeds]  # mini-batch order per member
     batches = [torch.stack([torch.randperm(n, generator=g)[:batch_size] for g in gens]) for _ in range(steps)]
@@ -531,10 +536,12 @@ def lr_sweep(data, lrs, *, seed=0, n_seeds=3, steps=400, hidden=(100, 100, 100),
 
 
 def init_sweep(data, scales, *, seed=0, n_seeds=3, steps=400, lr=0.1, hidden=(100, 100, 100), act="relu",
-               progress=None):
+               scale_output=False, progress=None):
     """Train with and without BN from each initial weight scale; return final accuracies (bn, plain).
 
-    Weights start ~ N(0, scale^2 / fan_in). Each result is (len(scales), n_seeds).
+    The hidden layers' weights start ~ N(0, scale^2 / fan_in); the output layer's, which no BN
+    follows, at scale 1 unless ``scale_output`` (then a large scale also inflates the logits and
+    saturates the softmax, with or without BN). Each result is (len(scales), n_seeds).
     """
     scales = [float(v) for v in scales]
     if not scales or min(scales) <= 0:
@@ -543,8 +550,9 @@ def init_sweep(data, scales, *, seed=0, n_seeds=3, steps=400, lr=0.1, hidden=(10
     S = len(scales)
     init = [v for v in scales for _ in seeds] * 2
     use_bn = [1] * (S * n_seeds) + [0] * (S * n_seeds)
-    run = train_ensemble(data, seeds=seeds * S * 2, use_bn=use_bn, lr=lr, init_scale=init, steps=steps,
-                         hidden=hidden, act=act, eval_every=steps, progress=progress)
+    run = train_ensemble(data, seeds=seeds * S * 2, use_bn=use_bn, lr=lr, init_scale=init,
+                         scale_output=scale_output, steps=steps, hidden=hidden, act=act, eval_every=steps,
+                         progress=progress)
     acc = np.nan_to_num(run.test_acc[:, -1]).reshape(2, S, n_seeds)
     return acc[0], acc[1]
 
