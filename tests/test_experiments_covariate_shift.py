@@ -129,12 +129,38 @@ def test_init_sweep_bn_survives_a_tiny_scale(digits):
     assert np.median(acc_bn) >= 0.8 and np.median(acc_plain) <= 0.2
 
 
+def test_smoothness_measures_are_santurkars_along_the_gradient():
+    net = cs._build([6, 8, 3], "relu", False, False, torch.ones(1), [2], torch.Generator().manual_seed(0))
+    x, y = torch.randn(1, 16, 6), torch.randint(0, 3, (1, 16))
+    lr = torch.tensor([0.5])
+    got = cs._smoothness(net, x, y, lr, (1.0, 3.0))
+    alone = ensemble.member(net, 0)
+    params = dict(alone.named_parameters())
+
+    def loss_and_grads(p):
+        loss = F.cross_entropy(torch.func.functional_call(alone, p, (x[0],)), y[0])
+        return loss.detach().item(), torch.autograd.grad(loss, list(p.values()))
+
+    loss0, g0 = loss_and_grads(params)
+    g_norm = torch.sqrt(sum((g**2).sum() for g in g0))
+    losses, changes = [loss0], []
+    for mult in (1.0, 3.0):
+        moved = {k: (t - 0.5 * mult * g).detach().requires_grad_() for (k, t), g in zip(params.items(), g0)}
+        loss, g1 = loss_and_grads(moved)
+        losses.append(loss)
+        changes.append(float(torch.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(g1, g0)))))
+    assert got["loss_var"][0] == pytest.approx(max(losses) - min(losses), rel=1e-4)
+    assert got["grad_change"][0] == pytest.approx(max(changes), rel=1e-4)
+    betas = [c / (0.5 * m * float(g_norm)) for c, m in zip(changes, (1.0, 3.0))]
+    assert got["beta"][0] == pytest.approx(max(betas), rel=1e-4)
+
+
 def test_noisy_experiment_records_ics_and_smoothness(digits):
     runs = cs.noisy_bn_experiment(digits, n_seeds=2, steps=40, hidden=(16, 16, 16), check_every=20, progress=False)
     assert set(runs) == set(cs.VARIANTS)
     assert sorted(runs["bn"].ics) == [1, 20, 40]
     assert runs["bn"].ics[1]["rel"].shape == (2, 3)  # seeds, layers 2..4 (the output layer included)
-    assert runs["plain"].smooth[20]["loss_var"].shape == (2,)
+    assert all(runs["plain"].smooth[20][k].shape == (2,) for k in ("loss_var", "grad_change", "beta"))
     assert np.median(runs["bn"].train_loss.mean(1)) < np.median(runs["plain"].train_loss.mean(1))
 
 

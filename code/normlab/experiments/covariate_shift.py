@@ -261,21 +261,31 @@ def _ics(net, x, y, lr):
 
 
 def _smoothness(net, x, y, lr, multipliers):
-    """Return loss variation and gradient change along the gradient, steps lr * multipliers."""
+    """Santurkar et al.'s three measures along the gradient g, at steps lr * multipliers from the weights.
+
+    loss_var: the largest minus the smallest loss seen, the start included (variation of the loss);
+    grad_change: the largest l2 distance of a moved point's gradient from g (gradient
+    predictiveness); beta: the largest such distance divided by the distance moved,
+    lr * multiplier * ||g|| (effective beta-smoothness). Each is (K,).
+    """
     params = _leaves(dict(net.named_parameters()))
     loss0, g0 = _grads(net, params, x, y)
     losses, changes = [loss0], []
     K = lr.shape[0]
+    g_norm = torch.sqrt(sum((g.reshape(K, -1) ** 2).sum(1) for g in g0.values()))  # (K,)
+    betas = []
     for mult in multipliers:
         moved = _leaves({k: _step(t, g0[k], lr * mult) for k, t in params.items()})
         loss, g = _grads(net, moved, x, y)
         losses.append(loss)
         diff = torch.sqrt(sum(((g[k] - g0[k]).reshape(K, -1) ** 2).sum(1) for k in g0))
         changes.append(diff)
+        betas.append(diff / (lr * mult * g_norm))
     losses = torch.stack(losses, 1)  # (K, 1 + len(multipliers))
     loss_var = torch.nan_to_num(losses.max(1).values - losses.min(1).values, nan=float("inf"))
     grad_change = torch.nan_to_num(torch.stack(changes, 1).max(1).values, nan=float("inf"))
-    return {"loss_var": loss_var.numpy(), "grad_change": grad_change.numpy()}
+    beta = torch.nan_to_num(torch.stack(betas, 1).max(1).values, nan=float("inf"))
+    return {"loss_var": loss_var.numpy(), "grad_change": grad_change.numpy(), "beta": beta.numpy()}
 
 
 def train_ensemble(
