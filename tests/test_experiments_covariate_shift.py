@@ -124,6 +124,23 @@ def test_scale_output_decides_whether_the_output_layer_shares_the_initial_scale(
         torch.testing.assert_close(linears[-1][0], (10 if scale_output else 1) * linears[-1][1])
 
 
+def test_largest_rate_per_seed_and_the_floor_for_a_seed_that_never_got_there():
+    inf = np.inf
+    steps = np.array([[10, inf, inf], [20, 30, inf], [inf, 40, inf]])  # (rates, seeds)
+    assert cs.largest_rate([0.1, 1.0, 10.0], steps).tolist() == [1.0, 10.0, 0.1]
+    with pytest.raises(ValueError, match="rates"):
+        cs.largest_rate([0.1, 1.0], steps)
+
+
+def test_lr_sweep_variants_trains_each_variant_from_the_same_seeds(digits):
+    variants = {"bn": (True, 1.0), "plain": (False, 1.0), "plain_he": (False, 2**0.5)}
+    acc, step = cs.lr_sweep_variants(digits, [0.1], variants, n_seeds=2, steps=20, eval_every=10, progress=False)
+    assert list(acc) == list(variants) and all(a.shape == (1, 2, 3) for a in acc.values())
+    alone = cs.train_ensemble(digits, seeds=cs._seeds(0, 2), use_bn=False, lr=0.1, init_scale=2**0.5,
+                              scale_output=False, steps=20, hidden=(100, 100, 100), act="relu", eval_every=10)
+    np.testing.assert_allclose(acc["plain_he"][0], alone.test_acc, atol=1e-6)
+
+
 def test_init_sweep_bn_survives_a_tiny_scale(digits):
     acc_bn, acc_plain = cs.init_sweep(digits, [1e-3], n_seeds=2, steps=100, progress=False)
     assert np.median(acc_bn) >= 0.8 and np.median(acc_plain) <= 0.2

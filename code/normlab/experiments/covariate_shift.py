@@ -42,6 +42,8 @@ __all__ = [
     "fig1_experiment",
     "lr_sweep",
     "init_sweep",
+    "largest_rate",
+    "lr_sweep_variants",
     "noisy_bn_experiment",
 ]
 
@@ -459,6 +461,19 @@ def run_drift(run):
     return np.median(ratios, axis=1)
 
 
+def largest_rate(lrs, steps):
+    """Per seed, the largest rate whose run reached the target; the smallest rate where none did.
+
+    lrs: (rates,); steps: (rates, seeds) from ``steps_to_target`` (inf: never reached). Counting a
+    seed that never got there as the smallest rate makes a ratio against it a lower bound.
+    """
+    lrs, steps = np.asarray(lrs, dtype=np.float64), np.asarray(steps, dtype=np.float64)
+    if steps.ndim != 2 or steps.shape[0] != lrs.shape[0]:
+        raise ValueError(f"steps must be (rates, seeds) with {lrs.shape[0]} rates, got {steps.shape}")
+    reached = np.isfinite(steps)
+    return np.where(reached.any(0), np.where(reached, lrs[:, None], -np.inf).max(0), lrs.min())
+
+
 def steps_to_target(eval_step, test_acc, target):
     """Return the first step at which test_acc reaches target, per member (inf where never).
 
@@ -543,6 +558,29 @@ def lr_sweep(data, lrs, *, seed=0, n_seeds=3, steps=400, hidden=(100, 100, 100),
                          act=act, eval_every=eval_every, progress=progress)
     acc = np.nan_to_num(run.test_acc).reshape(2, L, n_seeds, -1)
     return acc[0], acc[1], run.eval_step
+
+
+def lr_sweep_variants(data, lrs, variants, *, seed=0, n_seeds=3, steps=400, hidden=(100, 100, 100), act="relu",
+                      eval_every=10, progress=None):
+    """Train every variant at each learning rate; return ({name: test accuracy curves}, eval steps).
+
+    variants: name -> (use_bn, init_scale), the scale of the hidden layers' initial weights (the
+    output layer starts at scale 1), e.g. {"plain_he": (False, 2 ** 0.5)} for He initialization of
+    a ReLU network. Each curve array is (len(lrs), n_seeds, E); every variant gets the same seeds.
+    """
+    lrs = [float(v) for v in lrs]
+    if not lrs or min(lrs) <= 0:
+        raise ValueError(f"lrs must be a non-empty list of positive rates, got {lrs!r}")
+    if not variants:
+        raise ValueError("variants must name at least one (use_bn, init_scale) pair")
+    seeds = _seeds(seed, n_seeds)
+    L, V = len(lrs), len(variants)
+    cells = [(b, s, v) for b, s in variants.values() for v in lrs for _ in seeds]  # variant, rate, seed
+    run = train_ensemble(data, seeds=seeds * L * V, use_bn=[c[0] for c in cells], init_scale=[c[1] for c in cells],
+                         scale_output=False, lr=[c[2] for c in cells], steps=steps, hidden=hidden, act=act,
+                         eval_every=eval_every, progress=progress)
+    acc = np.nan_to_num(run.test_acc).reshape(V, L, n_seeds, -1)
+    return dict(zip(variants, acc)), run.eval_step
 
 
 def init_sweep(data, scales, *, seed=0, n_seeds=3, steps=400, lr=0.1, hidden=(100, 100, 100), act="relu",
