@@ -31,6 +31,7 @@ measured. The page's setup, criterion and "at scale" columns come from this regi
 from __future__ import annotations
 
 import re
+import textwrap
 from dataclasses import dataclass
 
 from normlab.evidence import Paired
@@ -355,7 +356,10 @@ def record(key, results, evidence):
         glue(f"claim_{key}_{field}", getattr(rec, field), display=False)
     for name, outcome in outcomes.items():
         glue(f"claim_{key}_{name}", outcome, display=False)
-    print(f"Claim ({key}): {rec.claim}\n  " + "\n  ".join(lines) + f"\n  Verdict: {word}. {rec.evidence}")
+    printed = [f"Claim ({key}): {rec.claim}", *(f"  {line}" for line in lines), f"  Verdict: {word}. {rec.evidence}"]
+    # at most 88 characters a line, the width of the website's code column
+    print("\n".join(textwrap.fill(line, 88, subsequent_indent="    ", break_long_words=False,
+                                   break_on_hyphens=False) for line in printed))
     return rec
 
 
