@@ -121,10 +121,10 @@ def _results(key, result=GAIN):
 @pytest.mark.parametrize("key, results, evidence, match", [
     ("ICS", None, "Measured.", "unknown claim 'ICS'.*higher_lr"),
     ("ics", {"drift": GAIN}, "Measured.", "registered with criteria"),
-    ("ics", {"drift": GAIN, "gradient": GAIN, "extra": GAIN}, "Measured.", "registered with criteria"),
+    ("ics", {**_results("ics"), "extra": GAIN}, "Measured.", "registered with criteria"),
     ("ics", "supported", "Measured.", "registered with criteria"),
-    ("ics", {"drift": GAIN, "gradient": 3.0}, "Measured.", "needs a normlab.evidence.Paired"),
-    ("ics", {"drift": GAIN, "gradient": GAIN}, "  ", "evidence must be a non-empty sentence"),
+    ("ics", {**_results("ics"), "gradient": 3.0}, "Measured.", "needs a normlab.evidence.Paired"),
+    ("ics", _results("ics"), "  ", "evidence must be a non-empty sentence"),
 ])
 def test_record_rejects_bad_input(key, results, evidence, match, glued):
     with pytest.raises(ValueError, match=match):
@@ -135,8 +135,10 @@ def test_record_rejects_bad_input(key, results, evidence, match, glued):
 def test_record_computes_the_verdict_and_glues_results_and_outcomes(glued, capsys):
     drift = paired(np.array([9.0, 8.0, 10.0, 9.5]), np.ones(4), ratio=True)
     gradient = paired(np.array([5.0, 6.0, 4.0, 5.5]), np.ones(4), ratio=True)  # BN's is larger: reversed
-    rec = record("ics", {"drift": drift, "gradient": gradient}, " Drift 9x, gradient change 5x. ")
-    assert rec.verdict == "contested" and rec.outcomes == {"drift": "met", "gradient": "reversed"}
+    rec = record("ics", {**_results("ics", gradient), "drift": drift}, " Drift 9x, gradient change 5x. ")
+    assert rec.verdict == "contested"
+    assert rec.outcomes == {"drift": "met", "gradient": "reversed", "gradient_he": "reversed",
+                            "gradient_equal": "reversed"}
     assert glued["claim_ics_verdict"] == ("contested", False)
     assert glued["claim_ics_drift"] == ("met", False) and glued["claim_ics_gradient"] == ("reversed", False)
     assert glued["claim_ics_evidence"] == ("Drift 9x, gradient change 5x.", False)

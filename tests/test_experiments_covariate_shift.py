@@ -39,7 +39,8 @@ def test_ics_of_each_member_is_the_ics_of_that_network_alone():
     net = cs._build([6, 8, 8, 3], "relu", True, False, torch.ones(2), [0, 1], torch.Generator().manual_seed(0))
     x, y = torch.randn(2, 16, 6), torch.randint(0, 3, (2, 16))
     lr = torch.tensor([0.1, 0.5])
-    got = cs._ics(net, x, y, lr)["rel"]  # (members, layers 2..3)
+    out = cs._ics(net, x, y, lr, step_norm=0.3)
+    got, got_eq = out["rel"], out["rel_eq"]  # (members, layers 2..3)
     for k in range(2):
         alone = ensemble.member(net, k).train()
         params = dict(alone.named_parameters())
@@ -54,6 +55,13 @@ def test_ics_of_each_member_is_the_ics_of_that_network_alone():
             moved = {n: (t - lr[k] * g[n] if blocks[n] < i else t).detach().requires_grad_() for n, t in params.items()}
             G, G2 = g[layer], grads(moved)[layer]
             assert got[k, i - 1] == pytest.approx(((G - G2).norm() / G.norm()).item(), rel=1e-4)
+            # equal-length step: the earlier layers move exactly 0.3 (l2) along -g
+            earlier = torch.cat([g[n].flatten() for n in params if blocks[n] < i])
+            step = {n: 0.3 * g[n] / earlier.norm() for n in params if blocks[n] < i}
+            assert torch.cat([v.flatten() for v in step.values()]).norm().item() == pytest.approx(0.3)
+            moved = {n: (t - step[n] if n in step else t).detach().requires_grad_() for n, t in params.items()}
+            G2 = grads(moved)[layer]
+            assert got_eq[k, i - 1] == pytest.approx(((G - G2).norm() / G.norm()).item(), rel=1e-4)
 
 
 def test_drift_ratio_values_and_errors():
@@ -179,6 +187,21 @@ def test_noisy_experiment_records_ics_and_smoothness(digits):
     assert runs["bn"].ics[1]["rel"].shape == (2, 3)  # seeds, layers 2..4 (the output layer included)
     assert all(runs["plain"].smooth[20][k].shape == (2,) for k in ("loss_var", "grad_change", "beta"))
     assert np.median(runs["bn"].train_loss.mean(1)) < np.median(runs["plain"].train_loss.mean(1))
+    assert "rel_eq" not in runs["bn"].ics[1]  # no equal-length step asked for
+
+
+def test_noisy_experiment_adds_a_he_initialized_network_and_equal_steps(digits):
+    kw = dict(n_seeds=2, steps=20, hidden=(16, 16, 16), check_every=20, progress=False)
+    runs = cs.noisy_bn_experiment(digits, variants=("plain", "plain_he"), ics_step_norm=0.1, **kw)
+    assert list(runs) == ["plain", "plain_he"] and runs["plain"].ics[1]["rel_eq"].shape == (2, 3)
+    # the same seeds: He's first layer is LeCun's times sqrt(2), so its members differ
+    assert not np.allclose(runs["plain"].train_loss, runs["plain_he"].train_loss)
+    alone = cs.noisy_bn_experiment(digits, variants=("plain",), **kw)["plain"]
+    np.testing.assert_allclose(alone.train_loss, runs["plain"].train_loss, rtol=1e-5)
+    with pytest.raises(ValueError, match="plain_he"):
+        cs.noisy_bn_experiment(digits, variants=("he",), **kw)
+    with pytest.raises(ValueError, match="ics_step_norm"):
+        cs.noisy_bn_experiment(digits, variants=("plain",), ics_step_norm=0.0, **kw)
 
 
 def test_self_checks_accept_the_reference_and_reject_a_wrong_answer(capsys):

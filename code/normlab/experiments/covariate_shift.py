@@ -244,22 +244,39 @@ def _leaves(params):
     return {k: t.detach().requires_grad_() for k, t in params.items()}
 
 
-def _ics(net, x, y, lr):
-    """Return {"rel": (K, L-1), "cos": (K, L-1)}: G vs G' for the weights of layers 2..L."""
+def _ics(net, x, y, lr, step_norm=None):
+    """Return {"rel": (K, L-1), "cos": (K, L-1)}: G vs G' for the weights of layers 2..L.
+
+    G' is layer i's gradient after layers 1..i-1 take their SGD step, -lr * g. With ``step_norm``
+    also "rel_eq" and "cos_eq": the same after a step along -g of l2 norm ``step_norm`` (over all
+    parameters of layers 1..i-1, per member), so every network's earlier layers move equally far.
+    """
     params = _leaves(dict(net.named_parameters()))
     blocks = _blocks(net)
     _, grads = _grads(net, params, x, y)
     weights = [k for k in params if isinstance(net.get_submodule(k.rsplit(".", 1)[0]), ensemble.Linear)
                and k.endswith("weight")]
-    rel, cos = [], []
-    for i in range(1, len(weights)):
-        G = grads[weights[i]].flatten(1)  # (K, d_in * d_out): layer i's weight gradient
-        moved = {k: _step(t, grads[k], lr) if blocks[k] < i else t for k, t in params.items()}  # layers < i step
-        _, grads2 = _grads(net, _leaves(moved), x, y)
-        G2 = grads2[weights[i]].flatten(1)
-        rel.append((G - G2).norm(dim=1) / G.norm(dim=1))
-        cos.append(F.cosine_similarity(G, G2, dim=1))
-    return {"rel": torch.stack(rel, 1).numpy(), "cos": torch.stack(cos, 1).numpy()}
+    K = lr.shape[0]
+    rates = {"": lambda i: lr}
+    if step_norm is not None:
+        def equal(i):  # the rate at which layers < i move step_norm
+            norm = torch.sqrt(sum((grads[k].reshape(K, -1) ** 2).sum(1) for k in params if blocks[k] < i))
+            return step_norm / norm
+        rates["_eq"] = equal
+    out = {}
+    for suffix, rate in rates.items():
+        rel, cos = [], []
+        for i in range(1, len(weights)):
+            G = grads[weights[i]].flatten(1)  # (K, d_in * d_out): layer i's weight gradient
+            r = rate(i)
+            moved = {k: _step(t, grads[k], r) if blocks[k] < i else t for k, t in params.items()}  # layers < i
+            _, grads2 = _grads(net, _leaves(moved), x, y)
+            G2 = grads2[weights[i]].flatten(1)
+            rel.append((G - G2).norm(dim=1) / G.norm(dim=1))
+            cos.append(F.cosine_similarity(G, G2, dim=1))
+        out["rel" + suffix] = torch.stack(rel, 1).numpy()
+        out["cos" + suffix] = torch.stack(cos, 1).numpy()
+    return out
 
 
 def _smoothness(net, x, y, lr, multipliers):
@@ -308,6 +325,7 @@ def train_ensemble(
     probe_units: int = 10,
     check_every: int | None = None,
     smooth_multipliers=(0.5, 1.0, 2.0, 4.0),
+    ics_step_norm: float | None = None,
     progress: bool | None = None,
 ) -> Run:
     """Train K MLPs at once with plain SGD on ``data``; return what they recorded (see ``Run``).
@@ -317,6 +335,7 @@ def train_ensemble(
     applies to the output layer too (False: it starts at scale 1 in every member). probe_layer: index of the hidden
     layer whose pre-activations (after BN and noise) are recorded, on the test inputs, at each
     evaluation. check_every: measure ICS and smoothness every that many steps (None: never).
+    ics_step_norm: also measure ICS after a step of that l2 norm (see ``_ics``; None: do not).
     """
     seeds = [int(s) for s in seeds]
     if not seeds:
@@ -329,6 +348,8 @@ def train_ensemble(
         raise ValueError(f"act must be one of {sorted(ACTIVATIONS)}, got {act!r}")
     if not hidden or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden):
         raise ValueError(f"hidden must be a non-empty tuple of positive ints, got {hidden!r}")
+    if ics_step_norm is not None and not ics_step_norm > 0:
+        raise ValueError(f"ics_step_norm must be positive or None, got {ics_step_norm!r}")
     if probe_layer is not None and not 0 <= probe_layer < len(hidden):
         raise ValueError(f"probe_layer must be in [0, {len(hidden)}) or None, got {probe_layer!r}")
     n = len(data.x_train)
@@ -355,7 +376,7 @@ def train_ensemble(
             idx = [k for k in range(K) if (bool(use_bn[k]), bool(use_noise[k])) == (b, z)]
             runs.append(_train_ensemble(data, [seeds[k] for k in idx], b, z, lr[idx], init_scale[idx],
                                         scale_output, steps, hidden, act, batch_size, eval_every, probe_layer,
-                                        probe_units, check_every, smooth_multipliers, progress))
+                                        probe_units, check_every, smooth_multipliers, ics_step_norm, progress))
             order += idx
         return _merge_runs(runs, np.argsort(order))
     finally:
@@ -380,7 +401,8 @@ def _merge_runs(runs, index):
 
 
 def _train_ensemble(data, seeds, use_bn, use_noise, lr, init_scale, scale_output, steps, hidden, act, batch_size,
-                    eval_every, probe_layer, probe_units, check_every, smooth_multipliers, progress):
+                    eval_every, probe_layer, probe_units, check_every, smooth_multipliers, ics_step_norm,
+                    progress):
     """Train one stack of members that agree on BN and noise (use_bn, use_noise: bools)."""
     K, n = len(seeds), len(data.x_train)
     sizes = [data.num_features, *hidden, data.num_classes]
@@ -413,7 +435,7 @@ def _train_ensemble(data, seeds, use_bn, use_noise, lr, init_scale, scale_output
         if check_every and (step == 1 or step % check_every == 0):
             idx = batches[step - 1]
             x, y = data.x_train[idx], data.y_train[idx]  # (K, B, D), (K, B)
-            ics[step] = _ics(net, x, y, lr)
+            ics[step] = _ics(net, x, y, lr, ics_step_norm)
             smooth[step] = _smoothness(net, x, y, lr, smooth_multipliers)
 
     def after_step(step, loss):
@@ -606,21 +628,34 @@ def init_sweep(data, scales, *, seed=0, n_seeds=3, steps=400, lr=0.1, hidden=(10
 
 
 VARIANTS = ("bn", "noisy_bn", "plain", "noisy_plain")
+# name -> (BN, noise after each BN or where it would be, scale of the hidden layers' initial weights)
+NOISY_NETS = {
+    "bn": (True, False, 1.0),
+    "noisy_bn": (True, True, 1.0),
+    "plain": (False, False, 1.0),
+    "noisy_plain": (False, True, 1.0),
+    "plain_he": (False, False, 2**0.5),  # He et al.'s init for ReLU: the signal keeps its scale per layer
+}
 
 
 def noisy_bn_experiment(data, *, seed=0, n_seeds=3, steps=600, lr=0.1, hidden=(64,) * 6, batch_size=128,
-                        eval_every=20, check_every=None, progress=None):
+                        eval_every=20, check_every=None, ics_step_norm=None, variants=VARIANTS, progress=None):
     """Train standard, BN, noisy-BN and noisy-standard ReLU MLPs; return {variant: Run}.
 
-    The probe records the last hidden layer (after BN and noise). check_every: also measure ICS
-    and smoothness every that many steps.
+    variants: names from ``NOISY_NETS`` ("plain_he" adds a He-initialized standard network; every
+    other network starts at LeCun's scale, N(0, 1 / fan_in)). The probe records the last hidden
+    layer (after BN and noise). check_every: also measure ICS and smoothness every that many
+    steps; ics_step_norm: the l2 norm of the equal-length step for ICS (see ``_ics``).
     """
+    unknown = [v for v in variants if v not in NOISY_NETS]
+    if unknown or not variants:
+        raise ValueError(f"variants must be a non-empty list from {sorted(NOISY_NETS)}, got {list(variants)!r}")
     seeds = _seeds(seed, n_seeds)
-    bn = [1, 1, 0, 0]
-    noise = [0, 1, 0, 1]
+    nets = [NOISY_NETS[v] for v in variants for _ in seeds]
     run = train_ensemble(
-        data, seeds=seeds * 4, use_bn=[b for b in bn for _ in seeds], use_noise=[v for v in noise for _ in seeds],
-        lr=lr, steps=steps, hidden=hidden, act="relu", batch_size=batch_size, eval_every=eval_every,
-        probe_layer=len(hidden) - 1, check_every=check_every, progress=progress,
+        data, seeds=seeds * len(variants), use_bn=[n[0] for n in nets], use_noise=[n[1] for n in nets],
+        init_scale=[n[2] for n in nets], scale_output=False, lr=lr, steps=steps, hidden=hidden, act="relu",
+        batch_size=batch_size, eval_every=eval_every, probe_layer=len(hidden) - 1, check_every=check_every,
+        ics_step_norm=ics_step_norm, progress=progress,
     )
-    return dict(zip(VARIANTS, _split_run(run, 4)))
+    return dict(zip(variants, _split_run(run, len(variants))))
