@@ -20,6 +20,7 @@ __all__ = [
     "check_fold",
     "check_drift_ratio",
     "check_noise",
+    "check_block_growth",
     "check_predicted_noise",
     "check_ghost_forward",
     "check_variance_shift",
@@ -244,6 +245,26 @@ def check_noise(fn):
         if torch.equal(zero[:, 0], zero[:, 1]):
             raise AssertionError(f"{case}: both columns got the same noise; m must be drawn per element")
     print("PASS noise: m and s have the right ranges, means and spreads on 2 settings.")
+
+
+def check_block_growth(fn):
+    """Check ``fn(scale) -> g``, the factor by which a plain pre-activation residual block
+    x + W2 relu(W1 relu(x)) multiplies the mean square of x at initialization (weights
+    ~ N(0, scale^2 / fan_in)), against a simulation of wide random blocks."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    n, width, draws = 2048, 256, 32  # the simulation's own error is about 1%
+    x = torch.randn(n, width, generator=gen)
+    for scale in (0.5, 1.0, 2**0.5, 1.7):
+        got = fn(scale)
+        ratios = []
+        for _ in range(draws):
+            W1, W2 = (torch.randn(width, width, generator=gen) * scale / width**0.5 for _ in range(2))
+            y = x + torch.relu(torch.relu(x) @ W1) @ W2
+            ratios.append(((y**2).mean() / (x**2).mean()).item())
+        assert_close(f"growth of the mean square at scale {scale:.3g}", got, float(np.mean(ratios)), rtol=0.05)
+    print(f"PASS block growth: matches {draws} random blocks at each of 4 scales (within 5%).")
 
 
 def check_predicted_noise(fn):

@@ -45,6 +45,7 @@ __all__ = [
     "largest_rate",
     "lr_sweep_variants",
     "noisy_bn_experiment",
+    "residual_signal",
 ]
 
 # Santurkar et al.'s noise: per step mu_t ~ U(-0.5, 0.5), sigma_t ~ U(1, 1.25); per element
@@ -188,6 +189,42 @@ def _build(sizes, act, use_bn, use_noise, init_scale, seeds, noise_gen, scale_ou
     return ensemble.Ensemble(*layers, members=K)
 
 
+class _Residual(nn.Module):
+    """x + body(x) on (K, N, D): the skip connection of a residual block."""
+
+    def __init__(self, *layers):
+        super().__init__()
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+def _build_residual(sizes, use_bn, init_scale, seeds, blocks):
+    """A pre-activation residual MLP (He et al. 2016) of ``blocks`` blocks, width sizes[1].
+
+    Linear(D, w), then per block x + Linear((BN) ReLU Linear((BN) ReLU x)), then (BN) ReLU and
+    Linear(w, C). Weights as in ``_build``: ~ N(0, init_scale^2 / fan_in), the output layer's at
+    scale 1, drawn layer by layer from each member's seed.
+    """
+    (d_in, width, classes), K = sizes, len(seeds)
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+    def linear(a, b, last=False):
+        scale = [1.0 if last else float(v) for v in init_scale]
+        W = torch.stack([torch.randn(a, b, generator=g) * scale[k] / math.sqrt(a) for k, g in enumerate(gens)])
+        return ensemble.Linear(W, torch.zeros(K, 1, b))
+
+    def act():
+        bn = [ensemble.Folded(nn.BatchNorm1d(K * width), K)] if use_bn else []
+        return [*bn, nn.ReLU()]
+
+    layers = [linear(d_in, width)]
+    for _ in range(blocks):
+        layers.append(_Residual(*act(), linear(width, width), *act(), linear(width, width)))
+    return ensemble.Ensemble(*layers, *act(), linear(width, classes, last=True), members=K)
+
+
 def _blocks(net):
     """Map each parameter name to its layer's index (a layer: a Linear and the BN that follows it)."""
     out, block = {}, -1
@@ -326,6 +363,7 @@ def train_ensemble(
     check_every: int | None = None,
     smooth_multipliers=(0.5, 1.0, 2.0, 4.0),
     ics_step_norm: float | None = None,
+    residual: int = 0,
     progress: bool | None = None,
 ) -> Run:
     """Train K MLPs at once with plain SGD on ``data``; return what they recorded (see ``Run``).
@@ -336,6 +374,9 @@ def train_ensemble(
     layer whose pre-activations (after BN and noise) are recorded, on the test inputs, at each
     evaluation. check_every: measure ICS and smoothness every that many steps (None: never).
     ics_step_norm: also measure ICS after a step of that l2 norm (see ``_ics``; None: do not).
+    residual: that many pre-activation residual blocks of width hidden[0] (see
+    ``_build_residual``; hidden then names one width, act must be "relu", and there is no probe,
+    noise or ICS); 0: the plain stack of ``hidden`` layers.
     """
     seeds = [int(s) for s in seeds]
     if not seeds:
@@ -352,6 +393,12 @@ def train_ensemble(
         raise ValueError(f"ics_step_norm must be positive or None, got {ics_step_norm!r}")
     if probe_layer is not None and not 0 <= probe_layer < len(hidden):
         raise ValueError(f"probe_layer must be in [0, {len(hidden)}) or None, got {probe_layer!r}")
+    if isinstance(residual, bool) or not isinstance(residual, int) or residual < 0:
+        raise ValueError(f"residual must be a non-negative int (blocks), got {residual!r}")
+    if residual and (len(hidden) != 1 or act != "relu" or probe_layer is not None or check_every):
+        raise ValueError("a residual network takes one width in hidden, act='relu', no probe_layer and no "
+                         f"check_every; got hidden={hidden!r}, act={act!r}, probe_layer={probe_layer!r}, "
+                         f"check_every={check_every!r}")
     n = len(data.x_train)
     if batch_size > n:
         raise ValueError(f"batch_size must be <= {n} (the training set size), got {batch_size}")
@@ -363,6 +410,8 @@ def train_ensemble(
         raise ValueError(f"every init_scale must be positive, got {init_scale.tolist()}")
     use_bn = _members(use_bn, "use_bn", K).bool()
     use_noise = _members(use_noise, "use_noise", K).bool()
+    if residual and use_noise.any():
+        raise ValueError("a residual network takes no noise (use_noise must be False)")
 
     # Saturated sigmoids and vanishing gradients make subnormal floats, which slow CPU arithmetic
     # by up to 100x; flushing them to zero changes no result that matters and keeps runs in budget.
@@ -376,7 +425,8 @@ def train_ensemble(
             idx = [k for k in range(K) if (bool(use_bn[k]), bool(use_noise[k])) == (b, z)]
             runs.append(_train_ensemble(data, [seeds[k] for k in idx], b, z, lr[idx], init_scale[idx],
                                         scale_output, steps, hidden, act, batch_size, eval_every, probe_layer,
-                                        probe_units, check_every, smooth_multipliers, ics_step_norm, progress))
+                                        probe_units, check_every, smooth_multipliers, ics_step_norm, residual,
+                                        progress))
             order += idx
         return _merge_runs(runs, np.argsort(order))
     finally:
@@ -402,12 +452,15 @@ def _merge_runs(runs, index):
 
 def _train_ensemble(data, seeds, use_bn, use_noise, lr, init_scale, scale_output, steps, hidden, act, batch_size,
                     eval_every, probe_layer, probe_units, check_every, smooth_multipliers, ics_step_norm,
-                    progress):
+                    residual, progress):
     """Train one stack of members that agree on BN and noise (use_bn, use_noise: bools)."""
     K, n = len(seeds), len(data.x_train)
     sizes = [data.num_features, *hidden, data.num_classes]
     noise_gen = torch.Generator().manual_seed(seeds[0] + 104729)
-    net = _build(sizes, act, use_bn, use_noise, init_scale, seeds, noise_gen, scale_output)
+    if residual:
+        net = _build_residual(sizes, use_bn, init_scale, seeds, residual)
+    else:
+        net = _build(sizes, act, use_bn, use_noise, init_scale, seeds, noise_gen, scale_output)
     probes = [m for m in net if isinstance(m, _Probe)]
     gens = [torch.Generator().manual_seed(s + 7919) for s in seeds]  # mini-batch order per member
     batches = [torch.stack([torch.randperm(n, generator=g)[:batch_size] for g in gens]) for _ in range(steps)]
@@ -583,12 +636,14 @@ def lr_sweep(data, lrs, *, seed=0, n_seeds=3, steps=400, hidden=(100, 100, 100),
 
 
 def lr_sweep_variants(data, lrs, variants, *, seed=0, n_seeds=3, steps=400, hidden=(100, 100, 100), act="relu",
-                      eval_every=10, progress=None):
+                      eval_every=10, residual=0, progress=None):
     """Train every variant at each learning rate; return ({name: test accuracy curves}, eval steps).
 
     variants: name -> (use_bn, init_scale), the scale of the hidden layers' initial weights (the
     output layer starts at scale 1), e.g. {"plain_he": (False, 2 ** 0.5)} for He initialization of
     a ReLU network. Each curve array is (len(lrs), n_seeds, E); every variant gets the same seeds.
+    residual: that many residual blocks of width hidden[0] instead of the plain stack (see
+    ``train_ensemble``).
     """
     lrs = [float(v) for v in lrs]
     if not lrs or min(lrs) <= 0:
@@ -600,7 +655,7 @@ def lr_sweep_variants(data, lrs, variants, *, seed=0, n_seeds=3, steps=400, hidd
     cells = [(b, s, v) for b, s in variants.values() for v in lrs for _ in seeds]  # variant, rate, seed
     run = train_ensemble(data, seeds=seeds * L * V, use_bn=[c[0] for c in cells], init_scale=[c[1] for c in cells],
                          scale_output=False, lr=[c[2] for c in cells], steps=steps, hidden=hidden, act=act,
-                         eval_every=eval_every, progress=progress)
+                         eval_every=eval_every, residual=residual, progress=progress)
     acc = np.nan_to_num(run.test_acc).reshape(V, L, n_seeds, -1)
     return dict(zip(variants, acc)), run.eval_step
 
@@ -625,6 +680,30 @@ def init_sweep(data, scales, *, seed=0, n_seeds=3, steps=400, lr=0.1, hidden=(10
                          progress=progress)
     acc = np.nan_to_num(run.test_acc[:, -1]).reshape(2, S, n_seeds)
     return acc[0], acc[1]
+
+
+@torch.no_grad()
+def residual_signal(data, init_scales, *, seed=0, n_seeds=3, blocks=3, width=100):
+    """The mean square of a residual MLP's signal at initialization, without BN.
+
+    For each initial scale (see ``_build_residual``) and seed: the mean square over the training
+    inputs and the units of x after the first Linear and after each residual block. Returns an
+    array (len(init_scales), n_seeds, blocks + 1).
+    """
+    scales = [float(v) for v in init_scales]
+    if not scales or min(scales) <= 0:
+        raise ValueError(f"init_scales must be a non-empty list of positive numbers, got {init_scales!r}")
+    _check_positive_int("blocks", blocks)
+    _check_positive_int("width", width)
+    seeds = _seeds(seed, n_seeds)
+    init = torch.tensor([v for v in scales for _ in seeds])
+    net = _build_residual([data.num_features, width, data.num_classes], False, init, seeds * len(scales), blocks)
+    z = net[0](data.x_train.expand(len(init), *data.x_train.shape))
+    out = [(z**2).mean((1, 2))]
+    for block in list(net)[1 : blocks + 1]:
+        z = block(z)
+        out.append((z**2).mean((1, 2)))
+    return torch.stack(out, 1).reshape(len(scales), n_seeds, blocks + 1).numpy()
 
 
 VARIANTS = ("bn", "noisy_bn", "plain", "noisy_plain")
