@@ -212,3 +212,56 @@ def test_self_checks_accept_the_reference_and_reject_a_wrong_answer(capsys):
         checks.check_drift_ratio(lambda p15, p50, p85: (p50.max(0) - p50.min(0)) / (p85 - p15).max(0))
     with pytest.raises(AssertionError, match="a = 0"):
         checks.check_noise(lambda a, mu_t, sigma_t, generator: cs.time_varying_noise(a, 0.0, sigma_t, generator))
+
+
+def test_residual_member_is_the_pre_activation_network_written_out():
+    x = torch.randn(2, 16, 6)
+    init = torch.tensor([1.0, 2**0.5])
+    for use_bn in (False, True):
+        net = cs._build_residual([6, 8, 3], use_bn, init, [0, 1], blocks=2).train()
+        got = net(x)
+        for k in range(2):
+            gen = torch.Generator().manual_seed(k)  # the member's seed draws its layers in order
+
+            def w(a, b, scale, gen=gen):
+                return torch.randn(a, b, generator=gen) * scale / math.sqrt(a)
+
+            s = float(init[k])
+            pre = (lambda z: F.relu(F.batch_norm(z, None, None, training=True))) if use_bn else F.relu
+            z = x[k] @ w(6, 8, s)
+            for _ in range(2):
+                W1, W2 = w(8, 8, s), w(8, 8, s)
+                z = z + pre(pre(z) @ W1) @ W2
+            torch.testing.assert_close(got[k], pre(z) @ w(8, 3, 1.0), rtol=1e-4, atol=1e-5)
+
+
+def test_residual_signal_grows_by_the_predicted_factor(digits):
+    q = cs.residual_signal(digits, [1.0, 2**0.5], n_seeds=2, blocks=2, width=64)
+    assert q.shape == (2, 2, 3) and (q > 0).all()
+    growth = np.median(q[:, :, 1:] / q[:, :, :-1], axis=(1, 2))
+    np.testing.assert_allclose(growth, [1.25, 2.0], rtol=0.2)  # 1 + s^4 / 4
+    with pytest.raises(ValueError, match="init_scales"):
+        cs.residual_signal(digits, [])
+
+
+def test_residual_sweep_trains_and_refuses_what_it_cannot_measure(digits):
+    acc, step = cs.lr_sweep_variants(digits, [0.1], {"bn": (True, 1.0), "plain": (False, 1.0)}, n_seeds=2,
+                                     steps=30, hidden=(16,), residual=2, progress=False)
+    assert acc["bn"].shape == (1, 2, len(step)) and acc["bn"][0, :, -1].min() > 0.5
+    base = dict(seeds=[0], use_bn=True, lr=0.1, steps=2, act="relu", progress=False)
+    for kwargs, match in [
+        (dict(hidden=(16, 16), residual=1), "one width"),
+        (dict(hidden=(16,), residual=1, act="sigmoid"), "relu"),
+        (dict(hidden=(16,), residual=1, check_every=1), "check_every"),
+        (dict(hidden=(16,), residual=1, use_noise=True), "no noise"),
+        (dict(hidden=(16,), residual=-1), "non-negative"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            cs.train_ensemble(digits, **{**base, **kwargs})
+
+
+def test_block_growth_check_rejects_a_wrong_derivation(capsys):
+    checks.check_block_growth(lambda s: 1 + s**4 / 4)
+    assert "PASS block growth" in capsys.readouterr().out
+    with pytest.raises(AssertionError, match="growth of the mean square"):
+        checks.check_block_growth(lambda s: 1 + s**2 / 2)  # one ReLU's halving forgotten
