@@ -32,6 +32,7 @@ __all__ = [
     "make_model",
     "batch_indices",
     "train_single",
+    "per_device_sweep",
     "grad_single",
     "grad_accumulated",
     "train_worker",
@@ -46,11 +47,14 @@ MODES = ("local", "sync")  # per-device BN, synchronized BN
 
 
 def budget(scale="quick"):
-    """Return the world size, per-device batch, steps of the global batch, seeds and timing sizes for a scale."""
+    """Return the world size, per-device batch, steps of the global batch, seeds, timing sizes and the
+    per-device batches of the sweep, for a scale."""
     if scale == "quick":
-        return {"world": 2, "per_device": 2, "steps": 200, "seeds": 8, "timing_steps": 15, "timing_layers": 8}
+        return {"world": 2, "per_device": 2, "steps": 200, "seeds": 8, "timing_steps": 15, "timing_layers": 8,
+                "sweep": (2, 4, 8, 16, 32)}
     if scale == "full":
-        return {"world": 4, "per_device": 2, "steps": 1700, "seeds": 8, "timing_steps": 200, "timing_layers": 16}
+        return {"world": 4, "per_device": 2, "steps": 1700, "seeds": 8, "timing_steps": 200, "timing_layers": 16,
+                "sweep": (2, 4, 8, 16, 32, 64)}
     raise ValueError(f"scale must be 'quick' or 'full', got {scale!r}")
 
 
@@ -96,11 +100,7 @@ def train_single(data: Split, seed, batch_size, steps, ghost=None):
     _check_positive_int("steps", steps)
     model = make_model(data.num_features, data.num_classes, seed)
     if ghost is not None:
-        for i, m in enumerate(model):
-            if isinstance(m, normlab_nn.BatchNorm1d):
-                g = normlab_nn.GhostBatchNorm1d(m.num_features, ghost, dtype=torch.float64)
-                g.load_state_dict(m.state_dict())
-                model[i] = g
+        _to_ghost(model, ghost)
     opt = torch.optim.SGD(model.parameters(), lr=_lr(batch_size))
     x, y = data.x_train.double(), data.y_train
     losses = []
@@ -111,6 +111,55 @@ def train_single(data: Split, seed, batch_size, steps, ghost=None):
         opt.step()
         losses.append(loss.item())
     return {"loss": np.array(losses), "acc": _accuracy(model, data.x_test, data.y_test), "state": model.state_dict()}
+
+
+def _to_ghost(model, ghost):
+    """Replace, in place, each BatchNorm1d of ``make_model``'s model by GhostBatchNorm1d(ghost), same state."""
+    for i, m in enumerate(model):
+        if isinstance(m, normlab_nn.BatchNorm1d):
+            g = normlab_nn.GhostBatchNorm1d(m.num_features, ghost, dtype=m.weight.dtype)
+            g.load_state_dict(m.state_dict())
+            model[i] = g
+    return model
+
+
+def per_device_sweep(data: Split, seeds, per_device_sizes, *, world, steps, progress=None):
+    """Per-device BN against SyncBN at several per-device batches, trained in this one process.
+
+    With equal slices under DDP, per-device BN computes what one process computes with BN
+    statistics per group of ``per_device`` consecutive examples of the global batch
+    (``GhostBatchNorm1d``), and SyncBN what plain BN computes on the whole global batch; the lab
+    checks both on its DDP runs. So for each per-device batch b and seed this trains two members
+    on global batches of world * b, as ``train_single`` would: BN per group of b ("local") and
+    over the whole batch ("sync"), the same initial weights and batches, plain SGD at
+    0.1 * world * b / 32, ``steps`` steps, in float32 (one ensemble per b). Returns
+    {b: {"local": (S,), "sync": (S,)}}: test accuracy in eval mode. The running statistics differ
+    from a rank's: a ghost layer averages its groups' statistics, a rank sees only its own slice.
+    """
+    from normlab import ensemble
+
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError("seeds must name at least one seed")
+    sizes = [int(b) for b in per_device_sizes]
+    if not sizes or min(sizes) < 2:
+        raise ValueError(f"per_device_sizes must be ints >= 2 (BN needs two values), got {per_device_sizes!r}")
+    _check_positive_int("world", world)
+    _check_positive_int("steps", steps)
+    n, S = len(data.x_train), len(seeds)
+    out = {}
+    for b in sizes:
+        B = world * b
+        models = [make_model(data.num_features, data.num_classes, s).float() for _ in MODES for s in seeds]
+        for m in models[:S]:  # "local" first, as MODES
+            _to_ghost(m, b)
+        net = ensemble.stack(models)
+        idx = torch.stack([batch_indices(n, B, steps, s) for s in seeds])  # (S, steps, B)
+        batches = [idx[:, t].repeat(len(MODES), 1) for t in range(steps)]
+        ensemble.fit(net, data, lr=_lr(B), batches=batches, momentum=0.0, progress=progress)
+        acc = ensemble.accuracy(net, data.x_test, data.y_test).reshape(len(MODES), S)
+        out[b] = dict(zip(MODES, acc))
+    return out
 
 
 def _grads(model):
