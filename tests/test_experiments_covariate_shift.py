@@ -138,6 +138,9 @@ def test_largest_rate_per_seed_and_the_floor_for_a_seed_that_never_got_there():
     assert cs.largest_rate([0.1, 1.0, 10.0], steps).tolist() == [1.0, 10.0, 0.1]
     with pytest.raises(ValueError, match="rates"):
         cs.largest_rate([0.1, 1.0], steps)
+    assert cs.fastest_steps(steps, 300).tolist() == [10.0, 30.0, 300.0]  # never reached: the budget
+    with pytest.raises(ValueError, match="rates, seeds"):
+        cs.fastest_steps(np.ones(3), 300)
 
 
 def test_lr_sweep_variants_trains_each_variant_from_the_same_seeds(digits):

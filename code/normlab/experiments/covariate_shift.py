@@ -43,6 +43,7 @@ __all__ = [
     "lr_sweep",
     "init_sweep",
     "largest_rate",
+    "fastest_steps",
     "lr_sweep_variants",
     "noisy_bn_experiment",
     "residual_signal",
@@ -164,6 +165,13 @@ def _members(values, name, k):
     return t
 
 
+def _linear(gens, d_in, d_out, scales):
+    """An ensemble Linear: member k's weights ~ N(0, scales[k]^2 / d_in) from gens[k], zero biases."""
+    W = torch.stack([torch.randn(d_in, d_out, generator=g) * float(scales[k]) / math.sqrt(d_in)
+                     for k, g in enumerate(gens)])  # (K, d_in, d_out)
+    return ensemble.Linear(W, torch.zeros(len(gens), 1, d_out))
+
+
 def _build(sizes, act, use_bn, use_noise, init_scale, seeds, noise_gen, scale_output=True):
     """The stacked MLP: Linear -> (BN) -> (noise) -> probe -> activation per hidden layer, Linear on top.
 
@@ -175,10 +183,7 @@ def _build(sizes, act, use_bn, use_noise, init_scale, seeds, noise_gen, scale_ou
     layers = []
     for i, (d_in, d_out) in enumerate(zip(sizes[:-1], sizes[1:])):
         last = i == len(sizes) - 2
-        scale = [1.0 if last and not scale_output else float(v) for v in init_scale]
-        W = torch.stack([torch.randn(d_in, d_out, generator=g) * scale[k] / math.sqrt(d_in)
-                         for k, g in enumerate(gens)])  # (K, d_in, d_out)
-        layers.append(ensemble.Linear(W, torch.zeros(K, 1, d_out)))
+        layers.append(_linear(gens, d_in, d_out, [1.0] * K if last and not scale_output else init_scale))
         if last:
             break
         if use_bn:
@@ -211,9 +216,7 @@ def _build_residual(sizes, use_bn, init_scale, seeds, blocks):
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
 
     def linear(a, b, last=False):
-        scale = [1.0 if last else float(v) for v in init_scale]
-        W = torch.stack([torch.randn(a, b, generator=g) * scale[k] / math.sqrt(a) for k, g in enumerate(gens)])
-        return ensemble.Linear(W, torch.zeros(K, 1, b))
+        return _linear(gens, a, b, [1.0] * K if last else init_scale)
 
     def act():
         bn = [ensemble.Folded(nn.BatchNorm1d(K * width), K)] if use_bn else []
@@ -547,6 +550,18 @@ def largest_rate(lrs, steps):
         raise ValueError(f"steps must be (rates, seeds) with {lrs.shape[0]} rates, got {steps.shape}")
     reached = np.isfinite(steps)
     return np.where(reached.any(0), np.where(reached, lrs[:, None], -np.inf).max(0), lrs.min())
+
+
+def fastest_steps(steps, budget):
+    """Per seed, the steps to the target at the fastest rate; ``budget`` where no rate reached it.
+
+    steps: (rates, seeds) from ``steps_to_target`` (inf: never reached). Counting a seed that
+    never got there as the budget makes a ratio against it a lower bound.
+    """
+    steps = np.asarray(steps, dtype=np.float64)
+    if steps.ndim != 2:
+        raise ValueError(f"steps must be (rates, seeds), got shape {steps.shape}")
+    return np.where(np.isfinite(steps).any(0), steps.min(0), float(budget))
 
 
 def steps_to_target(eval_step, test_acc, target):
