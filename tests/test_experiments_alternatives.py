@@ -76,6 +76,19 @@ def test_cnn_table_trains_each_seed_as_train_cnn_does(digits):
         np.testing.assert_allclose(accs, alone, atol=1.5 / len(images.y_test))  # at most one test example apart
 
 
+def test_cnn_table_equal_steps(digits):
+    images = alt.as_images(digits)
+    # one epoch at batch 4 is 200 // 4 = 50 steps: the same runs either way
+    by_epochs = alt.cnn_table(images, kinds=("bn",), batch_sizes=(4,), seeds=(0, 1), epochs=1, lr=0.1)
+    by_steps = alt.cnn_table(images, kinds=("bn",), batch_sizes=(4, 32), seeds=(0, 1), steps=50, lr=0.1)
+    np.testing.assert_array_equal(by_steps["bn", 4], by_epochs["bn", 4])
+    # at batch 32, 50 steps are 8 epochs (1600 // 32)
+    alone = [alt.train_cnn("bn", images, 32, epochs=8, lr=0.1, seed=s) for s in (0, 1)]
+    np.testing.assert_allclose(by_steps["bn", 32], alone, atol=1.5 / len(images.y_test))
+    with pytest.raises(ValueError, match="steps"):
+        alt.cnn_table(images, kinds=("bn",), batch_sizes=(4,), seeds=(0,), steps=0)
+
+
 def test_time_norms_returns_positive_times():
     t = alt.time_norms(rows=64, features=32, repeat=3)
     assert set(t) == {"torch_ln", "torch_rms", "numpy_ln", "numpy_rms"} and min(t.values()) > 0

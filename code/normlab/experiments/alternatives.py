@@ -1,7 +1,8 @@
 """Chapter 6's experiments: the normalizations as one operation over different axes.
 
 - A small CNN on 8x8 digits with one of six normalizations after each convolution (none, batch,
-  layer, instance, group, RMS), trained at a normal and at a tiny batch size (``cnn_table``).
+  layer, instance, group, RMS), trained at a normal and at a tiny batch size, for equal epochs or
+  equal steps (``cnn_table``).
 - Timing RMSNorm against LayerNorm on the same shape (``time_norms``).
 - Instance statistics as "style": adaptive instance normalization (Huang & Belongie 2017) and an
   image optimized to carry one input's content with another's statistics (``style_transfer``).
@@ -149,13 +150,20 @@ def train_cnn(kind, images, batch_size=32, epochs=3, lr=0.05, seed=0):
     return accuracy(model, images.x_test, images.y_test)
 
 
-def cnn_table(images, kinds=CNN_NORMS, batch_sizes=(32, 2), seeds=(0, 1, 2), epochs=3, lr=0.05, progress=None):
+def cnn_table(images, kinds=CNN_NORMS, batch_sizes=(32, 2), seeds=(0, 1, 2), epochs=3, lr=0.05, steps=None,
+              progress=None):
     """Return {(kind, batch_size): (S,) array of test accuracies}, one entry per seed.
 
     Each entry is ``train_cnn(kind, images, batch_size, epochs, lr, seed)`` for every seed, the
-    seeds trained together as one ``normlab.ensemble``.
+    seeds trained together as one ``normlab.ensemble``: equal epochs at every batch size, so a
+    batch of 2 makes 16 times the updates of a batch of 32. With ``steps``, every batch size makes
+    that many updates instead (equal steps; ``epochs`` is then unused); the learning rate is
+    ``lr * batch_size / 32`` either way.
     """
-    _check_positive_int("epochs", epochs)
+    if steps is None:
+        _check_positive_int("epochs", epochs)
+    else:
+        _check_positive_int("steps", steps)
     table = {}
     for k in kinds:
         for b in batch_sizes:
@@ -165,8 +173,8 @@ def cnn_table(images, kinds=CNN_NORMS, batch_sizes=(32, 2), seeds=(0, 1, 2), epo
                 torch.manual_seed(s)  # as train_cnn
                 models.append(DigitCNN(k))
             ens = ensemble.stack(models)
-            ensemble.fit(ens, images, lr=lr * b / 32, seeds=seeds, steps=max(1, epochs * len(images.x_train) // b),
-                         batch_size=b, progress=progress)
+            n_steps = max(1, epochs * len(images.x_train) // b) if steps is None else steps
+            ensemble.fit(ens, images, lr=lr * b / 32, seeds=seeds, steps=n_steps, batch_size=b, progress=progress)
             table[k, b] = ensemble.accuracy(ens, images.x_test, images.y_test)
     return table
 
