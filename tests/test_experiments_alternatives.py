@@ -60,6 +60,66 @@ def test_style_transfer_lowers_the_style_loss():
         alt.style_transfer(content[0], style)
 
 
+@pytest.fixture(scope="module")
+def small_contents(digits):
+    up = lambda x: F.interpolate(x.reshape(-1, 1, 8, 8), size=12, mode="bilinear")  # noqa: E731
+    return Split(up(digits.x_train[:64]), digits.y_train[:64], up(digits.x_test[:20]), digits.y_test[:20], "up")
+
+
+def _stripes(size):
+    yy, xx = torch.meshgrid(torch.arange(float(size)), torch.arange(float(size)), indexing="ij")
+    return (0.5 + 0.5 * torch.sin(0.9 * xx + 0.45 * yy)).reshape(1, 1, size, size)
+
+
+def test_stylization_losses_are_the_style_loss_per_image(small_contents):
+    net = alt.FeatureNet(channels=(4, 8, 8), seed=3)
+    style = _stripes(12)
+    imgs = small_contents.x_test[:3]
+    fs = net(style)
+    content_feats = net(small_contents.x_train[:3])[-1]
+    c, st = alt.stylization_losses(net, imgs, content_feats, [alt.channel_stats(f) for f in fs])
+    for i in range(3):
+        torch.testing.assert_close(st[i], alt._style_loss(net(imgs[i : i + 1]), fs))
+        torch.testing.assert_close(c[i], F.mse_loss(net(imgs[i : i + 1])[-1], content_feats[i : i + 1]))
+
+
+@pytest.mark.parametrize("norm", ["bn", "in"])
+def test_stylization_experiment_trains_each_seed_as_alone(small_contents, norm):
+    style, seeds, steps, B, lr, w = _stripes(12), (4, 9), 6, 4, 0.01, 10.0
+    res = alt.stylization_experiment(small_contents, style, norms=(norm,), seeds=seeds, steps=steps,
+                                     batch_size=B, lr=lr, style_weight=w, net_seed=1, channels=4, n_show=2)
+    r = res[norm]
+    assert r["style"].shape == r["content"].shape == (2,) and r["images"].shape == (2, 2, 1, 12, 12)
+    np.testing.assert_allclose(r["total"], r["content"] + w * r["style"], rtol=1e-6)
+    net = alt.FeatureNet(channels=(4, 8, 8), seed=1)
+    stats = [alt.channel_stats(f) for f in net(style)]
+    x, xt = small_contents.x_train, small_contents.x_test
+    for k, s in enumerate(seeds):  # the same run by hand, one model
+        torch.manual_seed(s)
+        model = alt.StyleNet(norm, 4)
+        opt, gen = torch.optim.Adam(model.parameters(), lr=lr), torch.Generator().manual_seed(s)
+        for _ in range(steps):
+            xb = x[torch.randint(len(x), (B,), generator=gen)]
+            c, st = alt.stylization_losses(net, model(xb), net(xb)[-1].detach(), stats)
+            opt.zero_grad()
+            (c + w * st).mean().backward()
+            opt.step()
+        model.eval()
+        with torch.no_grad():
+            c, st = alt.stylization_losses(net, model(xt), net(xt)[-1], stats)
+        np.testing.assert_allclose(r["style"][k], float(st.mean()), rtol=1e-4)
+        np.testing.assert_allclose(r["content"][k], float(c.mean()), rtol=1e-4)
+
+
+def test_stylization_experiment_refuses_bad_inputs(small_contents):
+    with pytest.raises(ValueError, match="norm must be"):
+        alt.StyleNet("ln")
+    with pytest.raises(ValueError, match="one grey image"):
+        alt.stylization_experiment(small_contents, _stripes(12)[0], steps=1)
+    with pytest.raises(ValueError, match="steps"):
+        alt.stylization_experiment(small_contents, _stripes(12), steps=0)
+
+
 def test_cnn_table_shapes(digits):
     images = alt.as_images(digits)
     assert images.x_train.shape == (200, 1, 8, 8)

@@ -5,7 +5,9 @@
   equal steps (``cnn_table``).
 - Timing RMSNorm against LayerNorm on the same shape (``time_norms``).
 - Instance statistics as "style": adaptive instance normalization (Huang & Belongie 2017) and an
-  image optimized to carry one input's content with another's statistics (``style_transfer``).
+  image optimized to carry one input's content with another's statistics (``style_transfer``);
+  a feed-forward stylization network with instance, batch or no normalization, judged on content
+  images it never trained on (``stylization_experiment``, after Ulyanov et al. 2016).
 - An LSTM classifier reading digits row by row with no, layer or per-step batch normalization
   (``train_rnn``), evaluated at batch size 1 and on sequences longer than in training.
 
@@ -21,13 +23,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from normlab import ensemble
 from normlab.bench import median_time
 from normlab.data import Split
 from normlab.experiments import _check_positive_int, seeds_for
 from normlab.nn import LastHidden
-from normlab.train import accuracy, train
+from normlab.train import accuracy, show_progress, train
 
 __all__ = [
     "CNN_NORMS",
@@ -46,6 +49,10 @@ __all__ = [
     "adain",
     "FeatureNet",
     "style_transfer",
+    "STYLE_NORMS",
+    "StyleNet",
+    "stylization_losses",
+    "stylization_experiment",
     "as_sequences",
     "pad_front",
     "SeqClassifier",
@@ -63,9 +70,11 @@ LABELS = {"none": "none", "bn": "BatchNorm", "ln": "LayerNorm", "in": "InstanceN
 def budget(scale="quick"):
     """Return the seeds, epochs and steps per experiment for a scale ('quick' or 'full')."""
     if scale == "quick":
-        return {"seeds": 8, "cnn_epochs": 1, "rnn_steps": 250, "style_steps": 150, "time_repeat": 15}
+        return {"seeds": 8, "cnn_epochs": 1, "rnn_steps": 250, "style_steps": 150, "stylenet_steps": 200,
+                "time_repeat": 15}
     if scale == "full":
-        return {"seeds": 8, "cnn_epochs": 10, "rnn_steps": 3000, "style_steps": 600, "time_repeat": 51}
+        return {"seeds": 8, "cnn_epochs": 10, "rnn_steps": 3000, "style_steps": 600, "stylenet_steps": 1000,
+                "time_repeat": 51}
     raise ValueError(f"scale must be 'quick' or 'full', got {scale!r}")
 
 
@@ -302,6 +311,104 @@ def style_transfer(content, style, steps=150, style_weight=10.0, lr=0.05, seed=0
     with torch.no_grad():
         return {"image": img.detach(), "style_loss_before": float(_style_loss(net(content), fs)),
                 "style_loss_after": float(_style_loss(net(img), fs))}
+
+
+STYLE_NORMS = ("none", "bn", "in")
+
+
+class StyleNet(nn.Sequential):
+    """A feed-forward stylization network: conv3x3 (1->c) - norm - ReLU - conv3x3 (c->c) - norm - ReLU - conv3x3 (c->1).
+
+    Maps a grey image (N, 1, H, W) to one of the same size (zero padding), as Ulyanov et al.'s
+    generators do at a much smaller size; ``norm`` is one of ``STYLE_NORMS`` (``make_norm``'s
+    'none', 'bn', 'in'). An ``nn.Sequential``, so that ``normlab.ensemble`` stacks it.
+    """
+
+    def __init__(self, norm="in", channels=16):
+        if norm not in STYLE_NORMS:
+            raise ValueError(f"norm must be one of {STYLE_NORMS}, got {norm!r}")
+        bias = norm == "none"
+        super().__init__(
+            nn.Conv2d(1, channels, 3, padding=1, bias=bias), make_norm(norm, channels), nn.ReLU(),
+            nn.Conv2d(channels, channels, 3, padding=1, bias=bias), make_norm(norm, channels), nn.ReLU(),
+            nn.Conv2d(channels, 1, 3, padding=1),
+        )
+
+
+def stylization_losses(net, images, content_feats, style_stats):
+    """Per-image content and style losses of ``images`` (M, 1, H, W) under the loss network ``net``.
+
+    content_feats: the last layer's features of the content images (M, C, h, w); style_stats:
+    one (mean, sd) pair per layer from ``channel_stats`` of the style image. The content loss is
+    the mean squared difference of the last layer's features; the style loss is, summed over the
+    layers, the mean squared difference of the channel means plus that of the channel standard
+    deviations (for one image, ``_style_loss``). Returns two (M,) tensors.
+    """
+    feats = net(images)
+    content = (feats[-1] - content_feats).pow(2).mean((1, 2, 3))
+    style = images.new_zeros(len(images))
+    for f, (ms, ss) in zip(feats, style_stats):
+        m, sd = channel_stats(f)
+        style = style + (m - ms).pow(2).mean((1, 2, 3)) + (sd - ss).pow(2).mean((1, 2, 3))
+    return content, style
+
+
+def stylization_experiment(contents, style, norms=STYLE_NORMS, seeds=(0,), steps=200, batch_size=8, lr=0.01,
+                           style_weight=10.0, net_seed=0, channels=16, n_show=4, progress=None):
+    """Train a feed-forward ``StyleNet`` per norm and seed to restyle content images; measure on held-out ones.
+
+    Ulyanov et al.'s setting, scaled down: one style, a generator trained with Adam on batches of
+    ``contents.x_train`` (N, 1, H, W) to minimize content loss + ``style_weight`` * style loss
+    (``stylization_losses``) under a fixed random ``FeatureNet`` (seed ``net_seed``); then, in eval
+    mode (BN with its running statistics), the losses on ``contents.x_test``, images it never saw.
+    The seeds of one norm train together as one ``normlab.ensemble``; seed s fixes the generator's
+    initial weights (the same for every norm, up to the layers that differ) and its batches.
+    Returns {norm: {'style', 'content', 'total': (S,) mean held-out losses per seed,
+    'train_style': (S,) style loss on the last training batch, 'images': (S, n_show, 1, H, W) the
+    first ``n_show`` held-out images restyled}}.
+    """
+    _check_positive_int("steps", steps)
+    _check_positive_int("batch_size", batch_size)
+    if style.dim() != 4 or style.shape[:2] != (1, 1):
+        raise ValueError(f"style must be one grey image (1, 1, H, W), got {tuple(style.shape)}")
+    x_train, x_test = contents.x_train, contents.x_test
+    if x_train.dim() != 4 or x_train.shape[1] != 1:
+        raise ValueError(f"contents must be grey images (N, 1, H, W), got {tuple(x_train.shape)}")
+    net = FeatureNet(channels=(channels, 2 * channels, 2 * channels), seed=net_seed)
+    with torch.no_grad():
+        style_stats = [channel_stats(f) for f in net(style)]
+        test_feats = net(x_test)[-1]
+    K, n = len(seeds), len(x_train)
+    out = {}
+    for norm in norms:
+        models = []
+        for s in seeds:
+            torch.manual_seed(s)
+            models.append(StyleNet(norm, channels))
+        ens = ensemble.stack(models)
+        opt = torch.optim.Adam(ens.parameters(), lr=lr)
+        gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        ens.train()
+        for _ in tqdm(range(steps), desc=f"StyleNet {norm}", disable=not show_progress(progress), leave=False):
+            idx = torch.stack([torch.randint(n, (batch_size,), generator=g) for g in gens])  # (K, B)
+            x = x_train[idx]  # (K, B, 1, H, W): member k's batch
+            with torch.no_grad():
+                cf = net(x.flatten(0, 1))[-1]
+            c, st = stylization_losses(net, ens(x).flatten(0, 1), cf, style_stats)
+            loss = (c + style_weight * st).view(K, batch_size).mean(1)  # (K,): each member's own loss
+            opt.zero_grad()
+            loss.sum().backward()  # the members share no parameter: the sum trains each on its own
+            opt.step()
+        train_style = st.detach().view(K, batch_size).mean(1)
+        ens.eval()
+        with torch.no_grad():
+            y = ens(x_test)  # (K, N, 1, H, W)
+            c, st = stylization_losses(net, y.flatten(0, 1), test_feats.repeat(K, 1, 1, 1), style_stats)
+            c, st = c.view(K, -1).mean(1), st.view(K, -1).mean(1)
+        out[norm] = {"style": st.double().numpy(), "content": c.double().numpy(),
+                     "total": (c + style_weight * st).double().numpy(),
+                     "train_style": train_style.double().numpy(), "images": y[:, :n_show].clone()}
+    return out
 
 
 # --------------------------------------------------------------------------------------------
