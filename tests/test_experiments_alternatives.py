@@ -87,7 +87,8 @@ def test_stylization_losses_are_the_style_loss_per_image(small_contents):
 def test_stylization_experiment_trains_each_seed_as_alone(small_contents, norm):
     style, seeds, steps, B, lr, w = _stripes(12), (4, 9), 6, 4, 0.01, 10.0
     res = alt.stylization_experiment(small_contents, style, norms=(norm,), seeds=seeds, steps=steps,
-                                     batch_size=B, lr=lr, style_weight=w, net_seed=1, channels=4, n_show=2)
+                                     batch_size=B, lr=lr, style_weight=w, net_seed=1, channels=4,
+                                     net_channels=(4, 8, 8), n_show=2)
     r = res[norm]
     assert r["style"].shape == r["content"].shape == (2,) and r["images"].shape == (2, 2, 1, 12, 12)
     np.testing.assert_allclose(r["total"], r["content"] + w * r["style"], rtol=1e-6)

@@ -70,7 +70,7 @@ LABELS = {"none": "none", "bn": "BatchNorm", "ln": "LayerNorm", "in": "InstanceN
 def budget(scale="quick"):
     """Return the seeds, epochs and steps per experiment for a scale ('quick' or 'full')."""
     if scale == "quick":
-        return {"seeds": 8, "cnn_epochs": 1, "rnn_steps": 250, "style_steps": 150, "stylenet_steps": 200,
+        return {"seeds": 8, "cnn_epochs": 1, "rnn_steps": 250, "style_steps": 150, "stylenet_steps": 150,
                 "time_repeat": 15}
     if scale == "full":
         return {"seeds": 8, "cnn_epochs": 10, "rnn_steps": 3000, "style_steps": 600, "stylenet_steps": 1000,
@@ -324,7 +324,7 @@ class StyleNet(nn.Sequential):
     'none', 'bn', 'in'). An ``nn.Sequential``, so that ``normlab.ensemble`` stacks it.
     """
 
-    def __init__(self, norm="in", channels=16):
+    def __init__(self, norm="in", channels=8):
         if norm not in STYLE_NORMS:
             raise ValueError(f"norm must be one of {STYLE_NORMS}, got {norm!r}")
         bias = norm == "none"
@@ -354,12 +354,14 @@ def stylization_losses(net, images, content_feats, style_stats):
 
 
 def stylization_experiment(contents, style, norms=STYLE_NORMS, seeds=(0,), steps=200, batch_size=8, lr=0.01,
-                           style_weight=10.0, net_seed=0, channels=16, n_show=4, progress=None):
+                           style_weight=10.0, net_seed=0, channels=8, net_channels=(16, 32, 32), n_show=4,
+                           progress=None):
     """Train a feed-forward ``StyleNet`` per norm and seed to restyle content images; measure on held-out ones.
 
     Ulyanov et al.'s setting, scaled down: one style, a generator trained with Adam on batches of
     ``contents.x_train`` (N, 1, H, W) to minimize content loss + ``style_weight`` * style loss
-    (``stylization_losses``) under a fixed random ``FeatureNet`` (seed ``net_seed``); then, in eval
+    (``stylization_losses``) under a fixed random ``FeatureNet`` (``net_channels``, seed ``net_seed``);
+    the generator has ``channels`` channels. Then, in eval
     mode (BN with its running statistics), the losses on ``contents.x_test``, images it never saw.
     The seeds of one norm train together as one ``normlab.ensemble``; seed s fixes the generator's
     initial weights (the same for every norm, up to the layers that differ) and its batches.
@@ -374,7 +376,7 @@ def stylization_experiment(contents, style, norms=STYLE_NORMS, seeds=(0,), steps
     x_train, x_test = contents.x_train, contents.x_test
     if x_train.dim() != 4 or x_train.shape[1] != 1:
         raise ValueError(f"contents must be grey images (N, 1, H, W), got {tuple(x_train.shape)}")
-    net = FeatureNet(channels=(channels, 2 * channels, 2 * channels), seed=net_seed)
+    net = FeatureNet(channels=net_channels, seed=net_seed)
     with torch.no_grad():
         style_stats = [channel_stats(f) for f in net(style)]
         test_feats = net(x_test)[-1]
