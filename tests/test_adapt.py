@@ -269,6 +269,22 @@ def test_tent_trains_only_gamma_and_beta_and_lowers_the_entropy():
         assert entropy(copy.deepcopy(model).train()(x)).mean() < h0 - 0.01
 
 
+def test_tent_reports_each_batch_s_logits_before_adapting_to_it():
+    model = mlp(seed=4)
+    adabn(model, [torch.randn(64, 5)])
+    batches = [torch.randn(16, 5) * 2 + 1 for _ in range(3)]
+    seen, ref = [], copy.deepcopy(model)
+    tent(model, batches, lr=0.05, steps=2, on_batch=seen.append)
+    assert len(seen) == 3 and all(s.shape == (16, 3) and not s.requires_grad for s in seen)
+    # the first batch's logits are the unadapted model's, with that batch's statistics
+    with torch.no_grad():
+        torch.testing.assert_close(seen[0], copy.deepcopy(ref).train()(batches[0]))
+    # the second batch's are the model's after the first batch's two updates
+    tent(ref, batches[:1], lr=0.05, steps=2)
+    with torch.no_grad():
+        torch.testing.assert_close(seen[1], copy.deepcopy(ref).train()(batches[1]))
+
+
 def test_tent_rejects_bad_arguments():
     with pytest.raises(ValueError, match="lr"):
         tent(mlp(), [torch.randn(4, 5)], lr=0)

@@ -11,7 +11,7 @@ from torch import nn
 from normlab import adapt
 from normlab.data import Split
 from normlab.experiments import transfer as tr
-from normlab.train import accuracy
+from normlab.train import accuracy, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is faster
 
@@ -60,6 +60,27 @@ def test_labelled_split_is_class_balanced_and_disjoint_from_validation():
         tr.labelled_split(data, 5, 10)  # fewer than one example per class
 
 
+def test_finetune_chooses_the_rate_on_the_labelled_examples_alone():
+    data = toy()
+    part, _ = tr.labelled_split(data, 50, 1, seed=2)
+    # the last fifth of the round-robin order holds one example per class: the held-out set
+    assert sorted(part.y_train[-10:].tolist()) == list(range(10))
+    model = tr.train_source(data, 0, steps=20, width=8)
+    acc, lr = tr.finetune(model, part, "head", lrs=(0.001, 0.1), steps=5, seed=2)
+    assert lr in (0.001, 0.1) and 0 <= acc <= 1
+    # the rate is the one whose copy, trained on the first 40, has the lowest loss on the last 10
+    losses = []
+    for r in (0.001, 0.1):
+        m = tr.set_mode(copy.deepcopy(model), "head")
+        fit = Split(part.x_train[:40], part.y_train[:40], part.x_test, part.y_test)
+        train(m, fit, steps=5, lr=r, batch_size=10, seed=2, progress=False)
+        with torch.no_grad():
+            losses.append(float(nn.functional.cross_entropy(m.eval()(part.x_train[40:]), part.y_train[40:])))
+    assert lr == (0.001, 0.1)[int(np.argmin(losses))]
+    with pytest.raises(ValueError, match="n_select"):
+        tr.finetune(model, part, "head", n_select=50)
+
+
 def test_set_mode_trains_exactly_what_the_mode_says():
     def trainable(mode):
         model = tr.set_mode(tr.make_cnn(width=4), mode)
@@ -91,8 +112,8 @@ def test_adaptation_and_finetuning_results_on_a_toy_problem():
         res["source"]["shifted"][0]
     # AdaBN on 2x + 1 equals AdaBN on x (the bias-free first layer), up to epsilon and rounding.
     np.testing.assert_allclose(res["adabn"]["shifted"], res["adabn"]["clean"], atol=0.011)
-    ft = tr.finetune_results(models, {"shifted": targets["shifted"]}, seeds, labelled=(20,), n_val=30,
-                             lrs=(0.01,), steps=5, progress=False)
+    ft = tr.finetune_results(models, {"shifted": targets["shifted"]}, seeds, labelled=(20,), lrs=(0.01,), steps=5,
+                             progress=False)
     assert set(ft["acc"]) == {(20, m) for m in tr.MODES}
     assert all(ft["lr"][k]["shifted"].tolist() == [0.01, 0.01] for k in ft["lr"])
     np.testing.assert_array_equal(ft["source"]["shifted"], res["source"]["shifted"])
@@ -120,14 +141,62 @@ def test_seeds_trained_together_give_what_each_seed_gives_alone():
         m = adapt.tent(copy.deepcopy(model), x.split(25), lr=1e-3)
         assert res["tent"]["shifted"][j] == pytest.approx(accuracy(m, x, y, batch_size=25, train_mode=True), abs=one)
     lrs = (0.003, 0.03)
-    ft = tr.finetune_results(alone, {"shifted": shifted}, seeds, labelled=(20,), n_val=30, lrs=lrs, steps=8,
-                             batch_size=10, progress=False)
+    ft = tr.finetune_results(alone, {"shifted": shifted}, seeds, labelled=(20,), lrs=lrs, steps=8, batch_size=10,
+                             progress=False)
     for mode in tr.MODES:
         for j, model in enumerate(alone):
-            part, validation = tr.labelled_split(shifted, 20, 30, seed=seeds[j])
-            a, lr = tr.finetune(model, part, validation, mode, lrs=lrs, steps=8, batch_size=10, seed=seeds[j])
+            part, _ = tr.labelled_split(shifted, 20, 1, seed=seeds[j])
+            a, lr = tr.finetune(model, part, mode, lrs=lrs, steps=8, batch_size=10, seed=seeds[j])
             assert ft["acc"][(20, mode)]["shifted"][j] == pytest.approx(a, abs=one), mode
             assert ft["lr"][(20, mode)]["shifted"][j] == lr, mode
+
+
+def test_adabn_vs_size_uses_the_first_n_target_inputs():
+    data, seeds = toy(), [0, 1]
+    models = [tr.train_source(data, s, steps=20, width=8) for s in seeds]
+    shifted = Split(2 * data.x_train + 1, data.y_train, 2 * data.x_test + 1, data.y_test)
+    res = tr.adabn_vs_size(models, {"shifted": shifted}, (10, 200), chunk=64)
+    assert res["shifted"].shape == (2, 2)
+    for i, n in enumerate((10, 200)):
+        for j, model in enumerate(models):
+            m = adapt.adabn(copy.deepcopy(model), shifted.x_train[:n].split(64))
+            assert res["shifted"][i, j] == pytest.approx(accuracy(m, shifted.x_test, shifted.y_test), abs=1.5 / 100)
+    assert models[0].training is False
+    with pytest.raises(ValueError, match="sizes"):
+        tr.adabn_vs_size(models, {"shifted": shifted}, (1, 10))
+
+
+def test_tent_online_predicts_each_batch_before_adapting_to_it():
+    data, seeds = toy(), [0, 1]
+    models = [tr.train_source(data, s, steps=20, width=8) for s in seeds]
+    shifted = Split(2 * data.x_train + 1, data.y_train, 2 * data.x_test + 1, data.y_test)
+    res = tr.tent_online(models, {"shifted": shifted}, batch_size=33, passes=2, lr=0.01, order_seed=5)
+    r = res["shifted"]
+    assert r["tent"].shape == r["norm"].shape == (2, 2)
+    # by hand, one model at a time: the same stream (100 = 33 + 33 + 34: the last one folded in)
+    gen = torch.Generator().manual_seed(5)
+    orders = [torch.randperm(100, generator=gen) for _ in range(2)]
+    batches = [(p, order[a:b]) for p, order in enumerate(orders) for a, b in ((0, 33), (33, 66), (66, 100))]
+    for j, model in enumerate(models):
+        hits, norm, labels = np.zeros(2), np.zeros(2), []
+
+        def stream(labels=labels):
+            for p, idx in batches:
+                labels.append((p, shifted.y_test[idx]))
+                yield shifted.x_test[idx]
+
+        def count(logits, labels=labels, hits=hits):
+            p, y = labels[-1]
+            hits[p] += int((logits.argmax(-1) == y).sum())
+
+        adapt.tent(copy.deepcopy(model), stream(), lr=0.01, on_batch=count)
+        for p, idx in batches:
+            norm[p] += accuracy(model, shifted.x_test[idx], shifted.y_test[idx], train_mode=True) * len(idx)
+        np.testing.assert_allclose(r["tent"][:, j], hits / 100, atol=1.5 / 100)  # rounding: one example
+        np.testing.assert_allclose(r["norm"][:, j], norm / 100, atol=1.5 / 100)
+    assert models[0].training is False
+    with pytest.raises(ValueError, match="batch_size"):
+        tr.tent_online(models, {"shifted": shifted}, batch_size=1)
 
 
 def test_bn_only_vs_width_counts_parameters_and_trains_only_bn():

@@ -243,7 +243,7 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(dim=-1)
 
 
-def tent(model: nn.Module, batches, lr: float = 1e-3, steps: int = 1) -> nn.Module:
+def tent(model: nn.Module, batches, lr: float = 1e-3, steps: int = 1, on_batch=None) -> nn.Module:
     """TENT (Wang et al. 2021): adapt BN's affine parameters on test batches by entropy minimization.
 
     For each batch of ``batches`` (inputs, or (input, target) pairs whose labels are ignored), in
@@ -252,7 +252,10 @@ def tent(model: nn.Module, batches, lr: float = 1e-3, steps: int = 1) -> nn.Modu
     as in training mode, and the gradient flows through them. Everything else is left as it was:
     the other parameters (and their ``requires_grad``), and the running statistics. Evaluate the
     adapted model with test-batch statistics (e.g. ``normlab.train.accuracy(model, x, y,
-    batch_size=B, train_mode=True)``), as TENT does. Returns the model, in eval mode.
+    batch_size=B, train_mode=True)``), as TENT does. ``on_batch(logits)``, if given, is called
+    with each batch's logits (detached) from the forward pass that the batch's first update uses:
+    the predictions TENT makes online, on that batch before adapting to it. Returns the model, in
+    eval mode.
     """
     if not lr > 0:
         raise ValueError(f"lr must be positive, got {lr!r}")
@@ -276,10 +279,13 @@ def tent(model: nn.Module, batches, lr: float = 1e-3, steps: int = 1) -> nn.Modu
             x = _inputs(batch)
             if x.shape[0] < 2:
                 raise ValueError(f"tent needs batches of at least 2 examples, got one of {x.shape[0]}")
-            for _ in range(steps):
+            for step in range(steps):
+                logits = model(x)
+                if step == 0 and on_batch is not None:
+                    on_batch(logits.detach())
                 # The mean entropy of the batch; summed over the members of a normlab.ensemble (logits
                 # (K, N, classes)), so that each member gets the gradient it would get alone.
-                loss = entropy(model(x)).mean(-1).sum()
+                loss = entropy(logits).mean(-1).sum()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -46,6 +46,8 @@ __all__ = [
     "train_source",
     "train_sources",
     "adaptation_results",
+    "adabn_vs_size",
+    "tent_online",
     "labelled_split",
     "set_mode",
     "finetune",
@@ -69,10 +71,12 @@ def budget(scale: str = "quick") -> dict:
     """Seeds, steps and sizes per experiment at a scale ('quick': the 60 s notebooks; 'full')."""
     if scale == "quick":
         return {"seeds": 8, "num_samples": 5000, "source_steps": 600, "finetune_steps": 100,
-                "bn_only_steps": 800, "widths": (32, 128, 512), "labelled": (50,)}
+                "bn_only_steps": 800, "widths": (32, 128, 512), "labelled": (50,),
+                "adabn_sizes": (10, 30, 100, 300, 1000, 4000), "tent_passes": 10}
     if scale == "full":
         return {"seeds": 8, "num_samples": 10000, "source_steps": 2000, "finetune_steps": 300,
-                "bn_only_steps": 3000, "widths": (32, 128, 512, 2048), "labelled": (50, 500)}
+                "bn_only_steps": 3000, "widths": (32, 128, 512, 2048), "labelled": (50, 500),
+                "adabn_sizes": (10, 30, 100, 300, 1000, 3000, 8000), "tent_passes": 20}
     raise ValueError(f"scale must be 'quick' or 'full', got {scale!r}")
 
 
@@ -196,6 +200,72 @@ def adaptation_results(models, targets: dict, *, batch_sizes=(2, 64), priors=(0,
     return out
 
 
+def tent_online(models, targets: dict, *, batch_size=64, passes=10, lr=1e-3, order_seed=0) -> dict:
+    """TENT as Wang et al. run it: online, each test batch predicted *before* the model adapts to it.
+
+    models: one trained model per seed (left unchanged), run together as one ``normlab.ensemble``.
+    The target's test set is streamed ``passes`` times in batches of ``batch_size``, in a new
+    random order each pass (from ``order_seed``; the same stream for every seed and domain size);
+    on each batch TENT predicts with the batch's own statistics, then takes one Adam step
+    (learning rate ``lr``) on the entropy of those predictions, updating only BN's gamma and beta
+    (``adapt.tent`` with ``on_batch``). The baseline is the same stream normalized with each test
+    batch's statistics and never updated (BN-statistics adaptation, online). Returns {domain:
+    {'tent': (passes, seeds) online accuracy in each pass, 'norm': (passes, seeds) the baseline's}}.
+    """
+    _check_positive_int("passes", passes)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 2:
+        raise ValueError(f"batch_size must be an int >= 2, got {batch_size!r}")
+    stacked = ensemble.stack(models)
+    out = {}
+    for name, data in targets.items():
+        n = len(data.y_test)
+        gen = torch.Generator().manual_seed(order_seed)
+        orders = [torch.randperm(n, generator=gen) for _ in range(passes)]
+        # a last batch of one cannot be normalized with its own statistics: fold it into the one before
+        chunks = [idx.split(batch_size) for idx in orders]
+        chunks = [c[:-2] + (torch.cat(c[-2:]),) if len(c[-1]) < 2 else c for c in chunks]
+        now = {}
+
+        def stream(chunks=chunks, data=data, now=now):
+            for p, pass_chunks in enumerate(chunks):
+                for idx in pass_chunks:
+                    now["pass"], now["y"] = p, data.y_test[idx]
+                    yield data.x_test[idx]
+
+        hits = np.zeros((passes, len(models)))
+
+        def count(logits, hits=hits, now=now):
+            hits[now["pass"]] += (logits.argmax(-1) == now["y"]).sum(-1).numpy()
+
+        tent(copy.deepcopy(stacked), stream(), lr=lr, on_batch=count)
+        norm = np.stack([  # each batch with its own statistics (train mode), running statistics untouched
+            sum(len(idx) * ensemble.accuracy(stacked, data.x_test[idx], data.y_test[idx], train_mode=True)
+                for idx in pass_chunks)
+            for pass_chunks in chunks])
+        out[name] = {"tent": hits / n, "norm": norm / n}
+    return out
+
+
+def adabn_vs_size(models, targets: dict, sizes, *, chunk=500) -> dict:
+    """AdaBN's target test accuracy when it sees only the first n unlabelled target inputs, per size n.
+
+    models: one trained model per seed (left unchanged), run together as one ``normlab.ensemble``.
+    For each domain and n in ``sizes``, every BN layer's statistics become those of
+    ``target.x_train[:n]`` (``adabn``, in chunks of ``chunk``; the same n inputs for every seed).
+    Returns {domain: (len(sizes), seeds) array}.
+    """
+    sizes = [int(n) for n in sizes]
+    stacked = ensemble.stack(models)
+    out = {}
+    for name, data in targets.items():
+        if max(sizes) > len(data.x_train) or min(sizes) < 2:
+            raise ValueError(f"sizes must lie in [2, {len(data.x_train)}] for {name!r}, got {sizes}")
+        out[name] = np.stack([
+            ensemble.accuracy(adabn(copy.deepcopy(stacked), data.x_train[:n].split(chunk)), data.x_test, data.y_test)
+            for n in sizes])
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # 2. Fine-tuning on a few labelled target examples
 # --------------------------------------------------------------------------------------------
@@ -248,35 +318,54 @@ def set_mode(model: nn.Module, mode: str) -> nn.Module:
     return model
 
 
-def finetune(model, data: Split, validation, mode: str, *, lrs=(0.001, 0.01, 0.1), steps=100, batch_size=10,
-             seed=0):
-    """Fine-tune copies of ``model`` on ``data`` in ``mode``, one per learning rate; keep the best.
+def _check_select(n: int, n_select) -> int:
+    """The number of the n labelled examples held out to choose the rate (default n // 5)."""
+    h = n // 5 if n_select is None else n_select
+    if isinstance(h, bool) or not isinstance(h, int) or not 1 <= h < n:
+        raise ValueError(f"n_select must be an int in [1, {n}), got {n_select!r}")
+    return h
 
-    Each copy trains with SGD (momentum 0.9) for ``steps`` steps of ``batch_size``; the learning
-    rate with the best accuracy on ``validation`` = (x, y) wins (ties: the smaller rate). Returns
-    (test accuracy of the winner, its learning rate).
+
+def finetune(model, data: Split, mode: str, *, lrs=(0.001, 0.01, 0.1), steps=100, batch_size=10, seed=0,
+             n_select=None):
+    """Fine-tune ``model`` on the labelled examples of ``data`` in ``mode``, choosing the rate on them alone.
+
+    data: the labelled target examples (as ``labelled_split`` orders them, the last ``n_select`` are
+    class-balanced when it is a multiple of the classes; default n // 5) and the target's test part.
+    Selection: a copy per learning rate trains on the first n - n_select examples (SGD, momentum
+    0.9, ``steps`` steps of ``batch_size``); the rate with the lowest cross-entropy on the last
+    n_select wins (ties: the earlier rate). Then a fresh copy trains on all n at that rate.
+    No example outside the n is used. Returns (test accuracy of the final model, its rate).
     """
-    best = (-1.0, None, None)
+    n = len(data.y_train)
+    h = _check_select(n, n_select)
+    fit = Split(data.x_train[: n - h], data.y_train[: n - h], data.x_test, data.y_test, name=data.name)
+    best = (math.inf, None)
     for lr in lrs:
         tuned = set_mode(copy.deepcopy(model), mode)
-        train(tuned, data, steps=steps, lr=lr, batch_size=batch_size, seed=seed, progress=False)
-        val = accuracy(tuned, *validation)
-        if val > best[0]:
-            best = (val, lr, tuned)
-    return accuracy(best[2], data.x_test, data.y_test), best[1]
+        train(tuned, fit, steps=steps, lr=lr, batch_size=batch_size, seed=seed, progress=False)
+        tuned.eval()
+        with torch.no_grad():
+            loss = float(nn.functional.cross_entropy(tuned(data.x_train[n - h :]), data.y_train[n - h :]))
+        if loss < best[0]:
+            best = (loss, lr)
+    final = set_mode(copy.deepcopy(model), mode)
+    train(final, data, steps=steps, lr=best[1], batch_size=batch_size, seed=seed, progress=False)
+    return accuracy(final, data.x_test, data.y_test), best[1]
 
 
-def finetune_results(models, targets: dict, seeds, *, labelled=(50,), n_val=500, modes=MODES,
-                     lrs=(0.001, 0.01, 0.1), steps=100, batch_size=10, progress=None) -> dict:
+def finetune_results(models, targets: dict, seeds, *, labelled=(50,), modes=MODES, lrs=(0.001, 0.01, 0.1),
+                     steps=100, batch_size=10, n_select=None, progress=None) -> dict:
     """Fine-tune every model on every target, for each number of labelled examples and mode.
 
     Returns {"acc": {(n, mode): {domain: (seeds,) array}}, "lr": the same with the chosen learning
     rates}, plus "source" and "adabn" ({domain: (seeds,)}): the accuracies without labels, for
-    comparison. The labelled examples of seed j are ``labelled_split(target, n, n_val, seeds[j])``.
-    Each model's fine-tuning is ``finetune``'s (one run per learning rate, the best on the
-    validation examples wins; ties: the earlier rate); all runs of one mode, every seed and every
-    rate, train together as one ``normlab.ensemble`` whose member (rate l, seed j) draws seed j's
-    batches from seed j's labelled examples.
+    comparison. The labelled examples of seed j are ``labelled_split(target, n, 1, seeds[j])[0]``;
+    each model's fine-tuning is ``finetune``'s (the rate chosen on the last ``n_select`` of the n,
+    then the model retrained on all n), with nothing outside the n labelled examples. The
+    selection runs of one mode (every rate and seed) train together as one ``normlab.ensemble``
+    whose member (rate l, seed j) draws seed j's batches from seed j's examples; the final runs
+    (every seed at its chosen rate) as another.
     """
     K, R = len(models), len(lrs)
     acc, lr_chosen, base = {}, {}, {"source": {}, "adabn": {}}
@@ -284,23 +373,31 @@ def finetune_results(models, targets: dict, seeds, *, labelled=(50,), n_val=500,
     jobs = [(d, n, mode) for d in targets for n in labelled for mode in modes]
     for name, n, mode in _bar(jobs, "fine-tuning", progress):
         data = targets[name]
-        splits = [labelled_split(data, n, n_val, seed=seeds[j]) for j in range(K)]
-        # One training set holding every seed's labelled examples: seed j's are rows j*n .. (j+1)*n - 1.
-        pooled = Split(torch.cat([part.x_train for part, _ in splits]), torch.cat([part.y_train for part, _ in splits]),
-                       data.x_test, data.y_test, name=f"{data.name}[{K} x {n} labelled]")
-        draw = ensemble.member_batches(seeds, n, min(batch_size, n))  # row j: as train(seed=seeds[j]) draws
-        offset = n * torch.arange(K).unsqueeze(1)
-        batches = [(next(draw) + offset).repeat(R, 1) for _ in range(steps)]  # members: rate-major, then seed
+        h = _check_select(n, n_select)
+        parts = [labelled_split(data, n, 1, seed=seeds[j])[0] for j in range(K)]
+        offset = torch.arange(K).unsqueeze(1)
+        # 1. choose the rate: train on the first n - h of each seed's examples, score on the last h
+        fit = Split(torch.cat([p.x_train[: n - h] for p in parts]), torch.cat([p.y_train[: n - h] for p in parts]),
+                    data.x_test, data.y_test, name=f"{data.name}[{K} x {n - h} labelled]")
+        draw = ensemble.member_batches(seeds, n - h, min(batch_size, n - h))  # row j: as train(seed=seeds[j])
+        batches = [(next(draw) + (n - h) * offset).repeat(R, 1) for _ in range(steps)]  # rate-major, then seed
         ens = ensemble.stack([set_mode(copy.deepcopy(models[j]), mode) for _ in lrs for j in range(K)])
-        ensemble.fit(ens, pooled, lr=[lr for lr in lrs for _ in range(K)], batches=batches)
-        test = ensemble.accuracy(ens, data.x_test, data.y_test).reshape(R, K)
-        # Every run on its own seed's validation examples: (R * K, n_val, ...) in the members' order.
-        x_val = torch.stack([v[0] for _, v in splits]).repeat(R, *[1] * splits[0][1][0].dim())
-        val = ensemble.accuracy(ens, x_val, torch.stack([v[1] for _, v in splits]).repeat(R, 1)).reshape(R, K)
-        for j in range(K):
-            best = int(np.argmax(val[:, j]))  # the first of equal maxima: the earlier rate
-            acc.setdefault((n, mode), {}).setdefault(name, np.zeros(K))[j] = test[best, j]
-            lr_chosen.setdefault((n, mode), {}).setdefault(name, np.zeros(K))[j] = lrs[best]
+        ensemble.fit(ens, fit, lr=[lr for lr in lrs for _ in range(K)], batches=batches)
+        x_hold = torch.stack([p.x_train[n - h :] for p in parts]).repeat(R, *[1] * parts[0].x_train.dim())
+        y_hold = torch.stack([p.y_train[n - h :] for p in parts]).repeat(R, 1)
+        with torch.no_grad():
+            loss = ensemble.member_loss(ens(x_hold), y_hold).reshape(R, K).double().numpy()
+        best = loss.argmin(0)  # (K,): the first of equal minima, the earlier rate
+        chosen = [lrs[int(b)] for b in best]
+        # 2. retrain on all n at the chosen rate
+        full = Split(torch.cat([p.x_train for p in parts]), torch.cat([p.y_train for p in parts]),
+                     data.x_test, data.y_test, name=f"{data.name}[{K} x {n} labelled]")
+        draw = ensemble.member_batches(seeds, n, min(batch_size, n))
+        batches = [next(draw) + n * offset for _ in range(steps)]
+        ens = ensemble.stack([set_mode(copy.deepcopy(models[j]), mode) for j in range(K)])
+        ensemble.fit(ens, full, lr=chosen, batches=batches)
+        acc.setdefault((n, mode), {})[name] = ensemble.accuracy(ens, data.x_test, data.y_test)
+        lr_chosen.setdefault((n, mode), {})[name] = np.array(chosen, dtype=np.float64)
         if n == labelled[0] and mode == modes[0]:
             base["source"][name] = ensemble.accuracy(stacked, data.x_test, data.y_test)
             adapted = adabn(copy.deepcopy(stacked), data.x_train.split(500))
