@@ -95,6 +95,21 @@ def test_timings_execute_each_notebook_and_are_recorded(tiny, capsys):
     assert "1 notebooks" in capsys.readouterr().out
 
 
+def test_timings_calibrated_on_a_recorded_notebook_scale_the_new_times(tiny, capsys):
+    lab = "chapters/a/lab.ipynb"
+    (tiny / "timings").mkdir(exist_ok=True)
+    (tiny / "timings" / "quick.json").write_text(json.dumps({"scale": "quick", "seconds": {lab: 0.5}}))
+    assert course.main(["timings", "--root", str(tiny), "--only", "chapters/a", "--calibrate", lab]) == 0
+    record = course.load_timings(tiny, "quick")
+    cal = record["calibration"]
+    assert cal["notebook"] == lab and cal["recorded_s"] == 0.5 and cal["measured_s"] > 0
+    assert cal["factor"] == pytest.approx(0.5 / cal["measured_s"], rel=1e-3)
+    assert record["seconds"][lab] == pytest.approx(cal["raw_seconds"][lab] * 0.5 / cal["measured_s"], abs=0.051)
+    assert "scaled by" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # a calibration notebook without a recorded time
+        course.main(["timings", "--root", str(tiny), "--only", "chapters/a", "--calibrate", "chapters/b/x.ipynb"])
+
+
 # The course itself.
 
 CHAPTERS = course.chapters(ROOT)

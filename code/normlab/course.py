@@ -5,8 +5,11 @@ Nothing here is typed twice. Chapters, their numbers and their parts come from `
 from each chapter's ``# `` heading; a chapter *builds on* every earlier chapter its narrative page
 links to (``{doc}`` or ``{ref}``), so the map's arrows are the cross-references the text makes.
 
-``python -m normlab.course timings [--scale quick|full] [--only PATTERN]`` executes every notebook of
-the toc in a fresh kernel and writes ``timings/<scale>.json`` (the instructor guide renders it).
+``python -m normlab.course timings [--scale quick|full] [--only PATTERN ...] [--calibrate NOTEBOOK]``
+executes every notebook of the toc in a fresh kernel and writes ``timings/<scale>.json`` (the
+instructor guide renders it). A partial run (``--only``) on a machine of another speed than the one
+that recorded the rest can be calibrated: ``--calibrate`` re-times a recorded notebook first and
+scales the new times by recorded / measured, keeping the raw times in the file.
 """
 
 from __future__ import annotations
@@ -287,12 +290,32 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("timings", help="execute every notebook and record its time in timings/<scale>.json")
     t.add_argument("--scale", default="quick", choices=["quick", "full"])
-    t.add_argument("--only", help="time only notebooks whose path contains this (merged into the file)")
+    t.add_argument("--only", nargs="+", help="time only notebooks whose path contains one of these (merged "
+                   "into the file)")
+    t.add_argument("--calibrate", metavar="NOTEBOOK",
+                   help="with --only: first re-time this notebook, whose recorded time stays the yardstick, and "
+                        "scale the new times by recorded / measured (the raw times are kept beside them)")
     t.add_argument("--root", default=".")
     args = parser.parse_args(argv)
-    record = time_notebooks(args.root, args.scale, args.only)
-    out = Path(args.root) / "timings" / f"{args.scale}.json"
     old = load_timings(args.root, args.scale)
+    factor = None
+    if args.calibrate:
+        if not (args.only and old and args.calibrate in old["seconds"]):
+            parser.error("--calibrate needs --only and a recorded time for the calibration notebook")
+        measured = time_notebooks(args.root, args.scale, args.calibrate)["seconds"][args.calibrate]
+        factor = old["seconds"][args.calibrate] / measured
+    record = {"seconds": {}}
+    for pattern in args.only or [None]:
+        part = time_notebooks(args.root, args.scale, pattern)
+        record = {**part, "seconds": {**record["seconds"], **part["seconds"]}}
+    if factor is not None:
+        raw = record["seconds"]
+        record["seconds"] = {k: round(v * factor, 1) for k, v in raw.items()}
+        record["calibration"] = {"notebook": args.calibrate, "recorded_s": old["seconds"][args.calibrate],
+                                 "measured_s": measured, "factor": round(factor, 3), "raw_seconds": raw}
+        print(f"calibration: {args.calibrate} took {measured:.1f} s against {old['seconds'][args.calibrate]} s "
+              f"recorded; new times scaled by {factor:.3f}")
+    out = Path(args.root) / "timings" / f"{args.scale}.json"
     if args.only and old:  # a partial run updates its notebooks and keeps the others
         record["seconds"] = {**old["seconds"], **record["seconds"]}
     out.parent.mkdir(exist_ok=True)
