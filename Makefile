@@ -88,9 +88,10 @@ timings: $(STAMP)
 
 ## seed-scan: run notebooks at 12 seeds and record every assert's value in seed_scan.json (an hour or more)
 SCAN_SEEDS ?= 100-111
+SCAN_JOBS ?= 1
 SCAN_NOTEBOOKS ?= $(sort $(wildcard chapters/*/*.ipynb))
 seed-scan: $(STAMP)
-	$(BIN)/python -m normlab.seedscan --seeds $(SCAN_SEEDS) --out seed_scan.json $(SCAN_NOTEBOOKS)
+	$(BIN)/python -m normlab.seedscan --seeds $(SCAN_SEEDS) --jobs $(SCAN_JOBS) --out seed_scan.json $(SCAN_NOTEBOOKS)
 
 clean:
 	rm -rf _build student .pytest_cache

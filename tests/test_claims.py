@@ -148,7 +148,7 @@ def test_record_computes_the_verdict_and_glues_results_and_outcomes(glued, capsy
 
 
 def test_an_untested_part_caps_the_verdict_at_partly(glued):
-    assert record("transfer", _results("transfer"), "AdaBN helps.").verdict == "partly"
+    assert record("placement", _results("placement"), "Before.").verdict == "partly"
     assert record("higher_lr", _results("higher_lr"), "Higher.").verdict == "supported"
     assert record("higher_lr", {"max_lr": None, "max_lr_relu": None}, "Not run.").verdict == "not tested"
 

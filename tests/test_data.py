@@ -42,3 +42,37 @@ def test_bad_test_fraction_is_rejected(bad):
 def test_too_few_mnist1d_samples_are_rejected():
     with pytest.raises(ValueError, match="num_samples"):
         data.load_mnist1d(num_samples=5)
+
+
+def _split(x):
+    return data.Split(x, torch.zeros(len(x), dtype=torch.int64), x.clone(), torch.zeros(len(x), dtype=torch.int64))
+
+
+def test_blur_keeps_constants_and_mass_and_spreads_a_spike():
+    x = torch.zeros(3, 41)
+    x[0] = 2.5  # a constant stays constant, the replicated ends included
+    x[1, 20] = 1.0  # a spike in the middle becomes the Gaussian kernel itself
+    x[2] = torch.randn(41, generator=torch.Generator().manual_seed(0))
+    out = data.blur(_split(x), 2.0)
+    assert out.x_train.shape == x.shape and torch.equal(out.x_train, out.x_test)
+    assert torch.allclose(out.x_train[0], torch.full((41,), 2.5))
+    t = torch.arange(-6, 7, dtype=torch.float32)
+    kernel = torch.exp(-0.5 * (t / 2.0) ** 2)
+    assert torch.allclose(out.x_train[1, 14:27], kernel / kernel.sum(), atol=1e-7)
+    assert out.x_train[1].sum().item() == pytest.approx(1.0, abs=1e-6) and out.x_train[1, 20] < 0.25
+    assert out.x_train[2].std() < x[2].std()  # smoothing lowers the spread of white noise
+    assert torch.equal(data.blur(_split(x), 0).x_train, x)
+    for bad in (-1, float("nan"), True):
+        with pytest.raises(ValueError, match="sigma"):
+            data.blur(_split(x), bad)
+
+
+def test_contrast_scales_each_example_about_its_own_mean():
+    x = torch.tensor([[1.0, 3.0, 5.0], [-2.0, 0.0, 8.0]])
+    out = data.contrast(_split(x), 0.25).x_train
+    assert torch.allclose(out, torch.tensor([[2.5, 3.0, 3.5], [1.0, 1.5, 3.5]]))
+    assert torch.allclose(out.mean(1), x.mean(1))
+    assert torch.equal(data.contrast(_split(x), 1.0).x_train, x)
+    for bad in (0, -0.5, float("inf")):
+        with pytest.raises(ValueError, match="factor"):
+            data.contrast(_split(x), bad)

@@ -221,3 +221,67 @@ def test_bn_only_vs_width_counts_parameters_and_trains_only_bn():
 
 def test_summarize_formats_mean_and_sd_in_percent():
     assert tr.summarize([0.9, 0.92, 0.94]) == "92.0 ± 2.0"
+
+
+def test_make_cnn_takes_each_normalization_and_instance_norm_ignores_a_per_example_affine_shift():
+    kinds = {"bn": nn.BatchNorm1d, "none": nn.Identity, "gn": nn.GroupNorm, "in": nn.GroupNorm}
+    for norm, kind in kinds.items():
+        model = tr.make_cnn(width=8, norm=norm, seed=1)
+        assert isinstance(model[2], kind) and model(torch.randn(4, 40)).shape == (4, 10)
+    assert tr.make_cnn(width=8, norm="gn")[2].num_groups == 4 and tr.make_cnn(width=8, norm="in")[2].num_groups == 8
+    with pytest.raises(ValueError, match="norm"):
+        tr.make_cnn(width=8, norm="ln")
+    with pytest.raises(ValueError, match="width"):
+        tr.make_cnn(width=6, norm="gn")
+    # a bias-free valid first conv, then one statistic per example and channel: a x + b, a > 0 and b per
+    # example, leaves every output as it was (epsilon aside)
+    model = tr.make_cnn(width=8, norm="in", seed=2).double().eval()
+    x = torch.randn(6, 40, dtype=torch.float64)
+    a, b = torch.rand(6, 1, dtype=torch.float64) + 0.5, torch.randn(6, 1, dtype=torch.float64)
+    assert torch.allclose(model(a * x + b), model(x), atol=1e-4)
+    assert not torch.allclose(tr.make_cnn(width=8, norm="none", seed=2).double()(a * x + b),
+                              tr.make_cnn(width=8, norm="none", seed=2).double()(x), atol=1e-2)
+
+
+def test_corruptions_build_the_suite_in_order_and_reject_unknown_kinds():
+    data = toy()
+    suite = tr.corruptions(data, seed=3)
+    assert list(suite) == [(k, s) for k, sevs in tr.CORRUPTIONS.items() for s in sevs]
+    noisy = [suite[("noise", s)] for s in tr.CORRUPTIONS["noise"]]
+    spread = [float((d.x_test - data.x_test).std()) for d in noisy]
+    assert spread == sorted(spread) and spread[0] == pytest.approx(tr.CORRUPTIONS["noise"][0], rel=0.1)
+    flat = suite[("contrast", 0.1)]
+    assert torch.allclose(flat.x_test.mean(1), data.x_test.mean(1), atol=1e-6)
+    assert torch.equal(flat.y_test, data.y_test) and torch.equal(suite[("blur", 1.0)].y_train, data.y_train)
+    assert list(tr.corruptions(data, suite={"blur": (1.0,)})) == [("blur", 1.0)]
+    with pytest.raises(ValueError, match="unknown"):
+        tr.corruptions(data, suite={"fog": (1,)})
+
+
+def test_baseline_results_score_every_network_and_adabn_only_for_bn():
+    data = toy()
+    seeds = [0, 1]
+    sources = {norm: tr.train_sources(data, seeds, steps=30, width=8, norm=norm) for norm in ("bn", "none", "in")}
+    shifted = {"clean": data, "affine": tr.affine_shift(data, 2.0, 1.0)}
+    res = tr.baseline_results(sources, shifted)
+    assert set(res) == {"bn", "bn_adabn", "none", "in"} and all(v["clean"].shape == (2,) for v in res.values())
+    for norm, models in sources.items():  # each network as trained, model by model
+        want = [accuracy(m, data.x_test, data.y_test) for m in models]
+        assert res[norm]["clean"] == pytest.approx(want, abs=1e-9)
+    # instance norm and AdaBN both undo 2x + 1 exactly here; the source statistics do not
+    assert res["in"]["affine"] == pytest.approx(res["in"]["clean"], abs=0.011)
+    assert res["bn_adabn"]["affine"] == pytest.approx(res["bn_adabn"]["clean"], abs=0.011)
+
+
+def test_finetune_vs_size_gives_each_network_one_row_per_size():
+    data = toy(n_train=300)
+    seeds = [0, 1]
+    sources = {norm: tr.train_sources(data, seeds, steps=20, width=8, norm=norm) for norm in ("bn", "none")}
+    out = tr.finetune_vs_size(sources, {"toy": data}, seeds, (10, 40), lrs=(0.01, 0.1), steps=5)
+    assert set(out) == {"bn", "none"} and out["bn"]["toy"].shape == (2, 2)
+    assert ((out["none"]["toy"] >= 0) & (out["none"]["toy"] <= 1)).all()
+    # one size alone is finetune_results' all_bn_train row
+    ref = tr.finetune_results(sources["none"], {"toy": data}, seeds, labelled=(40,), modes=("all_bn_train",),
+                              lrs=(0.01, 0.1), steps=5)
+    assert np.allclose(out["none"]["toy"][1], ref["acc"][(40, "all_bn_train")]["toy"])
+    assert "toy" not in ref["adabn"]  # a network without BN has nothing to adapt

@@ -110,3 +110,25 @@ def test_every_assert_of_a_scanned_notebook_was_scanned(scan):
         now = sorted(s for c in load_notebook(ROOT / nb)["cells"] if c["cell_type"] == "code"
                      for s in asserts_in(cell_source(c)))
         assert now == seen, f"{nb}: its asserts changed since the scan; rerun `make seed-scan` ({set(now) ^ set(seen)})"
+
+
+def test_a_scan_in_two_jobs_records_what_one_job_records(tmp_path, monkeypatch):
+    import nbformat
+
+    from normlab.seedscan import scan as run_scan
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("import os\nseed = int(os.environ['NORMLAB_SEED'])"),
+                nbformat.v4.new_code_cell("assert seed % 2 == 0 or seed > 0\nassert seed >= 101")]
+    path = tmp_path / "tiny.ipynb"
+    nbformat.write(nb, path)
+    monkeypatch.chdir(tmp_path)  # the scan runs notebooks by their path from the root
+    one, two = (run_scan([path], [100, 101, 102], root=tmp_path, jobs=j) for j in (1, 2))
+    assert one["asserts"] == two["asserts"] and one["notebooks"]["tiny.ipynb"]["errors"] == \
+        two["notebooks"]["tiny.ipynb"]["errors"]
+    (entry,) = [e for e in two["asserts"].values() if e["source"] == "seed >= 101"]
+    assert entry["failed_at"] == [100] and entry["held"] == 2
+    assert entry["values"] == {"100": [100, 101], "101": [101, 101], "102": [102, 101]}
+    assert list(two["notebooks"]["tiny.ipynb"]["errors"]) == ["100"]
+    with pytest.raises(ValueError, match="jobs"):
+        run_scan([path], [100], root=tmp_path, jobs=0)

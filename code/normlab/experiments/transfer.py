@@ -8,6 +8,12 @@ fine-tune them on a few labelled target examples in four modes, and train only B
 parameters on top of frozen random weights. They return plain numbers (numpy arrays, dicts) that
 the lab notebooks tabulate, plot and assert.
 
+Chapter 7's baselines train the same CNN without normalization, with GroupNorm and with
+InstanceNorm (``make_cnn(norm=...)``, ``NORMS``) and test all four on the same shifts and on a
+small corruption suite in the spirit of CIFAR-10-C (``corruptions``: blur, noise and contrast at
+three severities each), and fine-tune BN and no-BN networks on 10 to 1,000 labelled target
+examples (``finetune_vs_size``).
+
 The first convolution has no bias and no padding ("valid"), and BN follows it directly. Then
 every output position of the first layer sees a full kernel, an input shift x -> a x + b moves
 each channel's pre-activation to a h + b sum(w), and BN with the target's statistics undoes it
@@ -29,7 +35,7 @@ from tqdm import tqdm
 
 from normlab import ensemble
 from normlab.adapt import adabn, bn_only_parameters, bn_statistics, freeze_bn, prior_adapt, tent
-from normlab.data import Split, add_noise, affine_shift, load_mnist1d, mnist1d_shifted
+from normlab.data import Split, add_noise, affine_shift, blur, contrast, load_mnist1d, mnist1d_shifted
 from normlab.experiments import _check_positive_int, seeds_for
 from normlab.experiments.regularization import make_mlp
 from normlab.stats import batch_norm_layers
@@ -37,26 +43,43 @@ from normlab.train import accuracy, show_progress, train
 
 __all__ = [
     "DOMAINS",
+    "NORMS",
+    "NORM_LABELS",
+    "SOURCE_LR",
+    "CORRUPTIONS",
     "MODES",
     "MODE_LABELS",
     "budget",
     "seeds_for",
     "make_cnn",
     "domains",
+    "corruptions",
     "train_source",
     "train_sources",
     "adaptation_results",
+    "baseline_results",
     "adabn_vs_size",
     "tent_online",
     "labelled_split",
     "set_mode",
     "finetune",
     "finetune_results",
+    "finetune_vs_size",
     "bn_only_vs_width",
     "summarize",
 ]
 
 DOMAINS = ("clean", "affine", "noise", "generator")
+# The normalization after each convolution of ``make_cnn``: BN, nothing, GroupNorm (4 groups of
+# channels, as Chapter 6's CNN) and InstanceNorm (GroupNorm with one channel per group, with affine).
+NORMS = ("bn", "none", "gn", "in")
+NORM_LABELS = {"bn": "BatchNorm", "none": "no normalization", "gn": "GroupNorm", "in": "InstanceNorm"}
+# Each network's SGD rate on the source, chosen once from (0.02, 0.05, 0.1) by clean *source* test
+# accuracy (8 seeds, 600 steps; no target data): the highest, the smaller rate on a tie within 0.2
+# points. BN 94.8 at 0.05; none 85.4 at 0.05 (85.3 at 0.1); GN 92.6 at 0.05; IN 82.7 at 0.1.
+SOURCE_LR = {"bn": 0.05, "none": 0.05, "gn": 0.05, "in": 0.1}
+# The corruption suite: kind -> severities (blur: sigma in points; noise: sd; contrast: factor).
+CORRUPTIONS = {"blur": (1.0, 2.0, 3.0), "noise": (0.25, 0.5, 1.0), "contrast": (0.5, 0.25, 0.1)}
 # Fine-tuning modes: what trains and what BN does while it trains.
 MODES = ("all_bn_train", "all_bn_frozen", "head", "bn_only")
 MODE_LABELS = {
@@ -72,11 +95,12 @@ def budget(scale: str = "quick") -> dict:
     if scale == "quick":
         return {"seeds": 8, "num_samples": 5000, "source_steps": 600, "finetune_steps": 100,
                 "bn_only_steps": 800, "widths": (32, 128, 512), "labelled": (50,),
-                "adabn_sizes": (10, 100, 1000), "tent_passes": 5}
+                "adabn_sizes": (10, 100, 1000), "tent_passes": 5, "ft_sizes": (10, 100, 1000)}
     if scale == "full":
         return {"seeds": 8, "num_samples": 10000, "source_steps": 2000, "finetune_steps": 300,
                 "bn_only_steps": 3000, "widths": (32, 128, 512, 2048), "labelled": (50, 500),
-                "adabn_sizes": (10, 30, 100, 300, 1000, 3000), "tent_passes": 20}
+                "adabn_sizes": (10, 30, 100, 300, 1000, 3000), "tent_passes": 20,
+                "ft_sizes": (10, 30, 100, 300, 1000, 4000)}
     raise ValueError(f"scale must be 'quick' or 'full', got {scale!r}")
 
 
@@ -89,20 +113,29 @@ def _bar(iterable, desc, progress):
 # --------------------------------------------------------------------------------------------
 
 
-def make_cnn(length: int = 40, num_classes: int = 10, *, width: int = 32, norm: bool = True, seed: int = 0):
+def make_cnn(length: int = 40, num_classes: int = 10, *, width: int = 32, norm="bn", seed: int = 0):
     """Return a 1-D CNN for (N, length) signals: three bias-free valid convolutions, each followed
-    by BN (or nothing, ``norm=False``) and ReLU, then a Linear head (the last module).
+    by a normalization and ReLU, then a Linear head (the last module).
 
-    Kernel sizes 5, 3, 3; strides 1, 2, 2; ``width`` channels throughout.
+    norm: one of ``NORMS``: 'bn' (BatchNorm1d), 'none', 'gn' (GroupNorm, 4 groups) or 'in'
+    (GroupNorm with one channel per group: instance norm with a per-channel affine); True and
+    False mean 'bn' and 'none'. Kernel sizes 5, 3, 3; strides 1, 2, 2; ``width`` channels throughout.
     """
     _check_positive_int("width", width)
     _check_positive_int("num_classes", num_classes)
+    if isinstance(norm, bool):
+        norm = "bn" if norm else "none"
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS} (or a bool), got {norm!r}")
+    if norm == "gn" and width % 4:
+        raise ValueError(f"GroupNorm's 4 groups must divide width={width}")
     out = ((length - 4 - 3) // 2 + 1 - 3) // 2 + 1  # positions left after the three valid convs
     if out < 1:
         raise ValueError(f"length must be at least 11 for three valid convolutions, got {length}")
 
     def norm_layer():
-        return nn.BatchNorm1d(width) if norm else nn.Identity()
+        return {"bn": lambda: nn.BatchNorm1d(width), "none": nn.Identity, "gn": lambda: nn.GroupNorm(4, width),
+                "in": lambda: nn.GroupNorm(width, width)}[norm]()
 
     torch.manual_seed(seed)
     return nn.Sequential(
@@ -141,16 +174,37 @@ def train_source(data: Split, seed: int, *, steps: int = 600, width: int = 32, l
     return model.eval()
 
 
-def train_sources(data: Split, seeds, *, steps: int = 600, width: int = 32, lr: float = 0.05, batch_size=64,
+def train_sources(data: Split, seeds, *, steps: int = 600, width: int = 32, lr=None, batch_size=64, norm="bn",
                   progress=None) -> list:
     """``train_source(data, seed, ...)`` for every seed, the seeds trained together as one ``normlab.ensemble``.
 
-    Returns one model per seed, in eval mode, each the model ``train_source`` gives for its seed
-    (up to float rounding: the ensemble's batched products sum in another order).
+    norm: the CNN's normalization (``make_cnn``); lr: SGD's rate, by default ``SOURCE_LR[norm]``
+    (0.05 for BN). Returns one model per seed, in eval mode, each the model ``train_source`` gives
+    for its seed when norm is 'bn' (up to float rounding: the ensemble's batched products sum in
+    another order).
     """
-    ens = ensemble.stack([make_cnn(data.num_features, data.num_classes, width=width, seed=s) for s in seeds])
+    lr = SOURCE_LR["bn" if norm is True else "none" if norm is False else norm] if lr is None else lr
+    ens = ensemble.stack([make_cnn(data.num_features, data.num_classes, width=width, norm=norm, seed=s)
+                          for s in seeds])
     ensemble.fit(ens, data, lr=lr, seeds=seeds, steps=steps, batch_size=batch_size, progress=progress)
     return [ensemble.member(ens, k).eval() for k in range(len(seeds))]
+
+
+def corruptions(clean: Split, seed: int = 0, suite=None) -> dict:
+    """The corruption suite on ``clean``: {(kind, severity): Split}, in the order of ``suite``.
+
+    suite: {kind: severities}, kinds 'blur' (``data.blur``, sigma in points), 'noise'
+    (``data.add_noise``, sd; seeded with ``seed`` + the severity's index) and 'contrast'
+    (``data.contrast``, the factor); default ``CORRUPTIONS``. Train and test parts are corrupted
+    alike: the training part stands for unlabelled target data.
+    """
+    suite = CORRUPTIONS if suite is None else suite
+    make = {"blur": lambda s, i: blur(clean, s), "noise": lambda s, i: add_noise(clean, s, seed=seed + 1 + i),
+            "contrast": lambda s, i: contrast(clean, s)}
+    unknown = set(suite) - set(make)
+    if unknown:
+        raise ValueError(f"unknown corruption kinds {sorted(unknown)}; the kinds are {sorted(make)}")
+    return {(kind, s): make[kind](s, i) for kind, sevs in suite.items() for i, s in enumerate(sevs)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,6 +297,27 @@ def tent_online(models, targets: dict, *, batch_size=64, passes=10, lr=1e-3, ord
                 for idx in pass_chunks)
             for pass_chunks in chunks])
         out[name] = {"tent": hits / n, "norm": norm / n}
+    return out
+
+
+def baseline_results(sources: dict, targets: dict, *, chunk=500) -> dict:
+    """Target test accuracy of every network as trained, and of the BN network after AdaBN.
+
+    sources: {norm: one trained model per seed} (norms from ``NORMS``; models left unchanged);
+    targets: {name: Split}. Each norm's models run together as one ``normlab.ensemble`` in eval
+    mode: BN with its source statistics, GroupNorm and InstanceNorm with each example's own (they
+    keep no statistics to adapt). 'bn_adabn' is BN with every layer's statistics replaced by those
+    of the target's training inputs (``adabn``, in chunks of ``chunk``). Returns {method: {target:
+    (seeds,) array}}, methods the norms and, if 'bn' is among them, 'bn_adabn'.
+    """
+    out = {}
+    for norm, models in sources.items():
+        ens = ensemble.stack(models).eval()
+        out[norm] = {name: ensemble.accuracy(ens, d.x_test, d.y_test) for name, d in targets.items()}
+        if norm == "bn":
+            out["bn_adabn"] = {
+                name: ensemble.accuracy(adabn(copy.deepcopy(ens), d.x_train.split(chunk)), d.x_test, d.y_test)
+                for name, d in targets.items()}
     return out
 
 
@@ -400,9 +475,28 @@ def finetune_results(models, targets: dict, seeds, *, labelled=(50,), modes=MODE
         lr_chosen.setdefault((n, mode), {})[name] = np.array(chosen, dtype=np.float64)
         if n == labelled[0] and mode == modes[0]:
             base["source"][name] = ensemble.accuracy(stacked, data.x_test, data.y_test)
-            adapted = adabn(copy.deepcopy(stacked), data.x_train.split(500))
-            base["adabn"][name] = ensemble.accuracy(adapted, data.x_test, data.y_test)
+            if batch_norm_layers(stacked):  # a network without BN has no statistics to adapt
+                adapted = adabn(copy.deepcopy(stacked), data.x_train.split(500))
+                base["adabn"][name] = ensemble.accuracy(adapted, data.x_test, data.y_test)
     return {"acc": acc, "lr": lr_chosen, **base}
+
+
+def finetune_vs_size(sources: dict, targets: dict, seeds, sizes, *, lrs=(0.001, 0.01, 0.1), steps=100,
+                     batch_size=10, progress=None) -> dict:
+    """Fine-tune every layer of each network on n labelled target examples, for each n in ``sizes``.
+
+    sources: {norm: one trained model per seed} (e.g. BN and no normalization); BN fine-tunes in
+    train mode (the 'all_bn_train' mode of ``finetune_results``, whose rate selection on the n
+    examples alone, steps and batches it uses; every norm gets the same examples, batches and rate
+    grid). Returns {norm: {target: (len(sizes), seeds) test accuracies}}.
+    """
+    sizes = tuple(int(n) for n in sizes)
+    out = {}
+    for norm, models in sources.items():
+        res = finetune_results(models, targets, seeds, labelled=sizes, modes=("all_bn_train",), lrs=lrs,
+                               steps=steps, batch_size=batch_size, progress=progress)
+        out[norm] = {name: np.stack([res["acc"][(n, "all_bn_train")][name] for n in sizes]) for name in targets}
+    return out
 
 
 # --------------------------------------------------------------------------------------------
