@@ -188,8 +188,10 @@ def scan(notebooks, seeds, root=".", out=None, jobs=1):
 
     With ``out``, the scan so far is merged into that file after each notebook, so a long scan
     that is stopped keeps every notebook it finished. ``jobs`` seeds of a notebook run at once,
-    each kernel on one thread (``OMP_NUM_THREADS=1``): on two cores, ``jobs=2`` halves the wait
-    without oversubscribing them. The result does not depend on ``jobs``.
+    each kernel started with ``OMP_NUM_THREADS=1``. That halves the wait on two cores only for
+    notebooks that leave torch's thread count alone: one that calls ``torch.set_num_threads(2)``
+    (the ensemble labs do) then runs 2 x 2 threads on two cores, slower than ``jobs=1``. The result
+    does not depend on ``jobs``.
     """
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be an int >= 1, got {jobs!r}")
@@ -273,7 +275,7 @@ def main(argv=None):
     parser.add_argument("notebooks", nargs="+", help="notebooks to scan")
     parser.add_argument("--seeds", default="100-111", help="e.g. 100-111 (default: 12 seeds) or 3,5,8")
     parser.add_argument("--out", default="seed_scan.json", help="where to write the scan (merged into it)")
-    parser.add_argument("--jobs", type=int, default=1, help="seeds run at once, one thread each (default 1)")
+    parser.add_argument("--jobs", type=int, default=1, help="seeds run at once (default 1; see scan())")
     args = parser.parse_args(argv)
     seeds = _seeds(args.seeds)
     if len(seeds) < 1:
