@@ -100,13 +100,15 @@ class NotebookTimes(SphinxDirective):
                 gpu = f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU"
                 notes.append(f"{scale}: measured {rec['date']} on {m['cpu']} ({m['cores']} cores{gpu}), "
                              f"Python {m['python']}, torch {m['torch']}; each notebook run once in a fresh kernel.")
-                cal = rec.get("calibration")
-                if cal:
-                    names = ", ".join(sorted(p.removeprefix("chapters/") for p in cal["raw_seconds"]))
-                    notes.append(f"{scale}, calibrated: {names} were re-timed on another machine and scaled by "
-                                 f"{cal['factor']:g}, the recorded over the re-measured time of "
-                                 f"{cal['notebook'].removeprefix('chapters/')} ({cal['recorded_s']:g} s against "
-                                 f"{cal['measured_s']:g} s), run first on that machine.")
+                groups = {}
+                for path, c in sorted(rec.get("calibrated", {}).items()):
+                    key = (c["yardstick"], c["factor"], c["recorded_s"], c["measured_s"], c["date"])
+                    groups.setdefault(key, []).append(path.removeprefix("chapters/"))
+                for (yard, factor, recorded, measured, date), names in groups.items():
+                    notes.append(f"{scale}, calibrated: {', '.join(names)} were timed on {date} on a machine of "
+                                 f"another speed and scaled by {factor:g}, the recorded over the re-measured time "
+                                 f"of {yard.removeprefix('chapters/')} ({recorded:g} s against {measured:.1f} s), "
+                                 "run first on that machine.")
             else:
                 notes.append(f"{scale}: not recorded yet (`python -m normlab.course timings --scale {scale}`).")
         return [table] + [nodes.paragraph(text=n) for n in notes]

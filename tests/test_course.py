@@ -101,11 +101,18 @@ def test_timings_calibrated_on_a_recorded_notebook_scale_the_new_times(tiny, cap
     (tiny / "timings" / "quick.json").write_text(json.dumps({"scale": "quick", "seconds": {lab: 0.5}}))
     assert course.main(["timings", "--root", str(tiny), "--only", "chapters/a", "--calibrate", lab]) == 0
     record = course.load_timings(tiny, "quick")
-    cal = record["calibration"]
-    assert cal["notebook"] == lab and cal["recorded_s"] == 0.5 and cal["measured_s"] > 0
+    cal = record["calibrated"][lab]
+    assert cal["yardstick"] == lab and cal["recorded_s"] == 0.5 and cal["measured_s"] > 0 and cal["date"]
     assert cal["factor"] == pytest.approx(0.5 / cal["measured_s"], rel=1e-3)
-    assert record["seconds"][lab] == pytest.approx(cal["raw_seconds"][lab] * 0.5 / cal["measured_s"], abs=0.051)
+    assert record["seconds"][lab] == pytest.approx(cal["raw_s"] * 0.5 / cal["measured_s"], abs=0.051)
     assert "scaled by" in capsys.readouterr().out
+    # an entry stays until its notebook is re-timed; a plain re-timing makes it raw again
+    other = {"raw_s": 9.0, "factor": 0.5, "yardstick": lab, "recorded_s": 0.5, "measured_s": 1.0, "date": "d"}
+    path = tiny / "timings" / "quick.json"
+    path.write_text(json.dumps({**record, "seconds": {**record["seconds"], "chapters/b/y.ipynb": 4.5},
+                                "calibrated": {**record["calibrated"], "chapters/b/y.ipynb": other}}))
+    assert course.main(["timings", "--root", str(tiny), "--only", "chapters/a"]) == 0
+    assert course.load_timings(tiny, "quick")["calibrated"] == {"chapters/b/y.ipynb": other}
     with pytest.raises(SystemExit):  # a calibration notebook without a recorded time
         course.main(["timings", "--root", str(tiny), "--only", "chapters/a", "--calibrate", "chapters/b/x.ipynb"])
 

@@ -294,7 +294,8 @@ def main(argv=None) -> int:
                    "into the file)")
     t.add_argument("--calibrate", metavar="NOTEBOOK",
                    help="with --only: first re-time this notebook, whose recorded time stays the yardstick, and "
-                        "scale the new times by recorded / measured (the raw times are kept beside them)")
+                        "scale the new times by recorded / measured (each notebook's raw time and factor are "
+                        "kept under 'calibrated' until it is re-timed)")
     t.add_argument("--root", default=".")
     args = parser.parse_args(argv)
     old = load_timings(args.root, args.scale)
@@ -308,13 +309,20 @@ def main(argv=None) -> int:
     for pattern in args.only or [None]:
         part = time_notebooks(args.root, args.scale, pattern)
         record = {**part, "seconds": {**record["seconds"], **part["seconds"]}}
+    # notebooks timed in an earlier calibrated partial run keep their entry until they are re-timed
+    calibrated = {k: v for k, v in ((old or {}).get("calibrated", {}) if args.only else {}).items()
+                  if k not in record["seconds"]}
     if factor is not None:
         raw = record["seconds"]
         record["seconds"] = {k: round(v * factor, 1) for k, v in raw.items()}
-        record["calibration"] = {"notebook": args.calibrate, "recorded_s": old["seconds"][args.calibrate],
-                                 "measured_s": measured, "factor": round(factor, 3), "raw_seconds": raw}
+        for k, v in raw.items():
+            calibrated[k] = {"raw_s": v, "factor": round(factor, 3), "yardstick": args.calibrate,
+                             "recorded_s": old["seconds"][args.calibrate], "measured_s": measured,
+                             "date": record.get("date")}
         print(f"calibration: {args.calibrate} took {measured:.1f} s against {old['seconds'][args.calibrate]} s "
               f"recorded; new times scaled by {factor:.3f}")
+    if calibrated:
+        record["calibrated"] = calibrated
     out = Path(args.root) / "timings" / f"{args.scale}.json"
     if args.only and old:  # a partial run updates its notebooks and keeps the others
         record["seconds"] = {**old["seconds"], **record["seconds"]}
