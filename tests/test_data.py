@@ -1,5 +1,7 @@
 """normlab.data: offline datasets as tensors, reproducible splits, no side effects."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -76,3 +78,27 @@ def test_contrast_scales_each_example_about_its_own_mean():
     for bad in (0, -0.5, float("inf")):
         with pytest.raises(ValueError, match="factor"):
             data.contrast(_split(x), bad)
+
+
+def test_check_blur_passes_blur_signals_and_catches_zero_padding_and_an_unnormalized_kernel(capsys):
+    from normlab import checks
+
+    checks.check_blur(data.blur_signals)
+    assert "PASS" in capsys.readouterr().out
+
+    def zero_padded(x, sigma):
+        half = max(1, math.ceil(3 * sigma))
+        t = torch.arange(-half, half + 1, dtype=x.dtype)
+        k = torch.exp(-0.5 * (t / sigma) ** 2)
+        return torch.nn.functional.conv1d(x.unsqueeze(1), (k / k.sum()).view(1, 1, -1), padding=half).squeeze(1)
+
+    def unnormalized(x, sigma):
+        half = max(1, math.ceil(3 * sigma))
+        t = torch.arange(-half, half + 1, dtype=x.dtype)
+        k = torch.exp(-0.5 * (t / sigma) ** 2)
+        padded = torch.nn.functional.pad(x.unsqueeze(1), (half, half), mode="replicate")
+        return torch.nn.functional.conv1d(padded, k.view(1, 1, -1)).squeeze(1)
+
+    for wrong in (zero_padded, unnormalized):
+        with pytest.raises(AssertionError, match="blur"):
+            checks.check_blur(wrong)

@@ -30,6 +30,7 @@ __all__ = [
     "check_layer_norm_backward",
     "check_adabn",
     "check_prior_mix",
+    "check_blur",
     "check_chan_merge",
     "check_channel_sums",
     "check_merge_moments",
@@ -501,6 +502,29 @@ def check_prior_mix(fn):
                              rtol=1e-9, atol=1e-12)
             n += 1
     _pass("prior mixing", n)
+
+
+def check_blur(fn):
+    """Check ``fn(x, sigma) -> y``: each row of x (N, L) smoothed by a normalized Gaussian kernel of
+    half-width max(1, ceil(3 sigma)), the ends padded by repeating the end values (``data.blur``)."""
+    import torch
+
+    from normlab.data import blur_signals
+
+    gen = torch.Generator().manual_seed(6)
+    cases = [("random rows", torch.randn(4, 40, generator=gen, dtype=torch.float64), 1.0),
+             ("a constant row", torch.full((1, 20), 2.5, dtype=torch.float64), 2.0),
+             ("a spike near the end", torch.eye(15, dtype=torch.float64)[13:14], 1.5),
+             ("a narrow kernel", torch.randn(3, 12, generator=gen, dtype=torch.float64), 0.3)]
+    for desc, x, sigma in cases:
+        got = fn(x.clone(), sigma)
+        if got is None:
+            raise AssertionError(f"blur, {desc}: got None")
+        got = got.detach().numpy() if isinstance(got, torch.Tensor) else np.asarray(got)
+        if got.shape != tuple(x.shape):
+            raise AssertionError(f"blur, {desc}: expected shape {tuple(x.shape)}, got {got.shape}")
+        assert_close(f"blur, {desc} (sigma {sigma})", got, blur_signals(x, sigma).numpy(), rtol=1e-9, atol=1e-12)
+    _pass("blur", len(cases))
 
 
 def check_chan_merge(fn):

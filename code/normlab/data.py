@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["Split", "affine_shift", "add_noise", "blur", "contrast", "grouped_batches", "load_digits", "load_mnist1d",
-           "mnist1d_shifted"]
+__all__ = ["Split", "affine_shift", "add_noise", "blur", "blur_signals", "contrast", "grouped_batches",
+           "load_digits", "load_mnist1d", "mnist1d_shifted"]
 
 
 @dataclass
@@ -201,18 +201,19 @@ def blur(data: Split, sigma: float = 1.0) -> Split:
     """
     if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not (np.isfinite(sigma) and sigma >= 0):
         raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
+    return _shift(data, lambda x: blur_signals(x, sigma), f"{data.name} blur {sigma:g}")
+
+
+def blur_signals(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Smooth each row of ``x`` (N, L) as ``blur`` does; sigma 0 returns a copy."""
     if sigma == 0:
-        return _shift(data, lambda x: x.clone(), f"{data.name} blur 0")
+        return x.clone()
     half = max(1, math.ceil(3 * sigma))
-    t = torch.arange(-half, half + 1, dtype=torch.float32)
+    t = torch.arange(-half, half + 1, dtype=x.dtype)
     kernel = torch.exp(-0.5 * (t / sigma) ** 2)
     kernel = (kernel / kernel.sum()).reshape(1, 1, -1)
-
-    def smooth(x):
-        padded = torch.nn.functional.pad(x.unsqueeze(1), (half, half), mode="replicate")
-        return torch.nn.functional.conv1d(padded, kernel).squeeze(1)
-
-    return _shift(data, smooth, f"{data.name} blur {sigma:g}")
+    padded = torch.nn.functional.pad(x.unsqueeze(1), (half, half), mode="replicate")
+    return torch.nn.functional.conv1d(padded, kernel).squeeze(1)
 
 
 def contrast(data: Split, factor: float = 0.5) -> Split:
