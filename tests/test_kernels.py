@@ -111,6 +111,8 @@ def test_eval_matches_f_batch_norm_and_is_differentiable(shape, channels_last, c
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 def test_half_inputs_keep_fp32_statistics(dtype, training, channels_last):
+    if not K.dtype_supported(dtype, DEVICE):
+        pytest.skip(f"{dtype} needs compute capability 8.0+ (this GPU: {torch.cuda.get_device_capability()})")
     x, w, b, rm, rv = make((4, 3, 7, 7), dtype=dtype, channels_last=channels_last)
     got = run(K.batch_norm, x, w, b, rm, rv, training)
     assert got[0].dtype == dtype and got[1].dtype == dtype
@@ -160,6 +162,40 @@ def test_strided_input_is_copied_then_normalized():
     assert K.layout_of(x)[0] is None
     out = K.batch_norm(x, None, None, w, b, training=True)
     torch.testing.assert_close(out, F.batch_norm(x, None, None, w, b, training=True), rtol=2e-5, atol=2e-5)
+
+
+def test_strided_weights_and_running_statistics_are_accepted_and_updated_in_place():
+    """Views into larger buffers, which F.batch_norm accepts: same outputs, gradients, statistics."""
+    x, w, b, rm, rv = make((4, 3, 5, 5))
+    wide = lambda t: torch.stack([t, torch.full_like(t, 7.0)], 1)  # noqa: E731  (C, 2): column 0 is t
+    for training in (True, False):
+        got_w, got_b = (wide(t).requires_grad_() for t in (w, b))
+        got_rm, got_rv = wide(rm), wide(rv)
+        xa = x.clone().requires_grad_()
+        out = K.batch_norm(xa, got_rm[:, 0], got_rv[:, 0], got_w[:, 0], got_b[:, 0], training=training)
+        assert not got_rm[:, 0].is_contiguous() and not got_w[:, 0].is_contiguous()
+        exp = reference(x, w, b, rm, rv, training)
+        gen = torch.Generator().manual_seed(1)
+        out.backward(torch.randn(out.shape, generator=gen, dtype=torch.float64).to(DEVICE, out.dtype))
+        got = (out.detach(), xa.grad, got_w.grad[:, 0], got_b.grad[:, 0], got_rm[:, 0], got_rv[:, 0])
+        assert_matches(got, exp, torch.float32)
+        assert torch.all(got_w.grad[:, 1] == 0) and torch.all(got_rm[:, 1] == 7.0)  # the other column untouched
+
+
+def test_cpu_tensors_for_compiled_kernels_raise_a_value_error_that_says_what_to_do(monkeypatch):
+    if DEVICE == "cpu":  # no GPU here: make the module believe it compiles, as it does with CUDA present
+        monkeypatch.setattr(K, "interpreted", lambda: False)
+    with pytest.raises(ValueError, match=r"input is on cpu.*move the tensors there"):
+        K.batch_norm(torch.randn(4, 3), None, None, training=True)
+
+
+def test_bfloat16_is_supported_from_compute_capability_8(monkeypatch):
+    assert K.dtype_supported(torch.bfloat16, "cpu")  # CPU tensors: the interpreter runs every dtype
+    monkeypatch.setattr(K, "interpreted", lambda: False)
+    for capability, ok in (((7, 5), False), ((8, 0), True), ((9, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert K.dtype_supported(torch.bfloat16, "cuda") is ok, capability
+        assert K.dtype_supported(torch.float16, "cuda") and K.dtype_supported(torch.float32, "cuda")
 
 
 @pytest.mark.parametrize("config", ["default", "small_tiles"], indirect=True)

@@ -224,6 +224,10 @@ def run(out_dir, shapes="default", budget_s=420.0, sweep=True):
                "date": datetime.date.today().isoformat(), "copy_gbps": round(copy, 1), "rows": [],
                "config": vars(kernels.CONFIG).copy(), "incomplete": True}
     print(f"{results['device']}: copy bandwidth {copy:.0f} GB/s", flush=True)
+    skipped = [d for d, dtype in DTYPES.items() if not kernels.dtype_supported(dtype)]
+    if skipped:
+        results["skipped"] = {"normlab": skipped, "why": "compute capability below 8.0"}
+        print(f"normlab skips {', '.join(skipped)}: this GPU is older than sm_80 (Ampere)", flush=True)
     for shape in SHAPES[shapes]:
         if time.time() - start > budget_s:
             print(f"time budget of {budget_s:.0f} s spent: stopping before {shape}", flush=True)
@@ -232,6 +236,8 @@ def run(out_dir, shapes="default", budget_s=420.0, sweep=True):
             for dname, dtype in DTYPES.items():
                 for op in OPS:
                     for pname, fn in providers.items():
+                        if pname == "normlab" and not kernels.dtype_supported(dtype):
+                            continue  # e.g. bfloat16 on a T4 (sm_75): said once, below
                         try:
                             ms = _time_op(fn, op, shape, dtype, layout)
                         except Exception as exc:  # report a provider that fails, keep measuring the others
@@ -258,6 +264,8 @@ def group_sweep(copy, group_mb=(0, 8, 16, 24, 32, 48)):
         for mb in group_mb:
             kernels.CONFIG.group_bytes = mb * 2**20
             for dname, dtype in DTYPES.items():
+                if not kernels.dtype_supported(dtype):
+                    continue
                 for op in ("train_fwd", "train_bwd"):
                     ms = _time_op(kernels.batch_norm, op, ANCHOR, dtype, "nchw")
                     rows.append({"group_mb": mb, **row(op, ANCHOR, dname, "nchw", "normlab", ms, copy)})

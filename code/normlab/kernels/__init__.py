@@ -11,7 +11,8 @@ by its normalize pass, so that when the group fits in the GPU's L2 cache the sec
 
 Without a CUDA GPU the same kernels run in Triton's interpreter: importing this module sets
 ``TRITON_INTERPRET=1`` before triton is imported (correct, and slow: use small shapes).
-Without triton installed, importing works and calling a kernel raises ``ImportError``.
+Without triton installed, importing works and calling a kernel raises ``ImportError``
+(``pip install "normlab[kernels]"`` installs it on Linux).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["CONFIG", "KernelConfig", "available", "batch_norm", "interpreted", "layout_of"]
+__all__ = ["CONFIG", "INSTALL_HINT", "KernelConfig", "available", "batch_norm", "dtype_supported", "interpreted",
+           "layout_of"]
 
 # Triton decides at import whether its language runs compiled or interpreted: set the switch first.
 _LATE = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET", "0") != "1"
@@ -47,6 +49,7 @@ class KernelConfig:
 
 
 CONFIG = KernelConfig()
+INSTALL_HINT = 'pip install "normlab[kernels]" (Linux only: triton has no macOS or Windows wheels)'
 _INTERPRETER_PROGRAMS = 4  # few programs in the interpreter: each runs as Python, one after another
 _ACC = {torch.float64: "float64"}  # accumulate in fp32 except for fp64 input
 
@@ -65,6 +68,17 @@ def available() -> bool:
     return True
 
 
+def dtype_supported(dtype, device="cuda") -> bool:
+    """Return True when the kernels can run ``dtype`` on ``device``.
+
+    Interpreted (no CUDA GPU), every dtype runs. Compiled, bfloat16 needs compute capability 8.0
+    or more (Ampere and later): on a T4 (sm_75, Colab's free GPU) Triton's bfloat16 is patchy.
+    """
+    if dtype != torch.bfloat16 or interpreted() or torch.device(device).type != "cuda":
+        return True
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def _kernels():
     if _LATE and interpreted():
         raise RuntimeError(
@@ -74,7 +88,7 @@ def _kernels():
     try:
         from normlab.kernels import _triton
     except ImportError as exc:
-        raise ImportError(f"normlab.kernels needs triton ({exc}); install it with `pip install triton`") from exc
+        raise ImportError(f"normlab.kernels needs triton ({exc}); install it with {INSTALL_HINT}") from exc
     return _triton
 
 
@@ -305,8 +319,6 @@ def _check(input, running_mean, running_var, weight, bias, training, momentum, e
             raise RuntimeError(f"{name} should contain {C} elements not {t.numel()}")  # torch's error
         if t.device != input.device:
             raise ValueError(f"{name} is on {t.device}, input on {input.device}")
-        if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous")
     if (running_mean is None) != (running_var is None):
         raise ValueError("pass both running_mean and running_var, or neither")
     if not training and running_mean is None:
@@ -317,6 +329,19 @@ def _check(input, running_mean, running_var, weight, bias, training, momentum, e
         raise ValueError(f"momentum must be a number, got {momentum!r}")
     if not eps > 0:
         raise ValueError(f"eps must be positive, got {eps!r}")
+    if not interpreted() and input.device.type != "cuda":
+        # Compiled Triton reads device memory only; it would fail with "cpu tensor?" deep inside.
+        raise ValueError(
+            f"input is on {input.device}, but with a CUDA GPU present normlab.kernels runs compiled, "
+            "on the GPU: move the tensors there first (x.cuda(), or .to(ctx.device) in the labs), "
+            "or use torch.nn.functional.batch_norm on the CPU"
+        )
+    if not dtype_supported(input.dtype, input.device):
+        major, minor = torch.cuda.get_device_capability(input.device)
+        raise ValueError(
+            f"bfloat16 needs a GPU of compute capability 8.0 or more; this one is sm_{major}{minor}: "
+            "use float16 or float32"
+        )
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5):
@@ -334,6 +359,16 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         x = x.contiguous()  # other strides: copy to NCHW first
     if x.numel() == 0:
         return torch.empty_like(x)
-    if training:
-        return TrainBatchNorm.apply(x, weight, bias, running_mean, running_var, float(momentum), float(eps))
-    return EvalBatchNorm.apply(x, weight, bias, running_mean, running_var, float(eps))
+    # The kernels index the per-channel vectors with stride 1. Strided ones (views into a larger
+    # buffer, as F.batch_norm accepts) are copied; autograd carries the gradient back through the copy.
+    weight = weight.contiguous() if weight is not None else None
+    bias = bias.contiguous() if bias is not None else None
+    rm = running_mean.contiguous() if running_mean is not None else None
+    rv = running_var.contiguous() if running_var is not None else None
+    if not training:
+        return EvalBatchNorm.apply(x, weight, bias, rm, rv, float(eps))
+    out = TrainBatchNorm.apply(x, weight, bias, rm, rv, float(momentum), float(eps))
+    for given, used in ((running_mean, rm), (running_var, rv)):
+        if given is not None and used is not given:  # write the updated copy back into the caller's view
+            given.copy_(used)
+    return out
