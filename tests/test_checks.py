@@ -110,3 +110,34 @@ def test_torch_checks_pass_correct_solutions_and_catch_wrong_ones(capsys):
 
     with pytest.raises(AssertionError, match="fold, Linear with bias: output"):
         checks.check_fold(fold_ignoring_bias)
+
+
+CHECKS = [name for name in checks.__all__ if name.startswith("check_")]
+
+
+@pytest.mark.parametrize("name", CHECKS)
+def test_every_check_says_not_attempted_to_the_stub_and_returns(name, capsys):
+    def stub(*args, **kwargs):
+        raise NotImplementedError("Exercise 4: Some title (write your solution here)")
+
+    assert getattr(checks, name)(stub) is None  # no exception: "Run All" goes on
+    out = capsys.readouterr().out
+    assert out.startswith("NOT ATTEMPTED Exercise 4: Some title: nothing to check yet") and "PASS" not in out
+    assert not checks.passed(stub)
+
+
+def test_solution_or_reference_uses_the_function_only_after_its_check_passed(capsys):
+    def wrong(x, gamma, beta, eps):
+        return forward(x, gamma, beta, eps) + 1
+
+    def fixed(x, gamma, beta, eps):  # the student's next attempt: a new function object
+        return forward(x, gamma, beta, eps)
+
+    with pytest.raises(AssertionError):
+        checks.check_forward(wrong)
+    assert checks.solution_or_reference(wrong, forward) is forward
+    assert "wrong has not passed its self-check yet" in capsys.readouterr().out
+    assert checks.solution_or_reference(fixed, forward) is forward  # not checked yet
+    checks.check_forward(fixed)
+    assert checks.passed(fixed) and checks.solution_or_reference(fixed, forward) is fixed
+    assert not checks.passed(wrong)

@@ -36,6 +36,9 @@ def test_grading_a_handed_in_notebook(tmp_path):
         exercise_md("Untouched", "ex-stub"),
         nbformat.v4.new_code_cell("def c(x):\n    raise NotImplementedError('Exercise 3: Untouched')"),
         nbformat.v4.new_code_cell("check_double(c)"),
+        exercise_md("Untouched, with a course self-check", "ex-stub-course"),
+        nbformat.v4.new_code_cell("def e(scale):\n    raise NotImplementedError('Exercise 4: Growth')"),
+        nbformat.v4.new_code_cell("from normlab import checks\nchecks.check_block_growth(e)\nprint('ran on')"),
         exercise_md("Crashes", "ex-crash"),
         nbformat.v4.new_code_cell("d = undefined_name"),
         nbformat.v4.new_code_cell("check_double(d)"),
@@ -51,6 +54,7 @@ def test_grading_a_handed_in_notebook(tmp_path):
         "ex-right": "passed",
         "ex-wrong": "failed",
         "ex-stub": "not attempted",
+        "ex-stub-course": "not attempted",
         "ex-crash": "failed",
         "ex-prose": "by hand",
     }

@@ -5,8 +5,9 @@ cell that calls a self-check from :mod:`normlab.checks`. Grading executes the no
 kernel, going on after errors, and reads each exercise's outcome from those two cells:
 
 - **passed**: both cells ran and the self-check raised nothing;
-- **not attempted**: the stub's ``NotImplementedError`` is still raised (by the student's cell, or by
-  the student's function when the self-check calls it);
+- **not attempted**: the stub's ``NotImplementedError`` is still raised, by the student's cell, or
+  by the student's function when the self-check calls it (the check then prints ``NOT ATTEMPTED``
+  and returns, so that the notebook runs on);
 - **failed**: the student's cell or the self-check raised; the error's message says why;
 - **by hand**: the exercise has no code (a derivation or a written answer).
 
@@ -21,6 +22,8 @@ import re
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from normlab.checks import NOT_ATTEMPTED
 
 __all__ = ["Outcome", "exercises", "grade_notebook", "main"]
 
@@ -74,6 +77,10 @@ def exercises(nb) -> list[tuple[str, str, int | None, int | None]]:
     return out
 
 
+def _printed(cell) -> str:
+    return "".join(o.get("text", "") for o in cell.get("outputs", []) if o.get("output_type") == "stream")
+
+
 def _error(cell):
     for output in cell.get("outputs", []):
         if output.get("output_type") == "error":
@@ -104,7 +111,9 @@ def grade_notebook(path, timeout: int = 600) -> list[Outcome]:
         if err is None and check != work and not nb.cells[check].get("outputs") and nb.cells[check].get(
                 "execution_count") is None:
             err = ("NotExecuted", "the self-check cell did not run")
-        if err is None:
+        if err is None and NOT_ATTEMPTED in _printed(nb.cells[check]):
+            outcomes.append(Outcome(label, title, "not attempted"))
+        elif err is None:
             outcomes.append(Outcome(label, title, "passed"))
         elif err[0] == "NotImplementedError":  # the stub raised, in the cell or when the check called it
             outcomes.append(Outcome(label, title, "not attempted"))

@@ -30,6 +30,7 @@ from normlab.experiments import _check_positive_int
 
 __all__ = [
     "NOISE",
+    "block_growth",
     "ACTIVATIONS",
     "Run",
     "time_varying_noise",
@@ -695,6 +696,13 @@ def init_sweep(data, scales, *, seed=0, n_seeds=3, steps=400, lr=0.1, hidden=(10
                          progress=progress)
     acc = np.nan_to_num(run.test_acc[:, -1]).reshape(2, S, n_seeds)
     return acc[0], acc[1]
+
+
+def block_growth(scale):
+    """The factor g(s) = 1 + s**4 / 4 by which a plain pre-activation residual block
+    x + W2 relu(W1 relu(x)) multiplies the mean square of x at initialization (weights of
+    variance s**2 / fan_in): the reference for lab_residual's exercise."""
+    return 1 + scale**4 / 4
 
 
 @torch.no_grad()
