@@ -141,3 +141,34 @@ def test_solution_or_reference_uses_the_function_only_after_its_check_passed(cap
     checks.check_forward(fixed)
     assert checks.passed(fixed) and checks.solution_or_reference(fixed, forward) is fixed
     assert not checks.passed(wrong)
+
+
+def test_adain_check_passes_the_reference_and_catches_the_unbiased_variance(capsys):
+    import torch
+
+    from normlab.experiments.alternatives import adain
+
+    checks.check_adain(adain)
+    assert "PASS AdaIN" in capsys.readouterr().out
+
+    def unbiased(content, style, eps):
+        vc, mc = torch.var_mean(content, (2, 3), keepdim=True)
+        vs, ms = torch.var_mean(style, (2, 3), keepdim=True)
+        return (content - mc) / torch.sqrt(vc + eps) * torch.sqrt(vs + eps) + ms
+
+    with pytest.raises(AssertionError, match="AdaIN"):
+        checks.check_adain(unbiased)
+
+
+def test_steps_to_target_check_passes_the_reference_and_catches_a_strict_comparison(capsys):
+    from normlab.experiments.covariate_shift import steps_to_target
+
+    checks.check_steps_to_target(steps_to_target)
+    assert "PASS steps to target" in capsys.readouterr().out
+
+    def strict(eval_step, curve, target):  # "above" instead of "at least": misses a run at 0.8 exactly
+        hit = np.asarray(curve) > target
+        return np.where(hit.any(-1), np.asarray(eval_step, float)[hit.argmax(-1)], np.inf)
+
+    with pytest.raises(AssertionError, match="at the target exactly"):
+        checks.check_steps_to_target(strict)

@@ -37,6 +37,8 @@ __all__ = [
     "check_batch_renorm",
     "check_grad_accumulation",
     "check_group_norm",
+    "check_adain",
+    "check_steps_to_target",
     "check_layer_norm_backward",
     "check_adabn",
     "check_prior_mix",
@@ -510,6 +512,50 @@ def _adapt_models():
     for desc, model, shape in (("MLP with two BN layers", mlp, (5,)), ("1-D CNN with two BN layers", cnn, (2, 9))):
         batches = [torch.randn((n, *shape), generator=gen, dtype=torch.float64) * 3 + 2 for n in (7, 4, 12)]
         yield desc, model, batches
+
+
+@_self_check
+def check_adain(fn):
+    """Check ``fn(content, style, eps) -> out``: adaptive instance normalization of (N, C, H, W)
+    features, statistics per example and channel over space (biased variance, eps inside the root);
+    the style may have another H, W. The reference is ``experiments.alternatives.adain``."""
+    import torch
+
+    from normlab.experiments.alternatives import adain
+
+    gen = torch.Generator().manual_seed(8)
+    cases = [("same sizes", (2, 3, 6, 6), (2, 3, 6, 6), 1e-5),
+             ("a smaller style", (1, 4, 7, 5), (1, 4, 3, 3), 1e-5),
+             ("eps 0.1 (inside the square root)", (2, 2, 4, 4), (2, 2, 5, 5), 0.1),
+             ("one channel", (3, 1, 5, 5), (3, 1, 2, 6), 1e-5)]
+    for desc, c_shape, s_shape, eps in cases:
+        content = torch.randn(c_shape, generator=gen, dtype=torch.float64) * 3 + 1
+        style = torch.randn(s_shape, generator=gen, dtype=torch.float64) * 0.5 - 2
+        got = fn(content.clone(), style.clone(), eps)
+        if got is None:
+            raise AssertionError(f"AdaIN, {desc}: got None (did the function forget to return it?)")
+        got = got.detach().numpy() if isinstance(got, torch.Tensor) else np.asarray(got)
+        assert_close(f"AdaIN, {desc}", got, adain(content, style, eps).numpy(), rtol=1e-9, atol=1e-12)
+    _pass("AdaIN", len(cases))
+
+
+@_self_check
+def check_steps_to_target(fn):
+    """Check ``fn(eval_step, curve, target) -> steps``: per run (row of curve), the first evaluation
+    step whose accuracy is at least target, inf where it never is. The reference is
+    ``experiments.covariate_shift.steps_to_target``."""
+    from normlab.experiments.covariate_shift import steps_to_target
+
+    steps = np.array([25, 50, 75, 100])
+    cases = [("three runs", steps, np.array([[0.2, 0.6, 0.85, 0.9], [0.5, 0.81, 0.7, 0.95], [0.1, 0.2, 0.3, 0.4]]),
+              0.8),
+             ("a run at the target exactly", steps, np.array([[0.3, 0.8, 0.9, 0.9]]), 0.8),
+             ("reached at the first evaluation", steps, np.array([[0.9, 0.95, 0.97, 0.99]]), 0.8),
+             ("one run as a 1-D curve", np.array([10, 20, 30]), np.array([0.1, 0.5, 0.7]), 0.6)]
+    for desc, eval_step, curve, target in cases:
+        got = fn(eval_step, curve, target)
+        assert_close(f"steps to {target:g}, {desc}", got, steps_to_target(eval_step, curve, target))
+    _pass("steps to target", len(cases))
 
 
 @_self_check
