@@ -57,6 +57,14 @@ def test_every_chapter_folder_has_a_narrative_page():
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_every_cell_has_a_unique_id(path):
+    """nbformat 4.5 requires cell ids (a missing one is a warning today, an error in later nbformat)."""
+    ids = [c.get("id") for c in load_notebook(path)["cells"]]
+    assert None not in ids, f"cells without an id: {[i for i, x in enumerate(ids) if x is None]}"
+    assert len(set(ids)) == len(ids), "duplicate cell ids"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
 def test_first_code_cell_is_the_standard_one(path, config):
     cells = [c for c in load_notebook(path)["cells"] if c["cell_type"] == "code"]
     first = cell_source(cells[0])
