@@ -21,9 +21,14 @@ import time
 import traceback
 from pathlib import Path
 
-__all__ = ["code_cells", "run"]
+__all__ = ["code_cells", "magics_as_pass", "run"]
 
 _MAGIC = re.compile(r"^(\s*)[%!].*$", re.MULTILINE)
+
+
+def magics_as_pass(source: str) -> str:
+    """Return a cell's source with each IPython magic or shell line (%pip, !ls) read as ``pass``."""
+    return _MAGIC.sub(r"\1pass", source)
 
 
 def code_cells(path) -> list[str]:
@@ -33,7 +38,7 @@ def code_cells(path) -> list[str]:
     for cell in nb["cells"]:
         if cell["cell_type"] == "code":
             src = cell["source"] if isinstance(cell["source"], str) else "".join(cell["source"])
-            out.append(_MAGIC.sub(r"\1pass", src))
+            out.append(magics_as_pass(src))
     return out
 
 

@@ -129,9 +129,9 @@ def asserts_in(source):
 
 def parse_cell(source):
     """Parse a code cell's source, its IPython magic and shell lines (%pip, !ls) read as ``pass``."""
-    lines = [line[: len(line) - len(line.lstrip())] + "pass" if line.lstrip().startswith(("%", "!")) else line
-             for line in source.splitlines()]
-    return ast.parse("\n".join(lines))
+    from normlab.cells import magics_as_pass
+
+    return ast.parse(magics_as_pass(source))
 
 
 def rewrite_cell(source, prefix):
