@@ -11,6 +11,8 @@
   recorded time is a build error, so no time on the page is typed by hand.
 """
 
+import json
+
 from docutils import nodes
 from sphinx.util.docutils import SphinxDirective
 
@@ -20,6 +22,10 @@ def _timings(env, scale):
 
     env.note_dependency(str(env.srcdir / "timings" / f"{scale}.json"))
     return load_timings(env.srcdir, scale)
+
+
+def _hours(minutes):
+    return f"{minutes} min" if minutes < 90 else f"{minutes / 60:.1f} h"
 
 
 def _duration(seconds):
@@ -71,29 +77,41 @@ def _table(header, rows, widths):
 
 class NotebookTimes(SphinxDirective):
     def run(self):
-        from normlab.course import chapters
+        from normlab.course import STUDENT_MINUTES, chapters, student_minutes
 
         quick, full = _timings(self.env, "quick"), _timings(self.env, "full")
         if quick is None:
             raise self.error("no timings/quick.json: run `python -m normlab.course timings` and commit it")
-        rows, total = [], {"quick": 0.0, "full": 0.0}
+        rows, total, student = [], {"quick": 0.0, "full": 0.0}, 0
         for ch in chapters(self.env.srcdir):
             for page in ch.pages[1:]:
                 path = f"{page}.ipynb"
                 if path not in quick["seconds"]:
                     raise self.error(f"{path} has no recorded time in timings/quick.json: rerun the timings")
                 q = quick["seconds"][path]
+                self.env.note_dependency(str(self.env.srcdir / path))
+                est = student_minutes(json.loads((self.env.srcdir / path).read_text(encoding="utf-8")))
+                student += est["total"]
+                n = est["exercises"]
+                est_text = (f"{_hours(est['total'])} ({est['reading']} min reading; {n['code']} code, "
+                            f"{n['integration']} integration, {n['by hand']} by hand)")
                 f = (full or {"seconds": {}})["seconds"].get(path)
                 total["quick"] += q
                 total["full"] += f or 0.0
                 link = nodes.paragraph()
                 link += nodes.reference("", page.split("/", 1)[1], refuri=self.env.app.builder.get_relative_uri(
                     self.env.docname, page))
-                rows.append([str(ch.number), link, _duration(q), _duration(f) if f else "not recorded"])
+                rows.append([str(ch.number), link, _duration(q), _duration(f) if f else "not recorded", est_text])
         rows.append(["", "all notebooks", _duration(total["quick"]),
-                     _duration(total["full"]) if full else "not recorded"])
-        table = _table(["chapter", "notebook", "quick", "full"], rows, [8, 40, 12, 16])
-        notes = []
+                     _duration(total["full"]) if full else "not recorded", _hours(student)])
+        table = _table(["chapter", "notebook", "run, quick", "run, full", "student time (estimate)"], rows,
+                       [8, 30, 10, 12, 30])
+        m = STUDENT_MINUTES
+        notes = [f"Student time is an estimate, not a measurement: reading the notebook's text and code at "
+                 f"{m['words per minute']} words a minute, plus {m['code']} minutes for each code exercise, "
+                 f"{m['integration']} for each integration exercise (the student's code trains a network) "
+                 f"and {m['by hand']} for each pen-and-paper exercise (normlab.course.student_minutes). "
+                 "It leaves out the chapter page and its written questions."]
         for scale, rec in (("quick", quick), ("full", full)):
             if rec:
                 m = rec["machine"]

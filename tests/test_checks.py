@@ -172,3 +172,113 @@ def test_steps_to_target_check_passes_the_reference_and_catches_a_strict_compari
 
     with pytest.raises(AssertionError, match="at the target exactly"):
         checks.check_steps_to_target(strict)
+
+
+def test_block_checks_pass_a_block_written_without_the_library_and_catch_a_missing_relu_mask(capsys):
+    def block(x, w, gamma, beta, eps):
+        a = x @ w
+        mu, var = a.mean(0), a.var(0)
+        x_hat = (a - mu) / np.sqrt(var + eps)
+        h = gamma * x_hat + beta
+        return np.maximum(h, 0), (x, w, h, x_hat, gamma, np.sqrt(var + eps))
+
+    def block_back(dout, cache):
+        x, w, h, x_hat, gamma, std = cache
+        dh = dout * (h > 0)
+        dbeta, dgamma = dh.sum(0), (dh * x_hat).sum(0)
+        da = gamma / (len(x) * std) * (len(x) * dh - dbeta - x_hat * dgamma)
+        return da @ w.T, x.T @ da, dgamma, dbeta
+
+    checks.check_block_forward(block)
+    checks.check_block_backward(block_back, block)
+    assert capsys.readouterr().out.count("PASS") == 2
+    assert checks.passed(block) and checks.passed(block_back)
+
+    def no_mask(dout, cache):
+        x, w, h, x_hat, gamma, std = cache
+        return block_back(dout, (x, w, np.ones_like(h), x_hat, gamma, std))
+
+    with pytest.raises(AssertionError, match="block backward, .*: dx"):
+        checks.check_block_backward(no_mask, block)
+    with pytest.raises(AssertionError, match="block forward, .*: out"):
+        checks.check_block_forward(lambda x, w, g, b, e: (x @ w, None))  # no BN, no ReLU
+
+
+def bn_module(unbiased=True, count=True, eval_mode=True):
+    """A BatchNorm2d module written without the library; each flag set to False plants one typical bug."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    class Module(nn.Module):
+        def __init__(self, num_features, eps=1e-5, momentum=0.1):
+            super().__init__()
+            self.eps, self.momentum = eps, momentum
+            self.weight = nn.Parameter(torch.ones(num_features))
+            self.bias = nn.Parameter(torch.zeros(num_features))
+            self.register_buffer("running_mean", torch.zeros(num_features))
+            self.register_buffer("running_var", torch.ones(num_features))
+            self.register_buffer("num_batches_tracked", torch.tensor(0))
+
+        def forward(self, x):
+            if eval_mode and not self.training:
+                stats = (self.running_mean, self.running_var)
+                return F.batch_norm(x, *stats, self.weight, self.bias, False, 0.0, self.eps)
+            with torch.no_grad():
+                self.num_batches_tracked += int(count)
+                m = self.momentum or 1 / max(int(self.num_batches_tracked), 1)
+                var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=int(unbiased))
+                self.running_mean.lerp_(mean, m)
+                self.running_var.lerp_(var, m)
+            return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+
+    return Module
+
+
+def test_bn_module_check_passes_the_library_and_a_module_written_without_it(capsys):
+    from normlab import nn as normlab_nn
+
+    checks.check_bn_module(normlab_nn.BatchNorm2d)
+    checks.check_bn_module(bn_module())
+    assert capsys.readouterr().out.count("PASS BatchNorm2d module") == 2
+
+
+@pytest.mark.parametrize("bug, message", [
+    ({"unbiased": False}, r"momentum=0.1, training batch 1: running_var: "),
+    ({"count": False}, r"momentum=0.1, training batch 1: num_batches_tracked: "),
+    ({"eval_mode": False}, r"momentum=0.1, eval mode: running_mean changed \(eval mode must leave the buffers"),
+])
+def test_bn_module_check_names_the_quantity_and_the_batch_of_a_typical_bug(bug, message):
+    with pytest.raises(AssertionError, match=message):
+        checks.check_bn_module(bn_module(**bug))
+
+
+def test_bn_module_check_catches_buffers_registered_as_parameters():
+    from torch import nn
+
+    class AllParameters(bn_module()):
+        def __init__(self, num_features, eps=1e-5, momentum=0.1):
+            super().__init__(num_features, eps, momentum)
+            self.running_mean = nn.Parameter(self.running_mean)
+
+    with pytest.raises(AssertionError, match=r"momentum=0.1: parameters \['bias', 'running_mean', 'weight'\]"):
+        checks.check_bn_module(AllParameters)
+
+
+def test_bn_module_check_says_not_attempted_to_the_student_editions_stubs(capsys):
+    from torch import nn
+
+    class Stub(nn.Module):  # what the student edition's MyBatchNorm2d is before the student writes it
+        def __init__(self, num_features, eps=1e-5, momentum=0.1):
+            super().__init__()
+            raise NotImplementedError("Exercise 2: Your own BatchNorm2d (write your solution here)")
+
+    class HalfDone(bn_module()):  # __init__ written, forward still the stub
+        def forward(self, x):
+            raise NotImplementedError("Exercise 2: Your own BatchNorm2d (write your solution here)")
+
+    for cls in (Stub, HalfDone):
+        assert checks.check_bn_module(cls) is None
+        out = capsys.readouterr().out
+        assert out.startswith("NOT ATTEMPTED Exercise 2: Your own BatchNorm2d: nothing to check yet"), out
+        assert "PASS" not in out and not checks.passed(cls)

@@ -148,3 +148,25 @@ def test_the_instructor_guide_times_only_notebooks_that_exist():
     full = ROOT / "timings" / "full.json"
     if full.exists():  # a full-scale record, where there is one, is for notebooks of the course
         assert set(json.loads(full.read_text())["seconds"]) <= {f"{p}.ipynb" for c in CHAPTERS for p in c.pages}
+
+
+def test_student_minutes_count_reading_and_each_kind_of_exercise():
+    from normlab.course import STUDENT_MINUTES, student_minutes
+
+    def md(text):
+        return {"cell_type": "markdown", "metadata": {}, "source": text}
+
+    def code(text):
+        return {"cell_type": "code", "metadata": {}, "source": text, "outputs": [], "execution_count": None}
+
+    words = " ".join(["word"] * STUDENT_MINUTES["words per minute"])  # one minute of reading
+    nb = {"cells": [
+        md(words),
+        md("```{exercise} Write\n:label: ex-a\n```"), code("def f():\n    pass"), code("checks.check_f(f)"),
+        md("```{exercise} Train\n:label: ex-b\n:class: integration\n```"), code("g = 1"), code("checks.check_g(g)"),
+        md("```{exercise} Derive\n:label: ex-c\n\nOn paper.\n```"),
+    ]}
+    est = student_minutes(nb)
+    assert est["exercises"] == {"code": 1, "integration": 1, "by hand": 1}
+    expected = STUDENT_MINUTES["code"] + STUDENT_MINUTES["integration"] + STUDENT_MINUTES["by hand"]
+    assert est["reading"] == 1 and abs(est["total"] - 1 - expected) <= 1

@@ -86,3 +86,26 @@ def test_the_grader_finds_every_exercise_of_the_course(path):
     coded = [e for e in exercises(nb) if e[2] is not None]
     solutions = sum(BEGIN in "".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
     assert len(coded) == solutions, "a solution block that no exercise directive owns would not be graded"
+
+
+def test_rubrics_come_from_the_worked_solutions_of_pages_and_notebooks(tmp_path):
+    from normlab.grade import rubrics
+
+    (tmp_path / "chapters" / "a").mkdir(parents=True)
+    page = ("# A\n\n```{exercise} Why\n:label: q-a-1\n\nWhy?\n```\n\n````{solution} q-a-1\n:class: dropdown\n\n"
+            "**Answer key.** Because.\n\n**Rubric (2 points).** 1 point for the reason;\n1 point for the example.\n"
+            "````\n")
+    (tmp_path / "chapters" / "a" / "index.md").write_text(page)
+    cell = {"cell_type": "markdown", "metadata": {},
+            "source": "```{solution} ex-a-derive\n:class: dropdown\n\nDifferentiate $x^2$.\n```"}
+    (tmp_path / "chapters" / "a" / "lab.ipynb").write_text(json.dumps({"cells": [cell]}))
+    found = rubrics(tmp_path)
+    assert found == {"q-a-1": "**Rubric (2 points).** 1 point for the reason; 1 point for the example.",
+                     "ex-a-derive": "Differentiate $x^2$."}
+    assert "ex-scratch-derive" in rubrics(), "the course's own pen-and-paper exercise has a key"
+
+
+def test_grade_lists_the_written_questions_with_their_rubrics(capsys):
+    assert main(["--questions"]) == 0
+    out = capsys.readouterr().out
+    assert "q-scratch-1" in out and "Rubric" in out

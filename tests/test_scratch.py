@@ -155,3 +155,59 @@ def test_backward_rejects_a_dout_of_the_wrong_shape():
         scratch.batch_norm_backward(np.zeros((4, 2)), cache)
     with pytest.raises(ValueError, match="cache must be"):
         scratch.batch_norm_backward_fast(np.zeros((4, 3)), {"wrong": 1})
+
+
+def _digits():
+    from normlab.data import load_digits
+
+    d = load_digits(seed=0)
+    return [t.numpy() for t in (d.x_train, d.y_train, d.x_test, d.y_test)]
+
+
+def test_the_mlp_trains_with_batch_norm_and_a_block_written_another_way_gives_the_same_run():
+    data = _digits()
+    ref = scratch.train_mlp(*data, seed=3, steps=150)
+
+    def forward(x, w, gamma, beta, eps):  # the same block, through the staged backward
+        a = x @ w
+        h, cache = scratch.batch_norm_forward(a, gamma, beta, None, None, eps=eps)
+        return np.maximum(h, 0), (x, w, h, cache)
+
+    def backward(dout, cache):
+        x, w, h, bn_cache = cache
+        da, dgamma, dbeta = scratch.batch_norm_backward(dout * (h > 0), bn_cache)
+        return da @ w.T, x.T @ da, dgamma, dbeta
+
+    other = scratch.train_mlp(*data, seed=3, steps=150, forward=forward, backward=backward)
+    assert np.abs(other["loss"] - ref["loss"]).max() < 1e-9 and other["test_acc"] == ref["test_acc"]
+    assert ref["test_acc"] > 0.9 and ref["loss"][-20:].mean() < ref["loss"][:5].mean() / 3
+    plain = scratch.train_mlp(*data, seed=3, steps=150, batch_norm=False)
+    assert plain["test_acc"] > 0.9 and not np.array_equal(plain["loss"], ref["loss"])
+
+
+def test_the_mlp_uses_the_given_running_update_for_its_test_accuracy():
+    data = _digits()
+    frozen = scratch.train_mlp(*data, seed=0, steps=100, update=lambda rm, rv, a, m: (np.full_like(rm, 3.0), rv))
+    ref = scratch.train_mlp(*data, seed=0, steps=100)
+    assert np.array_equal(frozen["loss"], ref["loss"])  # training uses batch statistics
+    assert frozen["test_acc"] < ref["test_acc"] - 0.2  # eval mode centred on 3: the update is used
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"steps": 0}, "steps"), ({"batch_size": 1}, "batch_size"), ({"y_train": np.zeros(3, int)}, "same number"),
+])
+def test_train_mlp_refuses_bad_arguments(change, message):
+    x_tr, y_tr, x_te, y_te = _digits()
+    kwargs = {"seed": 0} | {k: v for k, v in change.items() if k != "y_train"}
+    with pytest.raises(ValueError, match=message):
+        scratch.train_mlp(x_tr, change.get("y_train", y_tr), x_te, y_te, **kwargs)
+
+
+def test_running_update_leaves_its_inputs_alone_and_matches_the_forward():
+    rng = np.random.default_rng(0)
+    x, rm, rv = rng.normal(size=(6, 3)), rng.normal(size=3), rng.uniform(1, 2, size=3)
+    new_m, new_v = scratch.running_update(rm.copy(), rv.copy(), x, 0.1)
+    assert np.allclose(new_m, 0.9 * rm + 0.1 * x.mean(0)) and np.allclose(new_v, 0.9 * rv + 0.1 * x.var(0, ddof=1))
+    r2m, r2v = rm.copy(), rv.copy()
+    scratch.running_update(r2m, r2v, x, 0.1)
+    assert np.array_equal(r2m, rm) and np.array_equal(r2v, rv)

@@ -13,7 +13,8 @@ from nbclient import NotebookClient
 
 from conftest import ROOT, cell_source, load_notebook, notebook_paths
 from normlab.seedscan import parse_cell
-from normlab.student import BEGIN, END, make_student_notebook, strip_solutions, write_student_book
+from normlab.student import (BEGIN, END, HIDE, answers_shown_early, make_student_notebook, strip_solutions,
+                             write_student_book)
 
 NOTEBOOKS = [p for p in notebook_paths() if BEGIN in p.read_text(encoding="utf-8")]
 
@@ -107,6 +108,38 @@ def test_no_solution_line_survives(path, student_dir):
                 assert line not in out.splitlines(), f"solution line survived: {line!r}"
 
 
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_no_exercise_is_answered_before_it_in_the_student_edition(path):
+    """Exercise first, reveal after: no earlier cell shows a line of a solution (the same line, or
+    one of the same shape under other names) or prints library source."""
+    found = answers_shown_early(load_notebook(path))
+    assert not found, "\n".join(found)
+
+
+def test_answers_shown_early_finds_a_renamed_line_and_getsource_but_not_the_solution_itself():
+    def code(source):
+        return {"cell_type": "code", "source": source, "outputs": [], "execution_count": None, "metadata": {}}
+
+    exercise = code(f"def f(x, eps):\n    {BEGIN}\n    return (x - x.mean()) / np.sqrt(x.var() + eps)\n    {END}\n")
+    early = code("y = (z - z.mean()) / np.sqrt(z.var() + 1e-5)  # the answer, renamed\n")
+    shown = {"cells": [early, exercise]}
+    assert len(answers_shown_early(shown)) == 1 and "cell 0" in answers_shown_early(shown)[0]
+    assert answers_shown_early({"cells": [exercise, early]}) == [], "after the exercise is fine"
+    other = code("y = (z - z.min()) / np.sqrt(z.var() + 1e-5)\n")  # another computation
+    assert answers_shown_early({"cells": [other, exercise]}) == []
+    printed = code("print(inspect.getsource(library.f))\n")
+    assert "getsource" in answers_shown_early({"cells": [printed, exercise]})[0]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_exercise_code_is_folded_on_the_instructor_website_and_shown_as_a_stub(path):
+    nb, student = load_notebook(path), make_student_notebook(load_notebook(path))
+    for cell, stub in zip(nb["cells"], student["cells"]):
+        if cell["cell_type"] == "code" and BEGIN in cell_source(cell):
+            assert HIDE in cell["metadata"].get("tags", []), f"tag the exercise cell {cell['id']} {HIDE}"
+            assert HIDE not in stub["metadata"].get("tags", [])
+
+
 def _stubbed_names(nb):
     """{name: index of the cell that defines it} for every function or class a solution block is in."""
     names = {}
@@ -132,7 +165,9 @@ def test_a_stubbed_function_is_only_called_through_a_self_check_or_solution_or_r
         for node in ast.walk(tree):
             if isinstance(node, ast.Call):
                 func = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
-                if func.startswith("check_") or func == "solution_or_reference":
+                if func.startswith("check_"):  # a check may take the student's helpers too
+                    allowed.update(id(a) for a in node.args)
+                elif func == "solution_or_reference":
                     allowed.update(id(a) for a in node.args[:1])
         for node in ast.walk(tree):
             if isinstance(node, ast.Name) and node.id in stubbed:

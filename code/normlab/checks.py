@@ -25,6 +25,8 @@ __all__ = [
     "check_forward",
     "check_backward",
     "check_running_stats",
+    "check_block_forward",
+    "check_block_backward",
     "check_bn_backward",
     "check_cumulative_average",
     "check_fold",
@@ -47,6 +49,7 @@ __all__ = [
     "check_channel_sums",
     "check_merge_moments",
     "check_sync_backward",
+    "check_bn_module",
 ]
 
 NOT_ATTEMPTED = "NOT ATTEMPTED"  # normlab.grade reads this marker in a self-check's output
@@ -166,6 +169,51 @@ def check_running_stats(fn, momentum=0.1):
         assert_close(f"running stats, {desc}: new_var", got[1], exp_v)
         n += 1
     _pass("running statistics", n)
+
+
+def _block_cases(seed=4):
+    """Yield (description, x, w, gamma, beta) float64 inputs of one MLP block."""
+    rng = np.random.default_rng(seed)
+    for n, d_in, d_out in [(4, 3, 2), (16, 5, 7), (32, 64, 10)]:
+        x = rng.normal(0.5, 1.5, size=(n, d_in))
+        w = rng.normal(0.0, 1.0, size=(d_in, d_out))
+        gamma, beta = rng.normal(1.0, 0.5, size=d_out), rng.normal(0.2, 0.5, size=d_out)
+        yield f"x {x.shape} @ w {w.shape}", x, w, gamma, beta
+
+
+@_self_check
+def check_block_forward(fn, eps=1e-5):
+    """Check ``fn(x, w, gamma, beta, eps) -> (out, cache)``: out = relu(batch_norm(x @ w))."""
+    n = 0
+    for desc, x, w, gamma, beta in _block_cases():
+        expected, _ = scratch.block_forward(x, w, gamma, beta, eps)
+        got = fn(x.copy(), w.copy(), gamma.copy(), beta.copy(), eps)
+        if not isinstance(got, tuple) or len(got) != 2:
+            raise AssertionError(f"block forward, {desc}: expected a tuple (out, cache)")
+        assert_close(f"block forward, {desc}: out", got[0], expected)
+        n += 1
+    _pass("block forward", n)
+
+
+@_self_check
+def check_block_backward(fn, forward=None, eps=1e-5):
+    """Check ``fn(dout, cache) -> (dx, dw, dgamma, dbeta)``, with the cache from ``forward`` (the
+    student's block forward; default ``scratch.block_forward``)."""
+    forward = forward or scratch.block_forward
+    rng = np.random.default_rng(5)
+    n = 0
+    for desc, x, w, gamma, beta in _block_cases():
+        out, cache = scratch.block_forward(x, w, gamma, beta, eps)
+        dout = rng.normal(size=out.shape)
+        expected = scratch.block_backward(dout, cache)
+        _, cache = forward(x.copy(), w.copy(), gamma.copy(), beta.copy(), eps)
+        got = fn(dout.copy(), cache)
+        if not isinstance(got, tuple) or len(got) != 4:
+            raise AssertionError(f"block backward, {desc}: expected a tuple (dx, dw, dgamma, dbeta)")
+        for name, g, e in zip(("dx", "dw", "dgamma", "dbeta"), got, expected, strict=True):
+            assert_close(f"block backward, {desc}: {name}", g, e)
+        n += 1
+    _pass("block backward", n)
 
 
 def _torch_cases(seed=0):
@@ -768,3 +816,88 @@ def check_sync_backward(fn):
             assert_close(f"sync backward, ranks holding {sizes} examples of shape {(C, *trailing)}, rank {rank}: dx",
                          got, xr.grad[part].numpy(), rtol=1e-7, atol=1e-9)
     _pass("synchronized backward", len(cases))
+
+
+_BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def _bn_module_step(module, x, dy):
+    """Run module on x and backpropagate sum(out * dy); return {quantity: tensor}: output, gradients, buffers."""
+    import torch
+
+    x = x.clone().requires_grad_()
+    module.weight.grad = module.bias.grad = None
+    out = module(x)
+    if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+        raise AssertionError(f"expected an output of shape {tuple(x.shape)}, got {getattr(out, 'shape', out)!r}")
+    if not out.requires_grad:
+        raise AssertionError("the output has no gradient (was it computed under torch.no_grad()?)")
+    (out * dy).sum().backward()
+    got = {"output": out, "input gradient": x.grad, "weight gradient": module.weight.grad,
+           "bias gradient": module.bias.grad}
+    return got | {name: getattr(module, name).clone() for name in _BN_BUFFERS}
+
+
+@_self_check
+def check_bn_module(cls):
+    """Check ``cls(num_features, eps=1e-5, momentum=0.1)``, a BatchNorm2d module, against torch.nn.BatchNorm2d.
+
+    With momentum 0.1 and None, in float64: the parameters, the state_dict keys and a new module's values;
+    state dicts that load both ways; five training batches of different means and scales (the output, the
+    gradients of input, weight and bias, and the three buffers after each batch); then eval mode (the same
+    quantities, and buffers left as they were).
+    """
+    import torch
+    from torch import nn
+
+    C, n = 3, 0
+    gen = torch.Generator().manual_seed(8)
+    for momentum in (0.1, None):
+        case = f"momentum={momentum}"
+        ours = cls(C) if momentum == 0.1 else cls(C, momentum=None)
+        ref = nn.BatchNorm2d(C, momentum=momentum)
+        if not isinstance(ours, nn.Module):
+            raise AssertionError(f"{case}: expected an nn.Module, got {type(ours).__name__}")
+        params = sorted(name for name, _ in ours.named_parameters())
+        if params != ["bias", "weight"]:
+            raise AssertionError(f"{case}: parameters {params}, expected ['bias', 'weight'] (the running "
+                                 "statistics and the counter are buffers: register_buffer)")
+        if list(ours.state_dict()) != list(ref.state_dict()):
+            raise AssertionError(f"{case}: state_dict keys {list(ours.state_dict())}, "
+                                 f"expected {list(ref.state_dict())}")
+        for key, expected in ref.state_dict().items():  # a new module: gamma 1, beta 0, mean 0, var 1, count 0
+            got = ours.state_dict()[key]
+            if got.dtype != expected.dtype:
+                raise AssertionError(f"{case}, a new module: {key} has dtype {got.dtype}, expected {expected.dtype}")
+            assert_close(f"{case}, a new module: {key}", got, expected.numpy())
+        ours, ref = ours.double(), ref.double()
+        with torch.no_grad():  # a random gamma and beta; running statistics away from 0 and 1
+            for t, low in ((ref.weight, 0.5), (ref.bias, -1.0), (ref.running_mean, -1.0), (ref.running_var, 0.5)):
+                t.copy_(low + torch.rand(C, generator=gen, dtype=torch.float64))
+        for src, dst, what in ((ref, ours, "torch's state dict into your module"),
+                               (ours, ref, "your state dict into torch's module")):
+            try:
+                dst.load_state_dict(src.state_dict())
+            except RuntimeError as err:
+                raise AssertionError(f"{case}: loading {what} failed: {err}") from None
+        for batch in range(1, 7):  # five training batches, then one in eval mode
+            training = batch <= 5
+            where = f"{case}, training batch {batch}" if training else f"{case}, eval mode"
+            if not training:
+                before = {name: getattr(ours, name).clone() for name in _BN_BUFFERS}
+                ours.eval()
+                ref.eval()
+            x = torch.randn(4, C, 3, 2, generator=gen, dtype=torch.float64) * (0.5 + batch) + 2 * batch - 5
+            dy = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+            try:
+                got = _bn_module_step(ours, x, dy)
+            except AssertionError as err:
+                raise AssertionError(f"{where}: {err}") from None
+            if not training:
+                for name in _BN_BUFFERS:
+                    assert_close(f"{where}: {name} changed (eval mode must leave the buffers as they are)",
+                                 got[name], before[name].numpy())
+            for name, expected in _bn_module_step(ref, x, dy).items():
+                assert_close(f"{where}: {name}", got[name], expected.detach().numpy())
+            n += 1
+    _pass("BatchNorm2d module", n)

@@ -32,6 +32,8 @@ __all__ = [
     "course_map_svg",
     "time_notebooks",
     "load_timings",
+    "STUDENT_MINUTES",
+    "student_minutes",
     "main",
 ]
 
@@ -275,6 +277,34 @@ def time_notebooks(root, scale: str = "quick", only: str | None = None, progress
             else:
                 os.environ[k] = v
     return {"scale": scale, "date": _dt.date.today().isoformat(), "machine": _machine(), "seconds": seconds}
+
+
+# The student-time estimate: minutes per exercise of each kind, and a reading speed. These are
+# assumptions, not measurements (no student has been timed); the instructor guide says so and
+# prints them beside the estimate.
+STUDENT_MINUTES = {"words per minute": 100, "code": 20, "integration": 45, "by hand": 15}
+
+
+def student_minutes(nb: dict) -> dict:
+    """Estimate a student's time on a lab notebook: reading plus its exercises, in minutes.
+
+    Reading: the notebook's prose and code at ``STUDENT_MINUTES["words per minute"]`` (slow, for
+    technical text with math). Exercises, from their ``{exercise}`` directives: one with a
+    ``:class: integration`` option (the student's code trains a network) counts ``integration``
+    minutes, one with code to write ``code`` minutes, a pen-and-paper one ``by hand`` minutes.
+    Returns the total and each part, rounded to whole minutes.
+    """
+    from normlab.grade import exercises
+
+    words = sum(len("".join(c["source"]).split()) for c in nb["cells"])
+    kinds = {"code": 0, "integration": 0, "by hand": 0}
+    for label, _title, work, _check in exercises(nb):
+        directive = next(c for c in nb["cells"] if re.search(rf":label:\s*{re.escape(label)}\s", "".join(c["source"])))
+        integration = re.search(r"^:class:.*\bintegration\b", "".join(directive["source"]), re.MULTILINE)
+        kinds["by hand" if work is None else "integration" if integration else "code"] += 1
+    reading = words / STUDENT_MINUTES["words per minute"]
+    total = reading + sum(n * STUDENT_MINUTES[k] for k, n in kinds.items())
+    return {"total": round(total), "reading": round(reading), "exercises": kinds}
 
 
 def load_timings(root, scale: str) -> dict | None:

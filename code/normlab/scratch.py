@@ -23,6 +23,12 @@ __all__ = [
     "batch_norm_backward",
     "batch_norm_backward_fast",
     "numerical_gradient",
+    "train_forward",
+    "train_backward",
+    "running_update",
+    "block_forward",
+    "block_backward",
+    "train_mlp",
     "norm_forward",
     "norm_backward",
     "statistic_groups",
@@ -230,6 +236,136 @@ def numerical_gradient(f, x, dout, h=1e-5):
         x[i] = old
         grad[i] = (plus - minus) / (2 * h)
     return grad
+
+
+# --------------------------------------------------------------------------------------------
+# Chapter 1's exercises: the reference functions, with the signatures the exercises ask for
+# --------------------------------------------------------------------------------------------
+
+
+def train_forward(x, gamma, beta, eps=1e-5):
+    """Return training-mode batch norm of x, without running statistics or cache (the forward
+    exercise's signature)."""
+    return batch_norm_forward(x, gamma, beta, None, None, eps=eps)[0]
+
+
+def train_backward(dout, x, gamma, eps=1e-5):
+    """Return (dx, dgamma, dbeta) of training-mode batch norm at x (the backward exercise's
+    signature: it gets x, not a cache)."""
+    beta = np.zeros_like(np.asarray(gamma, dtype=np.float64))
+    _, cache = batch_norm_forward(x, gamma, beta, None, None, eps=eps)
+    return batch_norm_backward_fast(dout, cache)
+
+
+def running_update(running_mean, running_var, x, momentum=0.1):
+    """Return new (running_mean, running_var) after one training batch x, PyTorch's convention;
+    the inputs are left alone (the running-statistics exercise's signature)."""
+    new_mean, new_var = np.array(running_mean, dtype=np.float64), np.array(running_var, dtype=np.float64)
+    C = x.shape[1] if isinstance(x, np.ndarray) and x.ndim in (2, 4) else 1
+    batch_norm_forward(x, np.ones(C), np.zeros(C), new_mean, new_var, momentum=momentum)
+    return new_mean, new_var
+
+
+def block_forward(x, w, gamma, beta, eps=1e-5):
+    """One hidden block of an MLP: ``relu(batch_norm(x @ w))``. Returns (out, cache).
+
+    x: (N, D_in); w: (D_in, D_out); gamma, beta: (D_out,). The linear layer has no bias: the
+    batch norm after it would subtract any bias again.
+    """
+    a = x @ w
+    h = train_forward(a, gamma, beta, eps)
+    return np.maximum(h, 0.0), (x, w, a, h, gamma, eps)
+
+
+def block_backward(dout, cache):
+    """Return (dx, dw, dgamma, dbeta) of ``block_forward`` from the upstream gradient dout."""
+    x, w, a, h, gamma, eps = cache
+    dh = dout * (h > 0)
+    da, dgamma, dbeta = train_backward(dh, a, gamma, eps)
+    return da @ w.T, x.T @ da, dgamma, dbeta
+
+
+def _softmax_loss(logits, y):
+    """Mean cross-entropy of integer labels y and its gradient with respect to the logits."""
+    z = logits - logits.max(axis=1, keepdims=True)
+    log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))  # log-softmax, finite for any logits
+    n = len(y)
+    loss = -log_p[np.arange(n), y].mean()
+    p = np.exp(log_p)
+    p[np.arange(n), y] -= 1.0
+    return float(loss), p / n
+
+
+def train_mlp(x_train, y_train, x_test, y_test, *, seed, batch_norm=True, forward=None, backward=None,
+              update=None, hidden=(64, 64), steps=300, batch_size=32, lr=0.1, momentum=0.1, eps=1e-5):
+    """Train a NumPy MLP on (x, y) with plain SGD; return {"loss": (steps,), "test_acc": float}.
+
+    Each hidden layer is ``relu(batch_norm(x @ w))`` (``batch_norm=True``), computed by
+    ``forward(x, w, gamma, beta, eps) -> (out, cache)`` and ``backward(dout, cache) ->
+    (dx, dw, dgamma, dbeta)`` (default: ``block_forward`` and ``block_backward``), with running
+    statistics from ``update(running_mean, running_var, a, momentum)`` (default
+    ``running_update``) that the test accuracy uses in eval mode. With ``batch_norm=False`` a
+    hidden layer is ``relu(x @ w + b)``. The output layer is linear, the loss cross-entropy.
+    ``seed`` fixes the initial weights (He's) and the order of the mini-batches; with the same seed
+    the two kinds of network start from the same weights.
+    """
+    for name, arr in (("x_train", x_train), ("x_test", x_test)):
+        _check_array(name, np.asarray(arr))
+    if len(x_train) != len(y_train) or len(x_test) != len(y_test):
+        raise ValueError("x and y must have the same number of examples")
+    if not (isinstance(steps, int) and steps > 0 and isinstance(batch_size, int) and 1 < batch_size <= len(x_train)):
+        raise ValueError(f"need steps >= 1 and 2 <= batch_size <= {len(x_train)}, got {steps}, {batch_size}")
+    forward, backward = forward or block_forward, backward or block_backward
+    update = update or running_update
+    x_train, x_test = np.asarray(x_train, np.float64), np.asarray(x_test, np.float64)
+    y_train, y_test = np.asarray(y_train), np.asarray(y_test)
+    n_classes = int(max(y_train.max(), y_test.max())) + 1
+    rng = np.random.default_rng(seed)
+    sizes = [x_train.shape[1], *hidden]
+    ws = [rng.normal(0.0, np.sqrt(2.0 / m), size=(m, k)) for m, k in zip(sizes[:-1], sizes[1:])]
+    gammas, betas = [np.ones(k) for k in hidden], [np.zeros(k) for k in hidden]  # or biases
+    running = [(np.zeros(k), np.ones(k)) for k in hidden]
+    w_out = rng.normal(0.0, np.sqrt(1.0 / sizes[-1]), size=(sizes[-1], n_classes))
+    b_out = np.zeros(n_classes)
+    losses = np.empty(steps)
+    order, pos = rng.permutation(len(x_train)), 0
+    for t in range(steps):
+        if pos + batch_size > len(order):
+            order, pos = rng.permutation(len(x_train)), 0
+        idx = order[pos : pos + batch_size]
+        pos += batch_size
+        h, caches = x_train[idx], []
+        for i, w in enumerate(ws):
+            if batch_norm:
+                running[i] = update(*running[i], h @ w, momentum)
+                h, cache = forward(h, w, gammas[i], betas[i], eps)
+            else:
+                a = h @ w + betas[i]
+                h, cache = np.maximum(a, 0.0), (h, a)
+            caches.append(cache)
+        losses[t], dlogits = _softmax_loss(h @ w_out + b_out, y_train[idx])
+        dh = dlogits @ w_out.T
+        w_out -= lr * (h.T @ dlogits)
+        b_out -= lr * dlogits.sum(axis=0)
+        for i in reversed(range(len(ws))):
+            if batch_norm:
+                dh, dw, dgamma, dbeta = backward(dh, caches[i])
+                gammas[i] -= lr * dgamma
+            else:
+                h_in, a = caches[i]
+                da = dh * (a > 0)
+                dh, dw, dbeta = da @ ws[i].T, h_in.T @ da, da.sum(axis=0)
+            ws[i] -= lr * dw
+            betas[i] -= lr * dbeta
+    h = x_test
+    for i, w in enumerate(ws):  # eval mode: the running statistics
+        if batch_norm:
+            a, _ = batch_norm_forward(h @ w, gammas[i], betas[i], *running[i], training=False, eps=eps)
+        else:
+            a = h @ w + betas[i]
+        h = np.maximum(a, 0.0)
+    test_acc = float(((h @ w_out + b_out).argmax(axis=1) == y_test).mean())
+    return {"loss": losses, "test_acc": test_acc}
 
 
 # --------------------------------------------------------------------------------------------

@@ -24,16 +24,21 @@ execution off and drops the Colab buttons, which would open the solutions from t
 
 from __future__ import annotations
 
+import io
 import json
+import keyword
 import re
 import shutil
 import sys
+import tokenize
 from pathlib import Path
 
-__all__ = ["BEGIN", "END", "strip_solutions", "make_student_notebook", "write_student_book", "main"]
+__all__ = ["BEGIN", "END", "HIDE", "strip_solutions", "make_student_notebook", "answers_shown_early",
+           "write_student_book", "main"]
 
 BEGIN = "# BEGIN SOLUTION"
 END = "# END SOLUTION"
+HIDE = "hide-input"  # the tag that folds an exercise's code on the instructor website
 _EXERCISE = re.compile(r"^[`:]{3,}\{exercise\}[ \t]*(.*)$", re.MULTILINE)
 # A worked solution in the text: a {solution} directive, up to the line that closes its fence.
 _SOLUTION = re.compile(r"^(?P<fence>`{3,}|:{3,})\{solution\}.*?^(?P=fence)[ \t]*$\n?", re.MULTILINE | re.DOTALL)
@@ -79,10 +84,85 @@ def make_student_notebook(nb: dict) -> dict:
             message = f"Exercise {number}: {title} (write your solution here)"
             cell["source"] = strip_solutions(source, message)
             cell["outputs"], cell["execution_count"] = [], None
+            tags = cell.get("metadata", {}).get("tags", [])
+            if HIDE in tags:  # the instructor edition folds the solution away; the stub shows
+                cell["metadata"]["tags"] = [t for t in tags if t != HIDE]
             stubbed = True
         elif cell["cell_type"] == "code" and stubbed and "check_" in source:
             cell["outputs"], cell["execution_count"] = [], None  # the solution's self-check result
     return nb
+
+
+def _shape(line: str) -> tuple:
+    """A code line's shape: its tokens, with variable names, numbers and strings replaced by ``_``.
+
+    Only what the line computes counts: a leading ``return`` and the targets of an assignment go.
+    Attribute, keyword and called names stay (``m = x.mean(axis=0)`` becomes ``_.mean(axis=_)``),
+    so two lines that compute the same thing under other variable names have the same shape. A line that is not
+    Python (prose) has the empty shape.
+    """
+    try:
+        toks = [t for t in tokenize.generate_tokens(io.StringIO(line.strip() + "\n").readline)
+                if t.type in (tokenize.NAME, tokenize.NUMBER, tokenize.OP, tokenize.STRING)]
+    except (tokenize.TokenError, SyntaxError):
+        return ()
+    if toks and toks[0].string == "return":  # what a line computes, not where it puts it
+        toks = toks[1:]
+    depth, last_assign = 0, -1
+    for k, tok in enumerate(toks):
+        depth += tok.string in "([{" if tok.type == tokenize.OP else 0
+        depth -= tok.string in ")]}" if tok.type == tokenize.OP else 0
+        if depth == 0 and tok.type == tokenize.OP and tok.string == "=":
+            last_assign = k
+    toks = toks[last_assign + 1 :]
+    out, depth = [], 0
+    for k, tok in enumerate(toks):
+        text = tok.string
+        if tok.type == tokenize.OP:
+            depth += text in "([{"
+            depth -= text in ")]}"
+            out.append(text)
+        elif tok.type == tokenize.NAME and not keyword.iskeyword(text):
+            attribute = k > 0 and toks[k - 1].string == "."
+            after = toks[k + 1].string if k + 1 < len(toks) else ""
+            kwarg = depth > 0 and after == "="
+            out.append(text if attribute or kwarg or after == "(" else "_")  # a called name stays
+        else:
+            out.append(text if tok.type == tokenize.NAME else "_")  # keywords stay; literals go
+    return tuple(out)
+
+
+def answers_shown_early(nb: dict, min_tokens: int = 9) -> list[str]:
+    """Return, for the student edition of ``nb``, every place before an exercise that shows a line
+    of its solution: the same line, or one of the same shape under other names (``_shape``).
+
+    Only solution lines of at least ``min_tokens`` tokens count (``return x`` shows nothing).
+    Code and text of every earlier cell are compared, and so is a call of ``inspect.getsource``,
+    which prints a library function that may be the answer.
+    """
+    student, found = make_student_notebook(nb), []
+    for i, cell in enumerate(nb["cells"]):
+        source = _source(cell)
+        if cell["cell_type"] != "code" or BEGIN not in source:
+            continue
+        lines = [line for block in source.split(BEGIN)[1:] for line in block.split(END)[0].splitlines()]
+        keys = {}
+        for line in lines:
+            if line.strip() and not line.strip().startswith("#") and len(_shape(line)) >= min_tokens:
+                keys.setdefault(_shape(line), line.strip())
+        for j, earlier in enumerate(student["cells"][:i]):
+            text = _source(earlier)
+            if earlier["cell_type"] == "code" and "getsource(" in text:
+                found.append(f"cell {j} prints library source (inspect.getsource) before exercise cell {i}")
+            for line in text.splitlines():
+                if _shape(line) in keys:
+                    found.append(f"cell {j} shows {line.strip()!r} before exercise cell {i}, whose "
+                                 f"solution has {keys[_shape(line)]!r}")
+    return found
+
+
+def _source(cell) -> str:
+    return "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
 
 
 def _write_notebook(nb: dict, target: Path) -> None:
@@ -129,9 +209,10 @@ def write_student_book(root, dest, executed=None) -> list[Path]:
 
     notebooks = []
     for doc in toc_files(root):
-        if (root / f"{doc}.md").exists():
+        if (root / f"{doc}.md").exists():  # a page: its worked solutions go, as in the notebooks
             (dest / doc).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(root / f"{doc}.md", dest / f"{doc}.md")
+            text = (root / f"{doc}.md").read_text(encoding="utf-8")
+            (dest / f"{doc}.md").write_text(_SOLUTION.sub("", text), encoding="utf-8")
             continue
         source = executed / f"{doc}.ipynb"
         if not source.exists():
