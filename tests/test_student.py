@@ -13,8 +13,15 @@ from nbclient import NotebookClient
 
 from conftest import ROOT, cell_source, load_notebook, notebook_paths
 from normlab.seedscan import parse_cell
-from normlab.student import (BEGIN, END, HIDE, answers_shown_early, make_student_notebook, strip_solutions,
-                             write_student_book)
+from normlab.student import (
+    BEGIN,
+    END,
+    HIDE,
+    answers_shown_early,
+    make_student_notebook,
+    strip_solutions,
+    write_student_book,
+)
 
 NOTEBOOKS = [p for p in notebook_paths() if BEGIN in p.read_text(encoding="utf-8")]
 
