@@ -9,9 +9,12 @@
 - ``nbtime`` (role): the recorded quick-scale time of the notebooks named, summed, e.g.
   ``{nbtime}`chapters/scratch/lab chapters/pytorch/lab```. An unknown notebook or one with no
   recorded time is a build error, so no time on the page is typed by hand.
+- Every link to an exercise reads "Exercise N (title)", the title taken from the exercise's
+  directive (:func:`normlab.course.exercise_titles`); sphinx-exercise alone writes "Exercise N".
 """
 
 import json
+import re
 
 from docutils import nodes
 from sphinx.util.docutils import SphinxDirective
@@ -143,7 +146,22 @@ def nbtime_role(name, rawtext, text, lineno, inliner, options=None, content=None
     return [nodes.Text(_duration(sum(quick["seconds"][p] for p in paths)))], []
 
 
+def _title_exercise_links(app, doctree, docname):
+    """Give every link to an exercise its title: sphinx-exercise writes "Exercise 3" alone."""
+    from normlab.course import exercise_titles
+
+    titles = getattr(app.env, "normlab_exercise_titles", None)
+    if titles is None:
+        titles = app.env.normlab_exercise_titles = exercise_titles(app.srcdir)
+    for ref in list(doctree.findall(nodes.reference)):
+        label = (ref.get("refuri", "").rpartition("#")[2] or ref.get("refid", ""))
+        text = ref.astext()
+        if label in titles and re.fullmatch(r"Exercise \d+(\.\d+)*", text):
+            ref.children = [nodes.inline("", f"{text} ({titles[label]})", classes=["std", "std-ref"])]
+
+
 def setup(app):
+    app.connect("doctree-resolved", _title_exercise_links)
     app.add_directive("course-map", CourseMap)
     app.add_directive("notebook-times", NotebookTimes)
     app.add_role("nbtime", nbtime_role)

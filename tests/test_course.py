@@ -170,3 +170,16 @@ def test_student_minutes_count_reading_and_each_kind_of_exercise():
     assert est["exercises"] == {"code": 1, "integration": 1, "by hand": 1}
     expected = STUDENT_MINUTES["code"] + STUDENT_MINUTES["integration"] + STUDENT_MINUTES["by hand"]
     assert est["reading"] == 1 and abs(est["total"] - 1 - expected) <= 1
+
+
+def test_every_exercise_has_a_title_for_its_links():
+    """The instructor guide's links read "Exercise N (title)"; an untitled exercise would read
+    "Exercise N" alone."""
+    from normlab.course import exercise_titles
+    from normlab.grade import exercises
+
+    titles = exercise_titles(ROOT)
+    labels = [label for p in sorted((ROOT / "chapters").glob("*/*.ipynb"))
+              for label, *_ in exercises(json.loads(p.read_text(encoding="utf-8")))]
+    assert labels and not [label for label in labels if label not in titles]
+    assert titles["ex-scratch-forward"] == "The forward pass" and "q-scratch-1" in titles

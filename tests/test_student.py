@@ -218,7 +218,7 @@ def test_student_book_sources_keep_outputs_and_drop_solutions(tmp_path):
         "bibtex_bibfiles: [refs.bib]\nsphinx:\n  local_extensions:\n    ext: _ext\n"
     )
     (root / "refs.bib").write_text("")
-    (root / "intro.md").write_text("# Intro\n")
+    (root / "intro.md").write_text("# Intro\n\n````{solution} ex-a\n:class: dropdown\n\nThe key.\n````\n\nAfter.\n")
     plot = {"output_type": "display_data", "data": {"text/plain": "<figure>"}, "metadata": {}}
     cells = [
         {"cell_type": "markdown", "metadata": {}, "source": "```{exercise} Double\n```"},
@@ -247,3 +247,5 @@ def test_student_book_sources_keep_outputs_and_drop_solutions(tmp_path):
     assert config["execute"]["execute_notebooks"] == "off" and "launch_buttons" not in config
     assert config["title"] == "T (student edition)"
     assert (dest / "intro.md").exists() and (dest / "refs.bib").exists() and (dest / "_ext" / "ext.py").exists()
+    page = (dest / "intro.md").read_text()
+    assert "The key." not in page and "{solution}" not in page and "After." in page, "a page's solutions go"

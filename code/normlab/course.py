@@ -34,6 +34,7 @@ __all__ = [
     "load_timings",
     "STUDENT_MINUTES",
     "student_minutes",
+    "exercise_titles",
     "main",
 ]
 
@@ -305,6 +306,25 @@ def student_minutes(nb: dict) -> dict:
     reading = words / STUDENT_MINUTES["words per minute"]
     total = reading + sum(n * STUDENT_MINUTES[k] for k, n in kinds.items())
     return {"total": round(total), "reading": round(reading), "exercises": kinds}
+
+
+_EXERCISE_BLOCK = re.compile(r"^[`:]{3,}\{exercise\}[ \t]*(.*)\n((?:[ \t]*:\w[\w-]*:.*\n)*)", re.MULTILINE)
+
+
+def exercise_titles(root) -> dict[str, str]:
+    """{label: title} of every titled exercise in the chapters' notebooks and pages."""
+    root = _root(root)
+    texts = [p.read_text(encoding="utf-8") for p in sorted(root.glob("chapters/*/*.md"))]
+    for path in sorted(root.glob("chapters/*/*.ipynb")):
+        cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+        texts += ["".join(c["source"]) for c in cells if c["cell_type"] == "markdown"]
+    titles = {}
+    for text in texts:
+        for title, options in _EXERCISE_BLOCK.findall(text):
+            label = re.search(r":label:\s*(\S+)", options)
+            if label and title.strip():
+                titles[label[1]] = title.strip()
+    return titles
 
 
 def load_timings(root, scale: str) -> dict | None:
