@@ -34,6 +34,7 @@ __all__ = [
     "load_timings",
     "STUDENT_MINUTES",
     "student_minutes",
+    "chapter_markdown",
     "exercise_titles",
     "main",
 ]
@@ -311,15 +312,20 @@ def student_minutes(nb: dict) -> dict:
 _EXERCISE_BLOCK = re.compile(r"^[`:]{3,}\{exercise\}[ \t]*(.*)\n((?:[ \t]*:\w[\w-]*:.*\n)*)", re.MULTILINE)
 
 
-def exercise_titles(root) -> dict[str, str]:
-    """{label: title} of every titled exercise in the chapters' notebooks and pages."""
-    root = _root(root)
+def chapter_markdown(root) -> list[str]:
+    """The text of every chapter page and of every markdown cell of the chapters' notebooks."""
+    root = Path(root)
     texts = [p.read_text(encoding="utf-8") for p in sorted(root.glob("chapters/*/*.md"))]
     for path in sorted(root.glob("chapters/*/*.ipynb")):
         cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
         texts += ["".join(c["source"]) for c in cells if c["cell_type"] == "markdown"]
+    return texts
+
+
+def exercise_titles(root) -> dict[str, str]:
+    """{label: title} of every titled exercise in the chapters' notebooks and pages."""
     titles = {}
-    for text in texts:
+    for text in chapter_markdown(_root(root)):
         for title, options in _EXERCISE_BLOCK.findall(text):
             label = re.search(r":label:\s*(\S+)", options)
             if label and title.strip():

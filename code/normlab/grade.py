@@ -91,13 +91,11 @@ def rubrics(root=None) -> dict[str, str]:
     root: the course repository (default: the one this package sits in). A solution with a
     ``**Rubric (N points).**`` paragraph gives that paragraph; one without gives its whole text.
     """
+    from normlab.course import chapter_markdown
+
     root = Path(__file__).resolve().parents[2] if root is None else Path(root)
-    texts = [p.read_text(encoding="utf-8") for p in sorted(root.glob("chapters/*/index.md"))]
-    for path in sorted(root.glob("chapters/*/*.ipynb")):
-        nb = json.loads(path.read_text(encoding="utf-8"))
-        texts += [_source(c) for c in nb["cells"] if c["cell_type"] == "markdown"]
     found = {}
-    for text in texts:
+    for text in chapter_markdown(root):
         for _fence, label, body in _SOLUTION_OF.findall(text):
             body = re.sub(r"^:\w+:.*\n", "", body.strip() + "\n", flags=re.MULTILINE).strip()
             rubric = _RUBRIC.search(body)

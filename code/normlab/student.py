@@ -140,6 +140,8 @@ def answers_shown_early(nb: dict, min_tokens: int = 9) -> list[str]:
     Code and text of every earlier cell are compared, and so is a call of ``inspect.getsource``,
     which prints a library function that may be the answer.
     """
+    from normlab.grade import _source
+
     student, found = make_student_notebook(nb), []
     for i, cell in enumerate(nb["cells"]):
         source = _source(cell)
@@ -159,10 +161,6 @@ def answers_shown_early(nb: dict, min_tokens: int = 9) -> list[str]:
                     found.append(f"cell {j} shows {line.strip()!r} before exercise cell {i}, whose "
                                  f"solution has {keys[_shape(line)]!r}")
     return found
-
-
-def _source(cell) -> str:
-    return "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
 
 
 def _write_notebook(nb: dict, target: Path) -> None:
