@@ -282,3 +282,146 @@ def test_bn_module_check_says_not_attempted_to_the_student_editions_stubs(capsys
         out = capsys.readouterr().out
         assert out.startswith("NOT ATTEMPTED Exercise 2: Your own BatchNorm2d: nothing to check yet"), out
         assert "PASS" not in out and not checks.passed(cls)
+
+
+# The second exercises of the labs of Chapters 3 to 7: each check passes a solution written
+# without the reference and catches a typical mistake.
+
+
+def test_largest_rate_check(capsys):
+    def mine(lrs, steps):
+        lrs, reached = np.asarray(lrs, float), np.isfinite(steps)
+        best = np.where(reached, lrs[:, None], -np.inf).max(0)
+        return np.where(reached.any(0), best, lrs.min())
+
+    checks.check_largest_rate(mine)
+    assert "PASS" in capsys.readouterr().out
+    with pytest.raises(AssertionError, match="largest rate"):  # the last rate listed, not the largest
+        checks.check_largest_rate(lambda lrs, st: np.array([lrs[np.isfinite(st[:, j])][-1]
+                                                            if np.isfinite(st[:, j]).any() else min(lrs)
+                                                            for j in range(st.shape[1])]))
+
+
+def _ghost_running(rm, rv, x, v, momentum, unbiased=True):
+    groups = [x[i : i + v] for i in range(0, len(x), v)]
+    w = np.array([len(g) for g in groups]) / len(x)
+    mean = sum(wi * g.mean(0) for wi, g in zip(w, groups))
+    var = sum(wi * g.var(0, ddof=1 if unbiased else 0) for wi, g in zip(w, groups))
+    return (1 - momentum) * rm + momentum * mean, (1 - momentum) * rv + momentum * var
+
+
+def test_ghost_running_check(capsys):
+    checks.check_ghost_running(_ghost_running)
+    assert "PASS" in capsys.readouterr().out
+    with pytest.raises(AssertionError, match="new_var"):
+        checks.check_ghost_running(lambda rm, rv, x, v, m: _ghost_running(rm, rv, x, v, m, unbiased=False))
+    with pytest.raises(AssertionError, match="new_var"):  # the whole batch's variance, not the ghost batches'
+        checks.check_ghost_running(lambda rm, rv, x, v, m: _ghost_running(rm, rv, x, len(x), m))
+
+
+def _measured(h, example, b, trials, rng, include_self=True):
+    others = np.delete(h, example)[rng.integers(0, len(h) - 1, size=(trials, b - 1))]
+    batch = np.concatenate([np.full((trials, 1), h[example]), others], axis=1) if include_self else others
+    return float(((h[example] - batch.mean(1)) / np.sqrt(batch.var(1) + 1e-5)).std(ddof=1))
+
+
+def test_measured_noise_check(capsys):
+    checks.check_measured_noise(_measured)
+    assert "PASS" in capsys.readouterr().out
+    with pytest.raises(AssertionError, match="measured noise"):  # the example left out of its own batch
+        checks.check_measured_noise(lambda h, e, b, t, rng: _measured(h, e, b + 1, t, rng, include_self=False))
+
+
+def test_ema_weights_check(capsys):
+    def mine(m, steps):
+        w = [m * (1 - m) ** (steps - k) for k in range(1, steps + 1)]
+        return np.array([(1 - m) ** steps] + w)
+
+    checks.check_ema_weights(mine)
+    assert "PASS" in capsys.readouterr().out
+    with pytest.raises(AssertionError, match="EMA weights"):  # the batches in the wrong order
+        checks.check_ema_weights(lambda m, s: np.concatenate([mine(m, s)[:1], mine(m, s)[1:][::-1]]))
+
+
+def test_sequence_norm_check(capsys):
+    def mine(h, kind, eps):
+        axis = 1 if kind == "batch" else 2
+        return (h - h.mean(axis, keepdim=True)) / (h.var(axis, unbiased=False, keepdim=True) + eps).sqrt()
+
+    checks.check_sequence_norm(mine)
+    assert "PASS" in capsys.readouterr().out
+    with pytest.raises(AssertionError, match="batch norm of h"):  # statistics over time and batch together
+        checks.check_sequence_norm(lambda h, k, e: mine(h.reshape(1, -1, h.shape[2]), k, e).reshape(h.shape)
+                                   if k == "batch" else mine(h, k, e))
+
+
+def test_style_loss_check(capsys):
+    def mine(fa, fb):
+        total = 0.0
+        for a, b in zip(fa, fb):
+            for stat in (lambda f: f.mean((2, 3)), lambda f: (f.var((2, 3), unbiased=False) + 1e-5).sqrt()):
+                total = total + ((stat(a) - stat(b)) ** 2).mean()
+        return total
+
+    checks.check_style_loss(mine)
+    assert "PASS" in capsys.readouterr().out
+    with pytest.raises(AssertionError, match="style loss"):  # means only
+        checks.check_style_loss(lambda fa, fb: sum(((a.mean((2, 3)) - b.mean((2, 3))) ** 2).mean()
+                                                   for a, b in zip(fa, fb)))
+
+
+def test_bn_only_and_beta_checks(capsys):
+    from statistics import NormalDist
+
+    from normlab.stats import batch_norm_layers
+
+    def mine(model):
+        for p in model.parameters():
+            p.requires_grad_(False)
+        bn = [p for m in batch_norm_layers(model) for p in (m.weight, m.bias)]
+        for p in bn:
+            p.requires_grad_(True)
+        return sum(p.numel() for p in bn)
+
+    checks.check_bn_only(mine)
+    checks.check_beta_for_fraction(lambda q: NormalDist().inv_cdf(q))
+    assert capsys.readouterr().out.count("PASS") == 2
+    with pytest.raises(AssertionError, match="requires_grad"):  # gamma only
+        checks.check_bn_only(lambda m: [p.requires_grad_(False) for p in m.parameters()]
+                             and [m_.bias.requires_grad_(False) for m_ in batch_norm_layers(m)]
+                             and [m_.weight.requires_grad_(True) for m_ in batch_norm_layers(m)] and 0)
+    with pytest.raises(AssertionError, match="beta for a fraction 0.1"):  # the sign flipped
+        checks.check_beta_for_fraction(lambda q: NormalDist().inv_cdf(1 - q))
+
+
+def test_freeze_bn_check_passes_the_library_and_catches_eval_alone(capsys):
+    from normlab.adapt import freeze_bn
+    from normlab.stats import batch_norm_layers
+
+    checks.check_freeze_bn(freeze_bn)
+    assert "PASS" in capsys.readouterr().out
+
+    def eval_only(model):
+        for m in batch_norm_layers(model):
+            m.eval()
+            m.weight.requires_grad_(False)
+            m.bias.requires_grad_(False)
+        return model
+
+    with pytest.raises(AssertionError, match="running_mean changed during training"):
+        checks.check_freeze_bn(eval_only)  # undone by the next model.train()
+
+
+def test_set_mode_check_passes_the_library_and_catches_bn_only_with_frozen_statistics(capsys):
+    from normlab.adapt import freeze_bn
+    from normlab.experiments import transfer as tr
+
+    checks.check_set_mode(tr.set_mode)
+    assert "PASS" in capsys.readouterr().out
+
+    def frozen_bn_only(model, mode):
+        tr.set_mode(model, mode)
+        return freeze_bn(model) if mode == "bn_only" else model
+
+    with pytest.raises(AssertionError, match="mode 'bn_only'"):
+        checks.check_set_mode(frozen_bn_only)

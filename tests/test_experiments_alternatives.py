@@ -79,7 +79,7 @@ def test_stylization_losses_are_the_style_loss_per_image(small_contents):
     content_feats = net(small_contents.x_train[:3])[-1]
     c, st = alt.stylization_losses(net, imgs, content_feats, [alt.channel_stats(f) for f in fs])
     for i in range(3):
-        torch.testing.assert_close(st[i], alt._style_loss(net(imgs[i : i + 1]), fs))
+        torch.testing.assert_close(st[i], alt.style_loss(net(imgs[i : i + 1]), fs))
         torch.testing.assert_close(c[i], F.mse_loss(net(imgs[i : i + 1])[-1], content_feats[i : i + 1]))
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from normlab import checks
 from normlab import kernels as K  # before anything imports triton: it sets TRITON_INTERPRET without a GPU
 
 if not K.available():
@@ -249,3 +250,72 @@ def test_gpu_sizes_match_f_batch_norm(shape, channels_last, dtype):
     exp = reference(x, w, b, rm, rv, True)
     for g, e in zip(got, exp):
         torch.testing.assert_close(g.double(), e, rtol=tol, atol=tol * (e.abs().max().item() + 1))
+
+
+# The lab's Triton exercise (checks.check_triton_sums): one program per channel, written here
+# without the course's kernels, and two typical mistakes (switched on by the last two arguments).
+_triton, tl = K.triton_modules()
+
+
+@_triton.jit
+def _sums_per_channel(x_ptr, dy_ptr, mean_ptr, invstd_ptr, sum_dy_ptr, sum_dyxh_ptr, N, C, M,
+                      BLOCK: tl.constexpr, ALL_SAMPLES: tl.constexpr = True, MASKED: tl.constexpr = True):
+    c = tl.program_id(0)
+    mu, rs = tl.load(mean_ptr + c), tl.load(invstd_ptr + c)
+    s_dy = tl.zeros((BLOCK,), tl.float32)
+    s_dyxh = tl.zeros((BLOCK,), tl.float32)
+    for n in range(N if ALL_SAMPLES else 1):
+        for m0 in range(0, M, BLOCK):
+            m = m0 + tl.arange(0, BLOCK)
+            offs = (n * C + c) * M + m
+            inside = offs < N * C * M  # the bug below reads the next channel, never past the tensor
+            ok = (m < M) & inside if MASKED else inside
+            dy = tl.load(dy_ptr + offs, mask=ok, other=0.0)
+            x = tl.load(x_ptr + offs, mask=ok, other=0.0)
+            s_dy += dy
+            s_dyxh += dy * (x - mu) * rs
+    tl.store(sum_dy_ptr + c, tl.sum(s_dy, axis=0))
+    tl.store(sum_dyxh_ptr + c, tl.sum(s_dyxh, axis=0))
+
+
+def test_triton_sums_check_passes_a_correct_kernel_and_marks_it_passed(capsys):
+    checks.check_triton_sums(_sums_per_channel)
+    assert "PASS Triton per-channel sums" in capsys.readouterr().out
+    assert checks.passed(_sums_per_channel)
+
+
+@pytest.mark.parametrize("bug", [{"ALL_SAMPLES": False}, {"MASKED": False}], ids=["first_sample_only", "unmasked"])
+def test_triton_sums_check_catches_a_kernel_that_skips_samples_or_reads_past_its_channel(bug):
+    class Wrong:  # launches the same kernel with one of the bugs switched on
+        fn = _sums_per_channel.fn
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: _sums_per_channel[grid](*args, **kwargs, **bug)
+
+    with pytest.raises(AssertionError, match=r"Triton channel sums, x of shape .*: sum_dy"):
+        checks.check_triton_sums(Wrong())
+
+
+def test_channel_sums_with_the_course_kernel_match_float64():
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(4, 3, 5, 5, generator=gen, dtype=torch.float64) * 2 + 1).to(memory_format=torch.channels_last)
+    dy = torch.randn(4, 3, 5, 5, generator=gen, dtype=torch.float64)  # NCHW: another layout than x
+    mean, invstd = x.mean((0, 2, 3)), torch.rsqrt(x.var((0, 2, 3), correction=0) + 1e-5)
+    sum_dy, sum_dyxh = K.channel_sums(dy.to(DEVICE), x.to(DEVICE), mean.to(DEVICE), invstd.to(DEVICE))
+    x_hat = (x - mean.view(1, -1, 1, 1)) * invstd.view(1, -1, 1, 1)
+    torch.testing.assert_close(sum_dy.cpu(), dy.sum((0, 2, 3)))
+    torch.testing.assert_close(sum_dyxh.cpu(), (dy * x_hat).sum((0, 2, 3)))
+
+
+def test_a_kernel_cell_runs_without_triton_and_its_check_says_skipped(monkeypatch, capsys):
+    monkeypatch.setattr(K, "available", lambda: False)
+    triton, tl = K.triton_modules()
+
+    @triton.jit
+    def kernel(x_ptr, BLOCK: tl.constexpr):
+        return x_ptr
+
+    assert kernel(3, 4) == 3 and tl.constexpr is None
+    checks.check_triton_sums(kernel)
+    assert capsys.readouterr().out.startswith("SKIPPED the Triton kernel's check: triton is not installed")
+    assert not checks.passed(kernel)

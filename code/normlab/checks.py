@@ -12,6 +12,8 @@ student's function once its check has passed, the course's reference (said in on
 from __future__ import annotations
 
 import functools
+import inspect
+import re
 import weakref
 
 import numpy as np
@@ -47,9 +49,20 @@ __all__ = [
     "check_blur",
     "check_chan_merge",
     "check_channel_sums",
+    "check_triton_sums",
     "check_merge_moments",
     "check_sync_backward",
     "check_bn_module",
+    "check_largest_rate",
+    "check_ghost_running",
+    "check_measured_noise",
+    "check_ema_weights",
+    "check_sequence_norm",
+    "check_style_loss",
+    "check_bn_only",
+    "check_beta_for_fraction",
+    "check_freeze_bn",
+    "check_set_mode",
 ]
 
 NOT_ATTEMPTED = "NOT ATTEMPTED"  # normlab.grade reads this marker in a self-check's output
@@ -64,15 +77,33 @@ def _self_check(check):
     def run(fn, *args, **kwargs):
         _passed.discard(fn)
         try:
-            check(fn, *args, **kwargs)
+            checked = check(fn, *args, **kwargs)  # False: the check could not run here (it said why)
         except NotImplementedError as exc:
             what = str(exc).removesuffix(" (write your solution here)") or fn.__name__
             print(f"{NOT_ATTEMPTED} {what}: nothing to check yet. The notebook goes on; cells that "
                   "need this function use the course's reference until its check passes.")
             return
-        _passed.add(fn)
+        if checked is not False:
+            _passed.add(fn)
 
     return run
+
+
+_STUB = re.compile(r"raise NotImplementedError\((['\"])(.*?)\1\)")
+
+
+def _raise_if_stub(fn):
+    """Raise the stub's NotImplementedError if ``fn``'s source is the student edition's stub.
+
+    For a Triton kernel, which cannot raise once compiled: its source says whether it is a stub.
+    """
+    try:
+        source = inspect.getsource(getattr(fn, "fn", fn))  # a triton kernel keeps its function in .fn
+    except (OSError, TypeError):
+        return
+    stub = _STUB.search(source)
+    if stub:
+        raise NotImplementedError(stub.group(2))
 
 
 def passed(fn) -> bool:
@@ -741,6 +772,44 @@ def check_channel_sums(fn):
     _pass("per-channel sums", len(cases))
 
 
+@_self_check
+def check_triton_sums(kernel):
+    """Check a Triton kernel for the backward's two per-channel sums, one program per channel.
+
+    The kernel's signature is ``(x_ptr, dy_ptr, mean_ptr, invstd_ptr, sum_dy_ptr, sum_dyxh_ptr, N,
+    C, M, BLOCK)``; ``normlab.kernels.channel_sums`` launches it on float32 data of shapes (N, C),
+    (N, C, L) and (N, C, H, W), some with more positions per channel than one block of 32, some with
+    a partial last block, and compares with the float64 sums. Compiled on a CUDA GPU, interpreted
+    without one. Without triton installed it says so and returns (the kernel is not marked passed).
+    """
+    import torch
+
+    from normlab import kernels as K
+
+    _raise_if_stub(kernel)
+    if not K.available():
+        print(f"SKIPPED the Triton kernel's check: triton is not installed ({K.INSTALL_HINT}).")
+        return False
+    device = "cuda" if torch.cuda.is_available() and not K.interpreted() else "cpu"
+    gen = torch.Generator().manual_seed(8)
+    shapes = [(8, 3), (4, 2, 5), (3, 4, 6, 6), (2, 3, 70), (5, 1, 1, 1), (1, 2, 64)]
+    for shape in shapes:
+        C = shape[1]
+        x = torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 1
+        dy = torch.randn(shape, generator=gen, dtype=torch.float64)
+        dims = [0] + list(range(2, x.dim()))
+        mean = x.mean(dims)
+        invstd = torch.rsqrt(x.var(dims, correction=0) + 1e-5)
+        cshape = (1, C) + (1,) * (x.dim() - 2)
+        x_hat = (x - mean.view(cshape)) * invstd.view(cshape)
+        expected = (dy.sum(dims), (dy * x_hat).sum(dims))
+        args = (t.float().to(device) for t in (dy, x, mean, invstd))
+        got = K.channel_sums(*args, kernel=kernel, block=32)
+        for name, g, e in zip(("sum_dy", "sum_dy_xhat"), got, expected):
+            assert_close(f"Triton channel sums, x of shape {shape}: {name}", g, e.numpy(), rtol=1e-5, atol=1e-4)
+    _pass(f"Triton per-channel sums ({'compiled' if device == 'cuda' else 'interpreted'})", len(shapes))
+
+
 def _rank_slices(seed, sizes, C, trailing=()):
     """A float64 global batch (N, C, *trailing) with a large offset, and its split into per-rank slices."""
     import torch
@@ -901,3 +970,286 @@ def check_bn_module(cls):
                 assert_close(f"{where}: {name}", got[name], expected.detach().numpy())
             n += 1
     _pass("BatchNorm2d module", n)
+
+
+# --------------------------------------------------------------------------------------------
+# The second exercises of Chapters 3 to 7's labs
+# --------------------------------------------------------------------------------------------
+
+
+@_self_check
+def check_largest_rate(fn):
+    """Check ``fn(lrs, steps) -> (seeds,)``: per seed, the largest rate whose run reached the target
+    (steps finite), and the smallest rate where no run did (``covariate_shift.largest_rate``)."""
+    from normlab.experiments.covariate_shift import largest_rate
+
+    inf = np.inf
+    lrs = np.array([0.03, 0.1, 0.3, 1.0, 3.0])
+    cases = [("a typical sweep", lrs, np.array([[300, 400, inf], [120, 150, 200], [60, 80, 90], [40, inf, 70],
+                                                  [inf, inf, inf]])),
+             ("a seed that never reaches it", lrs[:3], np.array([[200.0, inf], [100, inf], [inf, inf]])),
+             ("a gap in the middle", lrs[:4], np.array([[100.0], [inf], [50], [inf]])),
+             ("rates not in order", lrs[[2, 0, 1]], np.array([[50.0, inf], [200, 300], [100, 150]]))]
+    for desc, rates, steps in cases:
+        got = fn(rates, steps)
+        assert_close(f"largest rate, {desc}", got, largest_rate(rates, steps))
+    _pass("largest workable rate", len(cases))
+
+
+@_self_check
+def check_ghost_running(fn):
+    """Check ``fn(running_mean, running_var, x, virtual_batch_size, momentum) -> (mean, var)``.
+
+    x is (N, D). The ghost layer's running statistics move once per batch, towards the average of
+    the virtual batches' means and of their unbiased variances, each weighted by its number of
+    rows (the last virtual batch takes the remainder). The reference is
+    ``normlab.nn.GhostBatchNorm1d`` in float64.
+    """
+    import torch
+
+    from normlab.nn import GhostBatchNorm1d
+
+    rng = np.random.default_rng(2)
+    cases = [(12, 3, 4, 0.1), (10, 2, 4, 0.1), (9, 4, 3, 0.5), (8, 2, 8, 1.0), (11, 3, 4, 0.2)]
+    for n, d, v, momentum in cases:
+        x = rng.normal(1.0, 2.0, size=(n, d))
+        rm, rv = rng.normal(size=d), rng.uniform(0.5, 2.0, size=d)
+        layer = GhostBatchNorm1d(d, v, momentum=momentum).double()
+        with torch.no_grad():
+            layer.running_mean.copy_(torch.from_numpy(rm))
+            layer.running_var.copy_(torch.from_numpy(rv))
+        layer(torch.from_numpy(x))
+        got = fn(rm.copy(), rv.copy(), x, v, momentum)
+        if not isinstance(got, tuple) or len(got) != 2:
+            raise AssertionError("ghost running statistics: expected a tuple (new_mean, new_var)")
+        desc = f"x ({n}, {d}), virtual batches of {v}, momentum {momentum}"
+        assert_close(f"ghost running statistics, {desc}: new_mean", got[0], layer.running_mean.numpy())
+        assert_close(f"ghost running statistics, {desc}: new_var", got[1], layer.running_var.numpy())
+    _pass("ghost running statistics", len(cases))
+
+
+@_self_check
+def check_measured_noise(fn):
+    """Check ``fn(h, example, batch_size, trials, rng) -> float``: the spread of one example's
+    normalized value over ``trials`` random batches.
+
+    h: (n,) one unit's values. Each batch holds the example and batch_size - 1 others drawn with
+    replacement from the other n - 1 examples; the example is normalized with the batch's mean and
+    biased variance (eps 1e-5). Returned: the standard deviation of the normalized value over the
+    trials. The draws are random, so the comparison with ``regularization.normalized_value_noise``
+    (4,000 draws each) allows 8%, about five standard errors.
+    """
+    import torch
+
+    from normlab.experiments.regularization import normalized_value_noise
+
+    rng = np.random.default_rng(5)
+    cases = [("a Gaussian unit", rng.normal(size=600), 4), ("a Gaussian unit", rng.normal(size=600), 32),
+             ("a skewed unit", rng.exponential(size=800), 8),
+             ("a skewed unit, far example", rng.exponential(size=800), 16)]
+    for k, (desc, h, b) in enumerate(cases):
+        z = (h - h.mean()) / h.std()
+        example = int(np.abs(z - (2.5 if "far" in desc else 1.0)).argmin())
+        got = float(fn(h.copy(), example, b, 4000, np.random.default_rng(10 + k)))
+        std, _ = normalized_value_noise(torch.from_numpy(h[:, None]), [b], [example], trials=4000, seed=k)
+        expected = float(std[0, 0])
+        if not abs(got / expected - 1) < 0.08:
+            raise AssertionError(f"measured noise, {desc}, batch {b}: expected about {expected:.4f}, got {got:.4f} "
+                                 f"(8% allowed for the randomness of the draws)")
+    _pass("measured noise", len(cases))
+
+
+@_self_check
+def check_ema_weights(fn):
+    """Check ``fn(momentum, steps) -> (steps + 1,)``: the weight of the EMA's start value and of
+    each batch k = 1..steps in its final value (``normlab.stats.ema_weights``)."""
+    from normlab.stats import ema_weights
+
+    cases = [(0.1, 5), (0.5, 3), (0.001, 600), (1.0, 4), (0.3, 0)]
+    for momentum, steps in cases:
+        assert_close(f"EMA weights, momentum {momentum}, {steps} steps", fn(momentum, steps),
+                     ema_weights(momentum, steps), rtol=1e-9, atol=1e-15)
+    _pass("EMA weights", len(cases))
+
+
+@_self_check
+def check_sequence_norm(fn):
+    """Check ``fn(h, kind, eps) -> (T, B, H)`` for a sequence batch h (T, B, H), training mode.
+
+    kind "batch": each time step's features normalized over the batch (mean and biased variance
+    over B, per step and feature: recurrent BN's statistics per time step). kind "layer": each
+    example's features normalized over its H features (per step and example). No affine.
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(9)
+    cases = [(5, 4, 3), (1, 6, 8), (3, 2, 5)]
+    for shape in cases:
+        h = torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + torch.arange(shape[0]).view(-1, 1, 1)
+        for kind, dim in (("batch", 1), ("layer", 2)):
+            var, mean = torch.var_mean(h, dim=dim, correction=0, keepdim=True)
+            got = fn(h.clone(), kind, 1e-5)
+            assert_close(f"{kind} norm of h {shape}", got, ((h - mean) / torch.sqrt(var + 1e-5)).numpy())
+    _pass("sequence normalization (batch and layer)", 2 * len(cases))
+
+
+@_self_check
+def check_style_loss(fn):
+    """Check ``fn(fa, fb) -> loss``: summed over two lists of (N, C, H, W) features, the mean squared
+    difference of per-example, per-channel means plus that of standard deviations
+    (``alternatives.style_loss``; the spatial sizes of a pair may differ)."""
+    import torch
+
+    from normlab.experiments.alternatives import style_loss
+
+    gen = torch.Generator().manual_seed(11)
+
+    def feats(*shapes, scale=1.0):
+        return [torch.randn(s, generator=gen, dtype=torch.float64) * scale + 0.5 for s in shapes]
+
+    cases = [("one layer", feats((2, 3, 4, 4)), feats((2, 3, 4, 4), scale=2.0)),
+             ("two layers, other sizes", feats((1, 4, 8, 8), (1, 2, 4, 4)), feats((1, 4, 5, 5), (1, 2, 3, 3))),
+             ("the same features", feats((3, 2, 6, 6)) * 1, None)]
+    for desc, fa, fb in cases:
+        fb = fb if fb is not None else [f.clone() for f in fa]
+        got = fn([f.clone() for f in fa], [f.clone() for f in fb])
+        assert_close(f"style loss, {desc}", float(got), float(style_loss(fa, fb)), rtol=1e-9, atol=1e-12)
+    _pass("style loss", len(cases))
+
+
+def _bn_models():
+    """Small models with BN layers, fresh on each call: an MLP (BatchNorm1d) and a CNN (BatchNorm2d)."""
+    import torch
+    from torch import nn
+
+    from normlab.experiments.regularization import make_mlp
+
+    mlp = make_mlp(12, 3, width=8, seed=0)
+    torch.manual_seed(1)
+    cnn = nn.Sequential(nn.Conv2d(1, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3, bias=False),
+                        nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 2 * 2, 3))
+    return [("an MLP with BatchNorm1d", mlp, lambda g: torch.randn(16, 12, generator=g)),
+            ("a CNN with BatchNorm2d", cnn, lambda g: torch.randn(8, 1, 6, 6, generator=g))]
+
+
+@_self_check
+def check_bn_only(fn):
+    """Check ``fn(model) -> count``: every parameter frozen (``requires_grad`` False) except the BN
+    layers' gamma and beta; returns the number of values left to train. The reference is
+    ``transfer.set_mode(model, "bn_only")``."""
+    from normlab.experiments import transfer as tr
+
+    models = _bn_models()
+    for (desc, model, _), (_, ref, _) in zip(models, _bn_models()):
+        tr.set_mode(ref, "bn_only")
+        count = fn(model)
+        for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+            if p.requires_grad != q.requires_grad:
+                raise AssertionError(f"BN only, {desc}: {name} has requires_grad={p.requires_grad}, "
+                                     f"expected {q.requires_grad}")
+        expected = sum(q.numel() for q in ref.parameters() if q.requires_grad)
+        if count != expected:
+            raise AssertionError(f"BN only, {desc}: returned {count} trainable values, expected {expected}")
+    _pass("BN-only freezing", len(models))
+
+
+@_self_check
+def check_beta_for_fraction(fn):
+    """Check ``fn(q) -> beta``: the shift after which ReLU(x_hat + beta) is positive for a fraction q
+    of standard normal x_hat, i.e. the normal quantile at q."""
+    from statistics import NormalDist
+
+    qs = [0.5, 0.1, 0.9, 0.01, 0.75]
+    for q in qs:
+        assert_close(f"beta for a fraction {q}", float(fn(q)), NormalDist().inv_cdf(q), rtol=1e-6, atol=1e-8)
+    _pass("beta for a fraction of active units", len(qs))
+
+
+def _train_steps(model, make_batch, steps=3):
+    """A few SGD steps in ``model.train()`` mode on the parameters that require grad."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.1) if params else None
+    for _ in range(steps):
+        model.train()  # what every training loop does
+        loss = model(make_batch(gen)).logsumexp(dim=1).mean()
+        if opt:
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+
+@_self_check
+def check_freeze_bn(fn):
+    """Check ``fn(model) -> model``: every BN layer frozen, and still frozen after ``model.train()``.
+
+    After fn, a few SGD steps in training mode (``model.train()`` before each, as training loops do)
+    must leave every BN layer's running statistics, gamma and beta as they were, normalize with the
+    running statistics, and still train the other layers.
+    """
+    import torch
+
+    from normlab.stats import batch_norm_layers
+
+    models = _bn_models()
+    for desc, model, make_batch in models:
+        got = fn(model)
+        if got is not model:
+            raise AssertionError(f"freeze_bn, {desc}: return the model it was given")
+        layers = batch_norm_layers(model)
+        before = [{k: v.clone() for k, v in m.state_dict().items()} for m in layers]
+        others = {n: p.detach().clone() for n, p in model.named_parameters()
+                  if not any(p is q for m in layers for q in m.parameters())}
+        _train_steps(model, make_batch)
+        for i, (m, saved) in enumerate(zip(layers, before)):
+            for key, value in m.state_dict().items():
+                if not torch.equal(value, saved[key]):
+                    raise AssertionError(f"freeze_bn, {desc}: BN layer {i}'s {key} changed during training "
+                                         f"(model.train() must not undo the freeze)")
+        model.train()
+        x = make_batch(torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            out = model(x)
+            model.eval()
+            expected = model(x)
+        assert_close(f"freeze_bn, {desc}: output in train mode (BN must use its running statistics)", out, expected,
+                     rtol=1e-6, atol=1e-7)
+        if not any(not torch.equal(p, others[n]) for n, p in model.named_parameters() if n in others):
+            raise AssertionError(f"freeze_bn, {desc}: the other layers did not train (freeze only the BN layers)")
+    _pass("freeze_bn", len(models))
+
+
+@_self_check
+def check_set_mode(fn):
+    """Check ``fn(model, mode) -> model`` for the four fine-tuning modes of ``transfer.MODES``.
+
+    Compared with ``transfer.set_mode`` on the same model: which parameters require grad, and,
+    after ``model.train()`` and a forward, which BN layers normalize with batch statistics.
+    """
+    import torch
+
+    from normlab.experiments import transfer as tr
+    from normlab.stats import batch_norm_layers
+
+    n = 0
+    for mode in tr.MODES:
+        for (desc, model, make_batch), (_, ref, _) in zip(_bn_models(), _bn_models()):
+            fn(model, mode)
+            tr.set_mode(ref, mode)
+            for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+                if p.requires_grad != q.requires_grad:
+                    raise AssertionError(f"mode {mode!r}, {desc}: {name} has requires_grad={p.requires_grad}, "
+                                         f"expected {q.requires_grad}")
+            x = make_batch(torch.Generator().manual_seed(2))
+            for m in (model, ref):
+                m.train()
+                with torch.no_grad():
+                    m(x)
+            for i, (a, b) in enumerate(zip(batch_norm_layers(model), batch_norm_layers(ref))):
+                if a.training != b.training or not torch.equal(a.running_mean, b.running_mean):
+                    state = "frozen (running statistics)" if not b.training else "in train mode (batch statistics)"
+                    raise AssertionError(f"mode {mode!r}, {desc}: after model.train(), BN layer {i} should be {state}")
+            n += 1
+    _pass("fine-tuning modes", n)

@@ -16,13 +16,29 @@ from torch import nn
 
 from normlab import nn as normlab_nn
 
-__all__ = ["batch_norm_layers", "precise_bn"]
+__all__ = ["batch_norm_layers", "ema_weights", "precise_bn"]
 
 
 def batch_norm_layers(model: nn.Module) -> list:
     """Return the model's batch norm layers (``torch.nn`` ones and ``normlab.nn`` ones), in order."""
     kinds = (nn.modules.batchnorm._BatchNorm, normlab_nn._BatchNorm)
     return [m for m in model.modules() if isinstance(m, kinds)]
+
+
+def ema_weights(momentum: float, steps: int):
+    """Return the weights with which an EMA's final value mixes its start and each batch, (steps + 1,).
+
+    After ``steps`` updates ``running = (1 - momentum) * running + momentum * batch_k``, the running
+    value is ``w[0] * start + sum_k w[k] * batch_k``: w[0] = (1 - momentum)**steps, and batch k
+    (k = 1..steps) weighs momentum * (1 - momentum)**(steps - k). The weights sum to 1.
+    """
+    if not 0 < momentum <= 1:
+        raise ValueError(f"momentum must be in (0, 1], got {momentum!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be a non-negative int, got {steps!r}")
+    k = torch.arange(1, steps + 1, dtype=torch.float64)
+    start = torch.tensor([(1 - momentum) ** steps], dtype=torch.float64)
+    return torch.cat([start, momentum * (1 - momentum) ** (steps - k)]).numpy()
 
 
 class _Moments:

@@ -275,7 +275,12 @@ class FeatureNet(nn.Module):
         return feats
 
 
-def _style_loss(fa, fb):
+def style_loss(fa, fb):
+    """Huang and Belongie's style loss between two lists of features (N, C, H, W), layer by layer.
+
+    Summed over the layers: the mean squared difference of the per-example, per-channel means plus
+    that of the standard deviations (``channel_stats``). The spatial sizes of a pair may differ.
+    """
     loss = 0.0
     for a, b in zip(fa, fb):
         ma, sa = channel_stats(a)
@@ -304,13 +309,13 @@ def style_transfer(content, style, steps=150, style_weight=10.0, lr=0.05, seed=0
     opt = torch.optim.Adam([img], lr=lr)
     for _ in range(steps):
         f = net(img)
-        loss = F.mse_loss(f[-1], target) + style_weight * _style_loss(f, fs)
+        loss = F.mse_loss(f[-1], target) + style_weight * style_loss(f, fs)
         opt.zero_grad()
         loss.backward()
         opt.step()
     with torch.no_grad():
-        return {"image": img.detach(), "style_loss_before": float(_style_loss(net(content), fs)),
-                "style_loss_after": float(_style_loss(net(img), fs))}
+        return {"image": img.detach(), "style_loss_before": float(style_loss(net(content), fs)),
+                "style_loss_after": float(style_loss(net(img), fs))}
 
 
 STYLE_NORMS = ("none", "bn", "in")
@@ -342,7 +347,7 @@ def stylization_losses(net, images, content_feats, style_stats):
     one (mean, sd) pair per layer from ``channel_stats`` of the style image. The content loss is
     the mean squared difference of the last layer's features; the style loss is, summed over the
     layers, the mean squared difference of the channel means plus that of the channel standard
-    deviations (for one image, ``_style_loss``). Returns two (M,) tensors.
+    deviations (for one image, ``style_loss``). Returns two (M,) tensors.
     """
     feats = net(images)
     content = (feats[-1] - content_feats).pow(2).mean((1, 2, 3))

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["CONFIG", "INSTALL_HINT", "KernelConfig", "available", "batch_norm", "dtype_supported", "interpreted",
-           "layout_of"]
+__all__ = ["CONFIG", "INSTALL_HINT", "KernelConfig", "available", "batch_norm", "channel_sums", "dtype_supported",
+           "interpreted", "layout_of", "triton_modules"]
 
 # Triton decides at import whether its language runs compiled or interpreted: set the switch first.
 _LATE = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET", "0") != "1"
@@ -66,6 +66,30 @@ def available() -> bool:
     except ImportError:
         return False
     return True
+
+
+class _MissingTriton:
+    """Stands in for ``triton`` and ``triton.language`` when triton is not installed."""
+
+    def jit(self, fn=None, **kwargs):
+        return fn if fn is not None else (lambda f: f)  # ``@triton.jit`` leaves the function as it is
+
+    def __getattr__(self, name):
+        return None  # ``tl.constexpr`` in a kernel's signature, evaluated when the cell runs
+
+
+def triton_modules():
+    """Return ``(triton, triton.language)`` for a notebook cell that defines a kernel.
+
+    Without triton installed, two stand-ins: ``@triton.jit`` returns the function unchanged and
+    ``tl.<name>`` is None, so the cell that defines the kernel still runs; launching it needs triton.
+    """
+    if not available():
+        return _MissingTriton(), _MissingTriton()
+    import triton
+    import triton.language as tl
+
+    return triton, tl
 
 
 def dtype_supported(dtype, device="cuda") -> bool:
@@ -247,6 +271,30 @@ def _train_backward(x, dy, mean, invstd, weight, need_dx):
                 BLOCK_C=plan.block_c, BLOCK_M=plan.block_m, num_warps=CONFIG.num_warps,
             )
     return dx, sums[0], sums[1]
+
+
+def channel_sums(dy, x, mean, invstd, kernel=None, block=64):
+    """Return the backward's two per-channel sums (sum dy, sum dy * x_hat), (C,) tensors.
+
+    x, dy: (N, C, *) on the kernels' device; mean, invstd: (C,). x_hat = (x - mean) * invstd per
+    channel. The sums are float32 (float64 for float64 x). kernel=None runs the course's
+    ``grad_sums_kernel``. Otherwise ``kernel`` is a kernel of the lab's exercise, launched on C
+    programs (program c sums channel c), with the signature
+    ``(x_ptr, dy_ptr, mean_ptr, invstd_ptr, sum_dy_ptr, sum_dyxh_ptr, N, C, M, BLOCK)``: x and dy
+    are passed as contiguous (N, C, M) tensors (M = the product of the spatial axes), so element
+    (n, c, m) is at offset (n * C + c) * M + m.
+    """
+    if kernel is None:
+        x = x if layout_of(x)[0] is not None else x.contiguous()
+        _, sum_dy, sum_dyxh = _train_backward(x, _like(dy, x), mean, invstd, None, need_dx=False)
+        return sum_dy, sum_dyxh
+    N, C = x.shape[:2]
+    x3, dy3 = x.contiguous().view(N, C, -1), dy.contiguous().view(N, C, -1)
+    acc = _acc_torch(x)
+    sums = (torch.empty(C, device=x.device, dtype=acc), torch.empty(C, device=x.device, dtype=acc))
+    kernel[(C,)](x3, dy3, mean.to(acc).contiguous(), invstd.to(acc).contiguous(), *sums, N, C, x3.shape[2],
+                 BLOCK=block)
+    return sums
 
 
 def _like(dy, x):
