@@ -1124,10 +1124,12 @@ def _bn_models():
 
     from normlab.experiments.regularization import make_mlp
 
-    mlp = make_mlp(12, 3, width=8, seed=0)
-    torch.manual_seed(1)
-    cnn = nn.Sequential(nn.Conv2d(1, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3, bias=False),
-                        nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 2 * 2, 3))
+    with torch.random.fork_rng():  # the lab's random state stays as it was
+        mlp = make_mlp(12, 3, width=8, seed=0)
+        torch.manual_seed(1)
+        cnn = nn.Sequential(nn.Conv2d(1, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+                            nn.Conv2d(4, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                            nn.Linear(4 * 2 * 2, 3))
     return [("an MLP with BatchNorm1d", mlp, lambda g: torch.randn(16, 12, generator=g)),
             ("a CNN with BatchNorm2d", cnn, lambda g: torch.randn(8, 1, 6, 6, generator=g))]
 
