@@ -112,11 +112,15 @@ def passed(fn) -> bool:
 
 
 def solution_or_reference(fn, reference):
-    """Return ``fn`` if it passed its self-check, else ``reference``, saying which one is used."""
+    """Return ``fn`` if it passed its self-check, else ``reference``, saying which one is used.
+
+    ``reference`` None stands for the course's own code where the caller treats None so (for
+    instance ``kernels.channel_sums(..., kernel=None)`` runs the course's kernel).
+    """
     if passed(fn):
         return fn
-    print(f"{fn.__name__} has not passed its self-check yet: this cell uses the course's reference "
-          f"({reference.__module__}.{reference.__qualname__}) instead.")
+    which = "own code" if reference is None else f"reference ({reference.__module__}.{reference.__qualname__})"
+    print(f"{fn.__name__} has not passed its self-check yet: this cell uses the course's {which} instead.")
     return reference
 
 
