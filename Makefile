@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: book test serve lab student student-book grade timings lint unit notebooks site clean bench seed-scan
+.PHONY: book test serve lab student student-book colab grade timings lint unit notebooks site clean bench seed-scan
 
 # The virtual environment, rebuilt when the pinned toolchain changes.
 $(STAMP): requirements.txt code/pyproject.toml
@@ -28,7 +28,7 @@ book: $(STAMP)
 	$(BIN)/jupyter-book build . --all -W -n --keep-going || exit 1; \
 	echo "built the book in $$(( $$(date +%s) - start )) s; open _build/html/index.html (or: make serve)"
 
-## test: lint, unit tests, notebooks (nbval), both editions of the book and the browser test of both
+## test: lint, unit tests, notebooks (nbval on the Colab edition), both editions of the book and the browser test of both
 test: $(STAMP)
 	@start=$$(date +%s); \
 	$(MAKE) --no-print-directory lint unit notebooks book student-book site || exit 1; \
@@ -40,11 +40,17 @@ lint: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/python -m pytest tests --ignore=tests/site
 
-# nbval runs every notebook at another seed than the book build (NORMLAB_SEED=0), so every
-# `make test` checks the asserts at two seeds for the price of the two executions it needs anyway.
+# nbval runs the Colab edition (what students open) at another seed than the book build
+# (NORMLAB_SEED=0), so every `make test` checks the asserts at two seeds for the price of the two
+# executions it needs anyway. The Colab edition's code cells are the chapters' own.
 NBVAL_SEED ?= 1
-notebooks: $(STAMP)
-	NORMLAB_SEED=$(NBVAL_SEED) $(BIN)/python -m pytest --nbval-lax --nbval-current-env -p no:cacheprovider chapters
+notebooks: colab
+	NORMLAB_SEED=$(NBVAL_SEED) $(BIN)/python -m pytest --nbval-lax --nbval-current-env -p no:cacheprovider _build/colab
+
+## colab: the Colab editions (markdown in plain CommonMark) into _build/colab and _build/colab-student
+colab: book
+	$(BIN)/python -m normlab.colab . _build/colab
+	$(BIN)/python -m normlab.colab . _build/colab-student --student
 
 site: $(STAMP)
 	$(BIN)/python -m pytest tests/site
@@ -59,9 +65,9 @@ serve:
 lab: $(STAMP)
 	$(BIN)/jupyter lab --notebook-dir=.
 
-## bench: on a CUDA GPU, benchmark BN kernels vs PyTorch; writes chapters/gpu/results/<gpu>.json
+## bench: on a CUDA GPU, benchmark BN kernels vs PyTorch; writes code/normlab/results/<gpu>.json
 bench: $(STAMP)
-	PYTHONPATH=code $(BIN)/python -m normlab.gpu_bench --out chapters/gpu/results
+	PYTHONPATH=code $(BIN)/python -m normlab.gpu_bench --out code/normlab/results
 
 ## student: write student notebooks (solutions replaced by stubs) into student/
 student: $(STAMP)

@@ -2,6 +2,7 @@
 the numerics demo and the limits of experiments.gpu, and the chapter's self-checks."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -155,3 +156,18 @@ def test_channel_sums_check_passes_a_correct_solution_and_catches_summing_over_t
 
     with pytest.raises(AssertionError, match="sum_dy"):
         checks.check_channel_sums(batch_axis_only)
+
+
+def test_recorded_results_ship_inside_the_package(tmp_path):
+    """A notebook opened alone (Colab) has only the installed package: the results folder is in the wheel."""
+    import subprocess
+    import sys
+    import zipfile
+
+    root = Path(__file__).resolve().parents[1]
+    assert gb.RESULTS_DIR == root / "code" / "normlab" / "results" and (gb.RESULTS_DIR / "README.md").is_file()
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path), str(root / "code")], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("normlab-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "normlab/results/README.md" in names, names

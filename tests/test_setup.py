@@ -9,6 +9,14 @@ import torch
 import normlab
 
 
+@pytest.fixture(autouse=True)
+def keep_threads():
+    """setup() pins torch's threads at quick scale: give the rest of the test session its own back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def draws():
     return random.random(), np.random.rand(), torch.rand(1).item()
 
@@ -63,3 +71,11 @@ def test_bad_environment_values_raise_value_errors(monkeypatch, env, value, mess
 def test_a_non_integer_seed_argument_is_rejected():
     with pytest.raises(ValueError, match="seed must be an int"):
         normlab.setup(seed=1.5, verbose=False)
+
+
+def test_quick_scale_pins_torch_to_one_thread_and_full_scale_leaves_it(monkeypatch):
+    torch.set_num_threads(2)
+    normlab.setup(scale="full", verbose=False)
+    assert torch.get_num_threads() == 2
+    normlab.setup(scale="quick", verbose=False)
+    assert torch.get_num_threads() == 1

@@ -6,6 +6,10 @@ generator, reads the course's two environment variables and picks the device.
 - ``NORMLAB_SEED`` (default 0): changes every random choice a notebook makes.
 - ``NORMLAB_SCALE`` (default ``quick``): ``quick`` runs each notebook in under a minute on a
   2-core CPU (CI and the website); ``full`` runs the longer experiments (a GPU or Colab).
+
+At quick scale ``setup`` also pins torch to one thread: the quick experiments' tensors are small,
+and on a busy machine several torch threads per process slow a notebook down tenfold or more. A
+lab whose seeds train together as one large ensemble asks for two threads itself, after setup.
 """
 
 from __future__ import annotations
@@ -64,6 +68,8 @@ def _read_scale(scale):
 def setup(seed: int | None = None, scale: str | None = None, verbose: bool = True) -> Context:
     """Seed python, numpy and torch, read the scale, pick the device, print one line.
 
+    At quick scale, torch runs on one thread (the module docstring says why).
+
     seed: overrides ``NORMLAB_SEED``; scale: overrides ``NORMLAB_SCALE``.
     Returns a ``Context`` (seed, scale, device, versions).
     """
@@ -75,6 +81,8 @@ def setup(seed: int | None = None, scale: str | None = None, verbose: bool = Tru
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # seeds the CUDA generators too
+    if scale == "quick":
+        torch.set_num_threads(1)  # small tensors: more threads only add contention
     device = "cuda" if torch.cuda.is_available() else "cpu"
     versions = {
         "python": platform.python_version(),

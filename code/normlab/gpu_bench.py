@@ -2,7 +2,7 @@
 
 Run on a CUDA GPU (``make bench``)::
 
-    PYTHONPATH=code python -m normlab.gpu_bench --out chapters/gpu/results/
+    PYTHONPATH=code python -m normlab.gpu_bench --out code/normlab/results/
 
 It times ``train_fwd``, ``train_bwd`` and ``eval`` on ResNet-50's BN shapes (the anchor
 (256, 256, 28, 28) first), NCHW and channels_last, float32 and bfloat16, with
@@ -26,7 +26,7 @@ import torch
 from normlab import kernels  # first: it decides whether triton runs interpreted
 
 __all__ = [
-    "LAYOUTS", "OPS", "PROVIDERS", "SHAPES", "ideal_bytes", "load_results", "results_path", "validate",
+    "LAYOUTS", "OPS", "PROVIDERS", "RESULTS_DIR", "SHAPES", "ideal_bytes", "load_results", "results_path", "validate",
     "write_results",
 ]
 
@@ -111,8 +111,16 @@ def write_results(results, out_dir):
     return path
 
 
-def load_results(results_dir):
-    """Return {file stem: results} for every valid results file in results_dir (none: {})."""
+# Recorded results ship inside the package (normlab/results/), so a notebook opened alone, in
+# Colab or anywhere normlab is installed, finds them.
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def load_results(results_dir=RESULTS_DIR):
+    """Return {file stem: results} for every valid results file in results_dir (none: {}).
+
+    The default is the folder shipped with the package, where ``make bench`` writes.
+    """
     found = {}
     for path in sorted(Path(results_dir).glob("*.json")):
         found[path.stem] = validate(json.loads(path.read_text()))
@@ -278,7 +286,7 @@ def group_sweep(copy, group_mb=(0, 8, 16, 24, 32, 48)):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="chapters/gpu/results", help="folder for <gpu-name>.json")
+    parser.add_argument("--out", default=str(RESULTS_DIR), help="folder for <gpu-name>.json")
     parser.add_argument("--shapes", default="default", choices=sorted(SHAPES))
     parser.add_argument("--budget-s", type=float, default=420.0, help="start no new shape after this many seconds")
     parser.add_argument("--no-sweep", action="store_true", help="skip the channel-group sweep")

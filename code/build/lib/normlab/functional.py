@@ -1,0 +1,142 @@
+"""Batch norm as a PyTorch op with a hand-written backward.
+
+``batch_norm`` has the signature and the semantics of ``torch.nn.functional.batch_norm``. In
+training mode its gradient comes from ``BatchNormFunction``, a ``torch.autograd.Function`` whose
+backward is the closed form of Chapter 1: autograd never looks inside the forward. In eval mode
+the op is affine in the input, and plain tensor operations carry the gradient.
+
+Shapes: ``input`` is (N, C, *): statistics per channel C over every other axis.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+__all__ = ["BatchNormFunction", "batch_norm"]
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _stat_dtype(x):
+    """Accumulate statistics in float32 for half-precision inputs, as PyTorch's own kernels do."""
+    return torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
+
+
+def _channel_shape(x):
+    return (1, x.shape[1]) + (1,) * (x.dim() - 2)  # broadcasts a (C,) vector against x
+
+
+def scale_shift(x_hat, weight, bias):
+    """Return weight * x_hat + bias per channel (either may be None), in x_hat's dtype: BN's affine step."""
+    shape = _channel_shape(x_hat)
+    out = x_hat
+    if weight is not None:
+        out = out * weight.to(x_hat.dtype).view(shape)
+    if bias is not None:
+        out = out + bias.to(x_hat.dtype).view(shape)
+    return out
+
+
+class BatchNormFunction(torch.autograd.Function):
+    """Training-mode batch norm: normalize with batch statistics, scale, shift; closed-form backward.
+
+    forward returns (out, mean, var): the batch mean and biased variance per channel come back
+    (without gradients) so that the caller can update running statistics without a second pass.
+    """
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, eps):
+        dims = [0] + list(range(2, input.dim()))  # every axis but the channel
+        shape = _channel_shape(input)
+        x = input.to(_stat_dtype(input))
+        var, mean = torch.var_mean(x, dim=dims, correction=0)  # (C,), biased
+        invstd = torch.rsqrt(var + eps)  # (C,)
+        x_hat = (x - mean.view(shape)) * invstd.view(shape)  # like input
+        out = scale_shift(x_hat, weight, bias)
+        ctx.save_for_backward(x_hat, invstd, weight)
+        ctx.has_bias = bias is not None
+        ctx.mark_non_differentiable(mean, var)
+        return out.to(input.dtype), mean, var
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out, _grad_mean, _grad_var):
+        x_hat, invstd, weight = ctx.saved_tensors
+        dims = [0] + list(range(2, x_hat.dim()))
+        shape = _channel_shape(x_hat)
+        n = x_hat.numel() // x_hat.shape[1]  # values per channel
+        dy = grad_out.to(x_hat.dtype)
+        sum_dy = dy.sum(dim=dims)  # (C,)
+        sum_dy_xhat = (dy * x_hat).sum(dim=dims)  # (C,)
+        grad_input = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            scale = invstd if weight is None else invstd * weight.to(x_hat.dtype)
+            # dx = gamma / (n sigma) * (n dy - sum(dy) - x_hat * sum(dy x_hat))
+            grad_input = (scale / n).view(shape) * (
+                n * dy - sum_dy.view(shape) - x_hat * sum_dy_xhat.view(shape)
+            )
+            grad_input = grad_input.to(grad_out.dtype)
+        if weight is not None and ctx.needs_input_grad[1]:
+            grad_weight = sum_dy_xhat.to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = sum_dy.to(grad_out.dtype if weight is None else weight.dtype)
+        return grad_input, grad_weight, grad_bias, None
+
+
+def _check(input, running_mean, running_var, weight, bias, training):
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"input must be a Tensor, got {type(input).__name__}")
+    if input.dim() < 2:
+        raise ValueError(f"input must have at least 2 dimensions (N, C, ...), got shape {tuple(input.shape)}")
+    if not input.is_floating_point():
+        raise ValueError(f"input has dtype {input.dtype}, expected a floating-point dtype")
+    C = input.shape[1]
+    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
+        if t is not None and t.numel() != C:
+            # torch raises RuntimeError here; a drop-in raises the same.
+            raise RuntimeError(f"{name} should contain {C} elements not {t.numel()}")
+    if not training and (running_mean is None or running_var is None):
+        raise ValueError("eval mode (training=False) needs running_mean and running_var")
+    if training and input.numel() // C <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
+
+
+def batch_norm(
+    input,
+    running_mean,
+    running_var,
+    weight=None,
+    bias=None,
+    training=False,
+    momentum=0.1,
+    eps=1e-5,
+):
+    """Apply batch norm to input (N, C, *) like ``torch.nn.functional.batch_norm``.
+
+    training=True normalizes with the batch statistics and, when running_mean / running_var are
+    given, updates them in place: ``running = (1 - momentum) * running + momentum * batch``, with
+    the unbiased batch variance. training=False normalizes with the running statistics.
+    """
+    _check(input, running_mean, running_var, weight, bias, training)
+    shape = _channel_shape(input)
+    if training:
+        out, mean, var = BatchNormFunction.apply(input, weight, bias, eps)
+        if running_mean is not None or running_var is not None:
+            with torch.no_grad():
+                n = input.numel() // input.shape[1]
+                if running_mean is not None:
+                    running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+                if running_var is not None:
+                    unbiased = var * n / (n - 1)  # the running estimate stores the unbiased variance
+                    running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+        return out
+    # Eval mode: an affine map of the input with fixed statistics; autograd handles it.
+    dtype = _stat_dtype(input)
+    scale = torch.rsqrt(running_var.to(dtype) + eps)
+    if weight is not None:
+        scale = scale * weight.to(dtype)
+    shift = -running_mean.to(dtype) * scale
+    if bias is not None:
+        shift = shift + bias.to(dtype)
+    return (input.to(dtype) * scale.view(shape) + shift.view(shape)).to(input.dtype)
