@@ -160,14 +160,17 @@ def test_channel_sums_check_passes_a_correct_solution_and_catches_summing_over_t
 
 def test_recorded_results_ship_inside_the_package(tmp_path):
     """A notebook opened alone (Colab) has only the installed package: the results folder is in the wheel."""
+    import shutil
     import subprocess
     import sys
     import zipfile
 
     root = Path(__file__).resolve().parents[1]
     assert gb.RESULTS_DIR == root / "code" / "normlab" / "results" and (gb.RESULTS_DIR / "README.md").is_file()
+    # build from a copy: a build in place would leave code/build/ behind
+    source = shutil.copytree(root / "code", tmp_path / "code", ignore=shutil.ignore_patterns("build", "*.egg-info"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp_path), str(root / "code")], check=True, capture_output=True)
-    (wheel,) = tmp_path.glob("normlab-*.whl")
+                    str(tmp_path / "wheel"), str(source)], check=True, capture_output=True)
+    (wheel,) = (tmp_path / "wheel").glob("normlab-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "normlab/results/README.md" in names, names

@@ -744,6 +744,23 @@ def check_chan_merge(fn):
     _pass("Chan merge", len(cases) + 1)
 
 
+def _sums_case(shape, gen, channels_last=False):
+    """x and dy of ``shape`` (float64, drawn from gen), x's per-channel mean and invstd, and the
+    backward's two per-channel sums (sum dy, sum dy * x_hat) they give."""
+    import torch
+
+    x = torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 1
+    dy = torch.randn(shape, generator=gen, dtype=torch.float64)
+    if channels_last:
+        x, dy = x.to(memory_format=torch.channels_last), dy.to(memory_format=torch.channels_last)
+    dims = [0] + list(range(2, x.dim()))
+    mean = x.mean(dims)
+    invstd = torch.rsqrt(x.var(dims, correction=0) + 1e-5)
+    cshape = (1, shape[1]) + (1,) * (x.dim() - 2)
+    expected = (dy.sum(dims), (dy * (x - mean.view(cshape)) * invstd.view(cshape)).sum(dims))
+    return x, dy, mean, invstd, expected
+
+
 @_self_check
 def check_channel_sums(fn):
     """Check ``fn(dy, x, mean, invstd) -> (sum_dy, sum_dy_xhat)``: the backward's two (C,) per-channel sums.
@@ -756,16 +773,7 @@ def check_channel_sums(fn):
     gen = torch.Generator().manual_seed(6)
     cases = [((8, 3), False), ((4, 2, 5), False), ((3, 4, 5, 6), False), ((2, 3, 7, 7), True), ((5, 1, 1, 1), False)]
     for shape, channels_last in cases:
-        C = shape[1]
-        x = torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 1
-        dy = torch.randn(shape, generator=gen, dtype=torch.float64)
-        if channels_last:
-            x, dy = x.to(memory_format=torch.channels_last), dy.to(memory_format=torch.channels_last)
-        dims = [0] + list(range(2, x.dim()))
-        mean = x.mean(dims)
-        invstd = torch.rsqrt(x.var(dims, correction=0) + 1e-5)
-        cshape = (1, C) + (1,) * (x.dim() - 2)
-        expected = (dy.sum(dims), (dy * (x - mean.view(cshape)) * invstd.view(cshape)).sum(dims))
+        x, dy, mean, invstd, expected = _sums_case(shape, gen, channels_last)
         got = fn(dy.clone(), x.clone(), mean.clone(), invstd.clone())
         desc = f"x of shape {shape}" + (" (channels_last)" if channels_last else "")
         if not isinstance(got, tuple) or len(got) != 2:
@@ -798,15 +806,7 @@ def check_triton_sums(kernel):
     gen = torch.Generator().manual_seed(8)
     shapes = [(8, 3), (4, 2, 5), (3, 4, 6, 6), (2, 3, 70), (5, 1, 1, 1), (1, 2, 64)]
     for shape in shapes:
-        C = shape[1]
-        x = torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 1
-        dy = torch.randn(shape, generator=gen, dtype=torch.float64)
-        dims = [0] + list(range(2, x.dim()))
-        mean = x.mean(dims)
-        invstd = torch.rsqrt(x.var(dims, correction=0) + 1e-5)
-        cshape = (1, C) + (1,) * (x.dim() - 2)
-        x_hat = (x - mean.view(cshape)) * invstd.view(cshape)
-        expected = (dy.sum(dims), (dy * x_hat).sum(dims))
+        x, dy, mean, invstd, expected = _sums_case(shape, gen)
         args = (t.float().to(device) for t in (dy, x, mean, invstd))
         got = K.channel_sums(*args, kernel=kernel, block=32)
         for name, g, e in zip(("sum_dy", "sum_dy_xhat"), got, expected):
@@ -1138,6 +1138,13 @@ def _bn_models():
             ("a CNN with BatchNorm2d", cnn, lambda g: torch.randn(8, 1, 6, 6, generator=g))]
 
 
+def _same_requires_grad(model, ref, what):
+    """Raise naming the first parameter of model whose requires_grad differs from ref's."""
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        if p.requires_grad != q.requires_grad:
+            raise AssertionError(f"{what}: {name} has requires_grad={p.requires_grad}, expected {q.requires_grad}")
+
+
 @_self_check
 def check_bn_only(fn):
     """Check ``fn(model) -> count``: every parameter frozen (``requires_grad`` False) except the BN
@@ -1149,10 +1156,7 @@ def check_bn_only(fn):
     for (desc, model, _), (_, ref, _) in zip(models, _bn_models()):
         tr.set_mode(ref, "bn_only")
         count = fn(model)
-        for (name, p), q in zip(model.named_parameters(), ref.parameters()):
-            if p.requires_grad != q.requires_grad:
-                raise AssertionError(f"BN only, {desc}: {name} has requires_grad={p.requires_grad}, "
-                                     f"expected {q.requires_grad}")
+        _same_requires_grad(model, ref, f"BN only, {desc}")
         expected = sum(q.numel() for q in ref.parameters() if q.requires_grad)
         if count != expected:
             raise AssertionError(f"BN only, {desc}: returned {count} trainable values, expected {expected}")
@@ -1244,10 +1248,7 @@ def check_set_mode(fn):
         for (desc, model, make_batch), (_, ref, _) in zip(_bn_models(), _bn_models()):
             fn(model, mode)
             tr.set_mode(ref, mode)
-            for (name, p), q in zip(model.named_parameters(), ref.parameters()):
-                if p.requires_grad != q.requires_grad:
-                    raise AssertionError(f"mode {mode!r}, {desc}: {name} has requires_grad={p.requires_grad}, "
-                                         f"expected {q.requires_grad}")
+            _same_requires_grad(model, ref, f"mode {mode!r}, {desc}")
             x = make_batch(torch.Generator().manual_seed(2))
             for m in (model, ref):
                 m.train()

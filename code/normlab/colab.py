@@ -27,6 +27,8 @@ import re
 import sys
 from pathlib import Path
 
+from normlab.course import exercise_titles
+
 __all__ = ["MYST", "Site", "convert_markdown", "make_colab_notebook", "write_colab_edition", "main"]
 
 # What a test looks for in the edition's markdown: any of these means MyST survived.
@@ -56,7 +58,7 @@ class Site:
         self.inventory = _inventory(root / "_build" / "html" / "objects.inv")
         self.references = _references(root / "references.bib")
         self.references_page = self.base_url + "references.html"
-        self.titles = _exercise_titles(root)
+        self.titles = exercise_titles(root)
 
     def url(self, relative):
         return self.base_url + relative
@@ -91,12 +93,6 @@ def _references(path):
                else f"{names[0]} et al." if names else entry.fields.get("title", key))
         out[key] = f"{who}, {entry.fields.get('year', 'n.d.')}"
     return out
-
-
-def _exercise_titles(root):
-    from normlab.course import exercise_titles
-
-    return exercise_titles(root)
 
 
 def _value(output):
@@ -213,7 +209,7 @@ def write_colab_edition(root, dest, student=False, site=None) -> list[Path]:
     import yaml
 
     from normlab.course import toc_files
-    from normlab.student import make_student_notebook
+    from normlab.student import _write_notebook, make_student_notebook
 
     root, dest = Path(root), Path(dest)
     if site is None:
@@ -228,9 +224,7 @@ def write_colab_edition(root, dest, student=False, site=None) -> list[Path]:
         if student:
             nb = make_student_notebook(nb)
         out = dest / f"{doc}.ipynb"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(make_colab_notebook(nb, doc, site), indent=1, ensure_ascii=False) + "\n",
-                       encoding="utf-8")
+        _write_notebook(make_colab_notebook(nb, doc, site), out)
         written.append(out)
     return written
 
