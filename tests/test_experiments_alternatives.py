@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import DEVICES
 from normlab.data import Split, load_digits
 from normlab.experiments import alternatives as alt
 
@@ -182,3 +183,24 @@ def test_budget_and_seeds():
     assert alt.seeds_for(2, 3) == [200, 201, 202]
     with pytest.raises(ValueError, match="scale"):
         alt.budget("huge")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_experiments_run_on_the_given_device(device, device_spy, digits, small_contents):
+    table = alt.cnn_table(alt.as_images(digits), kinds=("bn",), batch_sizes=(32,), seeds=(0, 1), steps=2,
+                          device=device)
+    assert table["bn", 32].shape == (2,)
+    seqs = alt.as_sequences(digits)
+    seqs = Split(seqs.x_train[:64], seqs.y_train[:64], seqs.x_test[:20], seqs.y_test[:20])
+    model, hist = alt.train_rnn("batch", seqs, steps=2, seed=0, eval_every=1, device=device)
+    assert {p.device.type for p in model.parameters()} == {device.type} and len(hist.test_acc) == 2
+    r = alt.rnn_experiment(seqs, seeds=[0, 1], steps=2, eval_every=1, pad=1, n_single=3, device=device)
+    assert r["batch"]["b1_max_diff"].shape == (2,)
+    style = _stripes(12)
+    st = alt.stylization_experiment(small_contents, style, norms=("in",), seeds=(0, 1), steps=2, batch_size=4,
+                                    channels=4, net_channels=(4, 8, 8), n_show=2, device=device)
+    assert st["in"]["images"].device.type == "cpu" and st["in"]["style"].shape == (2,)
+    tr = alt.style_transfer(small_contents.x_test[:1], style, steps=2, device=device)
+    assert tr["image"].device.type == "cpu" and tr["image"].shape == (1, 1, 12, 12)
+    assert device_spy.moved(device)
+    assert {d.type for d in device_spy.modules} == {device.type}

@@ -7,10 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import DEVICES
 from normlab import checks, ensemble
 from normlab import nn as normlab_nn
 from normlab.data import load_digits
 from normlab.experiments import covariate_shift as cs
+from normlab.train import device_of
 
 
 @pytest.fixture(scope="module")
@@ -268,3 +270,33 @@ def test_block_growth_check_rejects_a_wrong_derivation(capsys):
     assert "PASS block growth" in capsys.readouterr().out
     with pytest.raises(AssertionError, match="growth of the mean square"):
         checks.check_block_growth(lambda s: 1 + s**2 / 2)  # one ReLU's halving forgotten
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_experiments_run_on_the_given_device(device, device_spy, monkeypatch, digits):
+    fit, trained_on = ensemble.fit, []
+
+    def spy_fit(ens, *args, **kwargs):
+        trained_on.append({p.device.type for p in ens.parameters()} | {device_of(ens).type})
+        return fit(ens, *args, **kwargs)
+
+    monkeypatch.setattr(ensemble, "fit", spy_fit)
+    kw = dict(n_seeds=2, steps=4, progress=False)
+    bn, plain = cs.fig1_experiment(digits, eval_every=2, device=device, **kw)
+    noisy = cs.noisy_bn_experiment(digits, hidden=(8, 8), eval_every=2, check_every=2, ics_step_norm=0.1,
+                                   variants=("noisy_bn", "plain"), device=device, **kw)
+    acc, _ = cs.lr_sweep_variants(digits, [0.1], {"bn": (True, 1.0)}, hidden=(8,), residual=1, device=device,
+                                  **kw)
+    signal = cs.residual_signal(digits, [1.0], n_seeds=2, blocks=1, width=8, device=device)
+    assert device_spy.moved(device)
+    assert trained_on and all(kinds == {device.type} for kinds in trained_on)
+    assert bn.test_acc.shape == (2, 3) and noisy["plain"].ics[2]["rel_eq"].shape == (2, 2)
+    assert acc["bn"].shape[:2] == (1, 2) and signal.shape == (1, 2, 2)
+    if device.type == "cpu":  # on the CPU under another name: bit for bit the default device's numbers
+        default = cs.noisy_bn_experiment(digits, hidden=(8, 8), eval_every=2, check_every=2, ics_step_norm=0.1,
+                                         variants=("noisy_bn", "plain"), **kw)
+        for k in default:
+            np.testing.assert_array_equal(default[k].train_loss, noisy[k].train_loss)
+            np.testing.assert_array_equal(default[k].pct, noisy[k].pct)
+            np.testing.assert_array_equal(default[k].ics[2]["rel"], noisy[k].ics[2]["rel"])
+        np.testing.assert_array_equal(cs.fig1_experiment(digits, eval_every=2, **kw)[0].test_acc, bn.test_acc)

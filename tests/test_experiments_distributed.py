@@ -1,8 +1,10 @@
 """Chapter 9's experiments and self-checks: fast versions of what the lab asserts."""
 
+import numpy as np
 import pytest
 import torch
 
+from conftest import DEVICES
 from normlab import checks
 from normlab.data import load_digits
 from normlab.distributed import launch, merge_moments
@@ -147,3 +149,18 @@ def test_check_sync_backward_passes_a_correct_backward(capsys):
 def test_check_sync_backward_catches_local_sums():
     with pytest.raises(AssertionError, match="sync backward"):
         checks.check_sync_backward(local_backward)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_experiments_run_on_the_given_device(digits, device, device_spy):
+    run = ed.train_single(digits, 5, 4, 5, device=device)
+    assert all(v.device.type == device.type for v in run["state"].values())
+    np.testing.assert_allclose(run["loss"], ed.train_single(digits, 5, 4, 5)["loss"], rtol=1e-9, atol=1e-12)
+    sweep = ed.per_device_sweep(digits, [5, 6], [2], world=2, steps=3, progress=False, device=device)
+    assert sweep[2]["sync"].shape == (2,)
+    idx = torch.arange(8)
+    single = ed.grad_single(digits, 5, idx, device=device)
+    accumulated = ed.grad_accumulated(digits, 5, idx, 2, device=device)
+    assert single.device.type == accumulated.device.type == "cpu"  # to compare with the DDP workers'
+    torch.testing.assert_close(single, ed.grad_single(digits, 5, idx), rtol=1e-9, atol=1e-12)
+    assert device_spy.moved(device)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import DEVICES
 from normlab import nn as normlab_nn
 from normlab.data import Split
 from normlab.experiments import pytorch as ex
@@ -261,3 +262,13 @@ def test_fold_speedup_rejects_bad_arguments(kwargs):
 def test_fold_speedup_rejects_a_model_that_is_not_a_module():
     with pytest.raises(ValueError, match="nn.Module"):
         ex.fold_speedup(lambda x: x, torch.randn(2, 64))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_experiments_run_on_the_given_device(device, device_spy):
+    result = run_small(nets=[("before", "plain"), ("after", "bn")], device=device)
+    for net in result.nets:
+        assert len(result.acc_precise[net]) == 2
+        assert all(p.device.type == device.type for m in result.models[net] for p in m.parameters())
+    assert device_spy.moved(device)
+    assert {d.type for d in device_spy.modules} == {device.type}

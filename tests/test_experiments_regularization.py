@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from normlab import checks
+from conftest import DEVICES
+from normlab import checks, ensemble
 from normlab.data import Split
 from normlab.experiments import regularization as rg
 from normlab.nn import GhostBatchNorm1d, PopulationNorm1d
@@ -192,3 +193,33 @@ def test_chapter_4_self_checks_pass_the_reference_and_catch_mistakes(capsys):
 
     with pytest.raises(AssertionError, match="ratio for a"):
         checks.check_variance_shift(no_rescale)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_experiments_run_on_the_given_device(device, device_spy, tiny):
+    ens = rg.fit_seeds(tiny, [0, 1], steps=5, batch_size=20, lr=0.05, width=8, norm="population", device=device)
+    assert device_spy.moved(device)
+    assert {p.device.type for p in ens.parameters()} == {device.type}
+    model = rg.make_mlp(6, 3, width=8, dropout=0.5, seed=0, device=device)
+    assert {p.device.type for p in model.parameters()} == {device.type}
+    rg.fit(model, tiny, steps=5, batch_size=20, lr=0.05)
+    assert rg.evaluate(model, tiny)["train_acc"] >= 0 and rg.variance_ratio(model, tiny.x_test)[1].shape == (8,)
+    gap = rg.gap_vs_batch_size(tiny, [20], [0, 1], norms=("bn", "population"), epochs=1, width=8, progress=False,
+                               device=device)
+    shift = rg.variance_shift(tiny, [0, 1], steps=5, batch_size=20, width=8, progress=False, device=device)
+    ema = rg.ema_vs_precise(tiny, [0, 1], momenta=(0.1,), steps=5, batch_size=20, width=8, precise_examples=60,
+                            progress=False, device=device)
+    ghost, _ = rg.ghost_batches(tiny, [0], small=5, large=20, epochs=1, width=8, progress=False, device=device)
+    assert gap["bn"]["test_acc"].shape == (1, 2) and shift["dropout before BN"]["ratio"].shape == (2,)
+    assert ema[0.1]["var_error"].shape == (2,) and all(v.shape == (1,) for v in ghost.values())
+    if device.type == "cpu":  # on the CPU under another name: bit for bit the default device's numbers
+        again = rg.ema_vs_precise(tiny, [0, 1], momenta=(0.1,), steps=5, batch_size=20, width=8,
+                                  precise_examples=60, progress=False)
+        for key in ("ema", "precise", "var_error"):
+            np.testing.assert_array_equal(again[0.1][key], ema[0.1][key])
+        again = rg.variance_shift(tiny, [0, 1], steps=5, batch_size=20, width=8, progress=False)
+        for name in shift:
+            np.testing.assert_array_equal(again[name]["ratio"], shift[name]["ratio"])
+        np.testing.assert_array_equal(ensemble.evaluate(ens, tiny)["test_acc"],
+                                      ensemble.evaluate(rg.fit_seeds(tiny, [0, 1], steps=5, batch_size=20, lr=0.05,
+                                                                     width=8, norm="population"), tiny)["test_acc"])

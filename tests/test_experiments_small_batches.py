@@ -7,9 +7,10 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import DEVICES
 from normlab import checks, ensemble
 from normlab import nn as normlab_nn
-from normlab.data import load_digits
+from normlab.data import Split, load_digits
 from normlab.experiments import small_batches as sb
 
 
@@ -185,3 +186,28 @@ def test_group_size_sweep_rejects_bad_arguments(digits):
         sb.group_members("mlp", [0], group_sizes=(1, 4))
     with pytest.raises(KeyError, match="no members"):
         sb.group_size_sweep(digits, "mlp", seeds=[0], steps=2, lr=0.1, group_sizes=(4,), hidden=(8,)).err("bn", 2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_experiments_run_on_the_given_device(device, device_spy, digits):
+    small = Split(digits.x_train[:128], digits.y_train[:128], digits.x_test[:64], digits.y_test[:64], "small")
+    run = sb.train_norms(small, seeds=[0, 1], batch_size=16, epochs=1, lr=0.05, sampler=2, progress=False,
+                         device=device)
+    assert run.acc_eval.shape == (4, 2) and run.acc_batch_grouped.shape == (4, 2)
+    assert run.renorm["r_clipped"].shape == (2, run.steps)
+    group = sb.group_size_sweep(small, "cnn", seeds=[0, 1], steps=3, lr=0.05, batch_size=16, group_sizes=(4, 16),
+                                eval_train=32, progress=False, device=device)
+    assert group.err_eval[("bn", 4)].shape == (2,)
+    trace = sb.renorm_trace(small, batch_size=4, steps=5, hidden=16, progress=False, device=device)
+    assert trace["loss"].shape == (5,) and 0 <= trace["test_acc"] <= 1
+    assert device_spy.moved(device)
+    assert {d.type for d in device_spy.modules} == {device.type}
+
+
+def test_the_cnn_takes_cifar10_sized_images_stored_flat():
+    """At full scale Chapter 5's CNN reads CIFAR-10 (3, 32, 32) images stored as (N, 3072)."""
+    net = sb.make_cnn(torch.nn.BatchNorm2d, (4, 8), image=(3, 32, 32))
+    assert net(torch.randn(5, 3072)).shape == (5, 10)
+    assert net[1].in_channels == 3 and net[-1].in_features == 8 * 16 * 16
+    ens, members = sb.group_members("cnn", [0], group_sizes=(2,), channels=(4, 8), image=(3, 32, 32))
+    assert ens(torch.randn(len(members), 4, 3072)).shape == (len(members), 4, 10)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import DEVICES
 from normlab import adapt
 from normlab.data import Split
 from normlab.experiments import transfer as tr
@@ -285,3 +286,28 @@ def test_finetune_vs_size_gives_each_network_one_row_per_size():
                               lrs=(0.01, 0.1), steps=5)
     assert np.allclose(out["none"]["toy"][1], ref["acc"][(40, "all_bn_train")]["toy"])
     assert "toy" not in ref["adabn"]  # a network without BN has nothing to adapt
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_experiments_run_on_the_given_device(device, device_spy):
+    data, seeds = toy(n_train=100, n_test=50), [0, 1]
+    shifted = {"shifted": Split(2 * data.x_train + 1, data.y_train, 2 * data.x_test + 1, data.y_test)}
+    models = tr.train_sources(data, seeds, steps=5, width=4, device=device)
+    model = tr.train_source(data, 0, steps=5, width=4, device=device)
+    assert all(p.device.type == device.type for m in [*models, model] for p in m.parameters())
+    res = tr.adaptation_results(models, shifted, batch_sizes=(25,), priors=(0,), tent_batch=25, progress=False,
+                                device=device)
+    assert res["adabn"]["shifted"].shape == (2,)
+    ft = tr.finetune_results(models, shifted, seeds, labelled=(20,), modes=("head",), lrs=(0.01,), steps=3,
+                             progress=False, device=device)
+    assert ft["acc"][(20, "head")]["shifted"].shape == (2,)
+    online = tr.tent_online(models, shifted, batch_size=25, passes=1, device=device)
+    assert online["shifted"]["tent"].shape == (1, 2)
+    bo = tr.bn_only_vs_width(data, (8,), seeds, steps=3, progress=False, device=device)
+    assert bo["bn_only"].shape == (1, 2)
+    assert device_spy.moved(device)
+    if device.type == "cpu":  # the CPU under another name: exactly the numbers of the default device
+        cpu = tr.adaptation_results(tr.train_sources(data, seeds, steps=5, width=4), shifted, batch_sizes=(25,),
+                                    priors=(0,), tent_batch=25, progress=False)
+        for method in res:
+            np.testing.assert_array_equal(res[method]["shifted"], cpu[method]["shifted"])

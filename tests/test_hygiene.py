@@ -4,6 +4,7 @@ import ast
 import re
 
 import pytest
+import yaml
 
 from conftest import ROOT, cell_source, load_notebook, notebook_paths, toc_files
 from normlab.seedscan import parse_cell
@@ -111,3 +112,22 @@ def test_every_solution_block_is_closed_and_followed_by_a_self_check(path):
             assert src.count("# BEGIN SOLUTION") == src.count("# END SOLUTION"), f"cell {i}"
             nxt = next(c for c in cells[i + 1 :] if c["cell_type"] == "code")
             assert "checks." in cell_source(nxt), f"cell {i}: the next code cell should call normlab.checks"
+
+
+def test_the_publishing_workflow_tests_every_change_and_publishes_only_main(config):
+    """.github/workflows/publish.yml: pushes and pull requests run the README's `make test` (through
+    .ci/run); only a push to main deploys the site and pushes the Colab editions, whose branch is
+    read from _config.yml (named there once), never typed into the workflow."""
+    flow = yaml.safe_load((ROOT / ".github" / "workflows" / "publish.yml").read_text())
+    triggers = flow[True]  # YAML 1.1 reads the key `on` as True
+    assert triggers["push"]["branches"] == ["main"] and "pull_request" in triggers
+    assert flow["permissions"] == {}, "no job gets a permission it does not ask for"
+    jobs = flow["jobs"]
+    assert any(step.get("run") == ".ci/run" for step in jobs["test"]["steps"])
+    assert jobs["test"]["permissions"] == {"contents": "read"}
+    for name in ("pages", "colab"):
+        assert jobs[name]["needs"] == "test"
+        assert jobs[name]["if"] == "github.event_name == 'push' && github.ref == 'refs/heads/main'"
+    text = (ROOT / ".github" / "workflows" / "publish.yml").read_text()
+    assert '["repository"]["branch"]' in text and "_config.yml" in text, "the branch comes from _config.yml"
+    assert config["repository"]["branch"] not in ("main", "master")

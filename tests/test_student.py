@@ -207,7 +207,7 @@ def test_student_notebook_runs_past_its_first_exercise_and_every_use_of_a_stub(p
 
 
 def test_student_book_sources_keep_outputs_and_drop_solutions(tmp_path):
-    """`make student-book`'s sources: the executed notebook, stubbed, with execution and Colab off."""
+    """`make student-book`'s sources: the executed notebook, stubbed, execution off, Colab on its branch."""
     root, executed, dest = tmp_path / "book", tmp_path / "executed", tmp_path / "student"
     (root / "chapters" / "a").mkdir(parents=True)
     (root / "_ext").mkdir()
@@ -215,6 +215,7 @@ def test_student_book_sources_keep_outputs_and_drop_solutions(tmp_path):
     (root / "_toc.yml").write_text("format: jb-book\nroot: intro\nchapters:\n  - file: chapters/a/lab\n")
     (root / "_config.yml").write_text(
         "title: T\nexecute:\n  execute_notebooks: force\nlaunch_buttons:\n  colab_url: https://colab\n"
+        "repository:\n  url: https://github.com/o/r\n  branch: colab\n"
         "bibtex_bibfiles: [refs.bib]\nsphinx:\n  local_extensions:\n    ext: _ext\n"
     )
     (root / "refs.bib").write_text("")
@@ -244,7 +245,8 @@ def test_student_book_sources_keep_outputs_and_drop_solutions(tmp_path):
     assert out["cells"][3]["outputs"] == [{"output_type": "display_data", "metadata": scrap,
                                           "data": {prefix + "text/plain": "0.9"}}], "the glued value is back"
     config = yaml.safe_load((dest / "_config.yml").read_text())
-    assert config["execute"]["execute_notebooks"] == "off" and "launch_buttons" not in config
+    assert config["execute"]["execute_notebooks"] == "off"
+    assert config["repository"]["branch"] == "colab-student", "Colab buttons open the stubbed edition"
     assert config["title"] == "T (student edition)"
     assert (dest / "intro.md").exists() and (dest / "refs.bib").exists() and (dest / "_ext" / "ext.py").exists()
     page = (dest / "intro.md").read_text()

@@ -37,6 +37,10 @@ class Context:
     def quick(self) -> bool:
         return self.scale == "quick"
 
+    @property
+    def full(self) -> bool:
+        return self.scale == "full"
+
     def __str__(self) -> str:
         versions = " ".join(f"{k} {v}" for k, v in self.versions.items())
         return f"normlab: device={self.device} scale={self.scale} seed={self.seed} | {versions}"

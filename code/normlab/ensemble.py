@@ -46,7 +46,7 @@ from tqdm import tqdm
 from normlab import nn as normlab_nn
 from normlab.data import Split
 from normlab.stats import precise_bn
-from normlab.train import show_progress
+from normlab.train import device_of, show_progress
 
 __all__ = ["Linear", "Conv", "Folded", "MemberNorm", "LSTM", "PerExample", "Vmapped", "Grouped", "Ensemble", "stack",
            "member", "member_batches", "member_loss", "SGD", "fit", "evaluate", "accuracy", "batch_accuracy"]
@@ -566,7 +566,8 @@ class SGD:
         lr = _member_lr(lr, ens.members)  # (K, 1)
         # One rate for all: torch's own arithmetic (add with alpha), so that results match it bit for bit.
         self.uniform = float(lr[0]) if bool((lr == lr[0]).all()) else None
-        self.params = [(p, lr[a : a + k], k) for p, a, k in _member_params(ens, 0, ens.members) if p.requires_grad]
+        self.params = [(p, lr[a : a + k].to(p.device), k) for p, a, k in _member_params(ens, 0, ens.members)
+                       if p.requires_grad]
         self.momentum, self.weight_decay = momentum, weight_decay
         self.buffers = [None] * len(self.params)
 
@@ -644,7 +645,8 @@ def fit(
     if not batches or any(b.dim() != 2 or b.shape[0] != K for b in batches):
         raise ValueError(f"batches must be a non-empty sequence of ({K}, B) index tensors")
     populations = [m for m in ens.modules() if isinstance(m, normlab_nn._PopulationNorm)]
-    x_all = data.x_train.expand(K, *data.x_train.shape)  # (K, n, D), a view
+    device = device_of(ens)
+    x_all = data.x_train.to(device).expand(K, *data.x_train.shape)  # (K, n, D), a view
 
     def refresh():
         precise_bn(ens, [x_all])
@@ -667,7 +669,8 @@ def fit(
     for step, idx in enumerate(bar, 1):  # idx: (K, B)
         if before_step is not None:
             before_step(step)
-        loss = member_loss(ens(data.x_train[idx]), data.y_train[idx])  # (K,)
+        x, y = data.x_train[idx].to(device), data.y_train[idx].to(device)
+        loss = member_loss(ens(x), y)  # (K,)
         opt.zero_grad()
         loss.sum().backward()  # members share no weights: each gets the gradient of its own loss
         opt.step()
@@ -677,7 +680,7 @@ def fit(
         if after_step is not None:
             after_step(step, losses[-1])
     ens.eval()
-    return torch.stack(losses, 1).numpy()
+    return torch.stack(losses, 1).cpu().numpy()
 
 
 @torch.no_grad()
@@ -686,10 +689,11 @@ def evaluate(ens: Ensemble, data: Split) -> dict:
     was = ens.training
     ens.eval()
     out = {}
+    data = data.to(device_of(ens))
     for part, x, y in (("train", data.x_train, data.y_train), ("test", data.x_test, data.y_test)):
         logits = ens(x)  # (K, N, C)
-        out[f"{part}_acc"] = (logits.argmax(-1) == y).double().mean(1).numpy()
-        out[f"{part}_loss"] = member_loss(logits, y.expand(ens.members, -1)).double().numpy()
+        out[f"{part}_acc"] = (logits.argmax(-1) == y).double().mean(1).cpu().numpy()
+        out[f"{part}_loss"] = member_loss(logits, y.expand(ens.members, -1)).double().cpu().numpy()
     out["acc_gap"] = out["train_acc"] - out["test_acc"]
     out["loss_gap"] = out["test_loss"] - out["train_loss"]
     ens.train(was)
@@ -713,10 +717,11 @@ def accuracy(ens: Ensemble, x, y, batch_size: int | None = None, train_mode: boo
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     step = batch_size or N
+    x, y = x.to(device_of(ens)), y.to(device_of(ens))
     with _batch_statistics(ens, train_mode):
         correct = sum((ens(x[:, i : i + step] if own else x[i : i + step]).argmax(-1) == y[..., i : i + step]).sum(1)
                       for i in range(0, N, step))
-    return (correct.double() / N).numpy()
+    return (correct.double() / N).cpu().numpy()
 
 
 def _uses_batch_statistics(module):

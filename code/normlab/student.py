@@ -181,6 +181,11 @@ def _restore_glue(nb: dict, glued: dict) -> None:
             cell["outputs"].append(output)
 
 
+def student_branch(branch: str) -> str:
+    """The branch of the student Colab edition, beside ``branch`` (the Colab edition's): ``colab-student``."""
+    return f"{branch}-student"
+
+
 def write_student_book(root, dest, executed=None) -> list[Path]:
     """Write the student edition's book sources into dest; return the notebooks written.
 
@@ -224,7 +229,8 @@ def write_student_book(root, dest, executed=None) -> list[Path]:
 
     config["title"] = f"{config['title']} (student edition)"
     config["execute"]["execute_notebooks"] = "off"  # outputs come from the executed solutions
-    config.pop("launch_buttons", None)
+    if "branch" in config.get("repository", {}):  # its Colab buttons open the stubbed Colab edition
+        config["repository"]["branch"] = student_branch(config["repository"]["branch"])
     (dest / "_config.yml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     return notebooks
 

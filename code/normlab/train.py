@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from normlab.data import Split
 
-__all__ = ["History", "accuracy", "show_progress", "train"]
+__all__ = ["History", "accuracy", "device_of", "show_progress", "train"]
 
 
 @dataclass
@@ -39,6 +39,19 @@ def show_progress(progress=None) -> bool:
     return os.environ.get("NORMLAB_PROGRESS", "1") != "0"
 
 
+def device_of(model: torch.nn.Module) -> torch.device:
+    """Return the device of ``model``'s first parameter or buffer (the CPU for a model with neither).
+
+    The training loops move each batch there, so a model moved with ``model.to(ctx.device)`` trains
+    on the GPU whether or not its data was moved too (moving the data once is faster).
+    """
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
 @torch.no_grad()
 def accuracy(model, x, y, batch_size=None, train_mode=False) -> float:
     """Return the fraction of ``x`` that ``model`` classifies as ``y``.
@@ -54,6 +67,7 @@ def accuracy(model, x, y, batch_size=None, train_mode=False) -> float:
     was_training = model.training
     buffers = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
     model.train(train_mode)
+    x, y = x.to(device_of(model)), y.to(device_of(model))
     try:
         step = batch_size or len(x)
         correct = sum(
@@ -106,12 +120,14 @@ def train(
         raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
 
     gen = torch.Generator().manual_seed(seed)
+    device = device_of(model)
     history = History()
     model.train()
     bar = tqdm(range(1, steps + 1), desc="train", disable=not show_progress(progress), leave=False)
     for step in bar:
         idx = torch.randperm(n, generator=gen)[:batch_size]
-        loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
+        x, y = data.x_train[idx].to(device), data.y_train[idx].to(device)
+        loss = F.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

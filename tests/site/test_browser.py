@@ -176,23 +176,32 @@ def colab_links(seen):
     return [h for h in seen["hrefs"] if "colab.research.google.com" in h]
 
 
+COLAB_EDITIONS = {"main": (ROOT / "_build" / "colab", ""), "student": (ROOT / "_build" / "colab-student", "-student")}
+
+
+@pytest.mark.parametrize("edition", COLAB_EDITIONS)
 @pytest.mark.parametrize("doc", NOTEBOOK_PAGES)
-def test_colab_button_opens_this_notebook_from_the_repository(doc, servers, browser, config):
-    links = colab_links(observe("main", doc, servers, browser))
+def test_colab_button_opens_this_notebook_from_the_colab_edition(doc, edition, servers, browser, config):
+    """Each edition's Colab button opens the notebook from its Colab edition's branch (named once in
+    _config.yml; the student edition's adds "-student"), and `make colab` wrote that notebook."""
+    folder, suffix = COLAB_EDITIONS[edition]
+    links = colab_links(observe(edition, doc, servers, browser))
     org_repo = urlparse(config["repository"]["url"]).path.strip("/")
-    expected = f"https://colab.research.google.com/github/{org_repo}/blob/{config['repository']['branch']}/{doc}.ipynb"
+    branch = config["repository"]["branch"] + suffix
+    assert branch not in ("main", "master"), "the buttons would open the MyST sources, not the Colab edition"
+    expected = f"https://colab.research.google.com/github/{org_repo}/blob/{branch}/{doc}.ipynb"
     assert links, "no Colab launch button on a notebook page"
     pattern = r"https://colab\.research\.google\.com/github/[\w.-]+/[\w.-]+/blob/[\w./-]+\.ipynb"
     for link in links:
         assert re.fullmatch(pattern, link), link
         assert link == expected, f"{link} != {expected}"
+    assert (folder / f"{doc}.ipynb").is_file(), f"the button opens {doc}.ipynb, which `make colab` did not write"
 
 
 @pytest.mark.parametrize("doc", NOTEBOOK_PAGES)
 def test_student_edition_shows_stubs_not_solutions(doc, servers, browser):
     seen = observe("student", doc, servers, browser)
     main = observe("main", doc, servers, browser)
-    assert not colab_links(seen), "a Colab button on the student edition opens the solutions"
     assert "(student edition)" in seen["title"]
     blocks = sum(cell_source(c).count(BEGIN) for c in load_notebook(ROOT / f"{doc}.ipynb")["cells"])
     assert "BEGIN SOLUTION" not in seen["text"]

@@ -144,23 +144,25 @@ def as_images(data):
                  data.name + " (images)")
 
 
-def train_cnn(kind, images, batch_size=32, epochs=3, lr=0.05, seed=0):
+def train_cnn(kind, images, batch_size=32, epochs=3, lr=0.05, seed=0, device="cpu"):
     """Train a DigitCNN with one normalization; return its test accuracy in eval mode.
 
     Equal epochs at every batch size; the learning rate scales linearly with the batch,
     ``lr * batch_size / 32`` (as Wu & He did); SGD with momentum 0.9.
+    device: where the models and batches live, e.g. ``ctx.device``.
     """
     _check_positive_int("batch_size", batch_size)
     _check_positive_int("epochs", epochs)
+    images = images.to(device)
     torch.manual_seed(seed)
-    model = DigitCNN(kind)
+    model = DigitCNN(kind).to(device)
     steps = max(1, epochs * len(images.x_train) // batch_size)
     train(model, images, steps=steps, lr=lr * batch_size / 32, batch_size=batch_size, seed=seed, progress=False)
     return accuracy(model, images.x_test, images.y_test)
 
 
 def cnn_table(images, kinds=CNN_NORMS, batch_sizes=(32, 2), seeds=(0, 1, 2), epochs=3, lr=0.05, steps=None,
-              progress=None):
+              progress=None, device="cpu"):
     """Return {(kind, batch_size): (S,) array of test accuracies}, one entry per seed.
 
     Each entry is ``train_cnn(kind, images, batch_size, epochs, lr, seed)`` for every seed, the
@@ -168,11 +170,13 @@ def cnn_table(images, kinds=CNN_NORMS, batch_sizes=(32, 2), seeds=(0, 1, 2), epo
     batch of 2 makes 16 times the updates of a batch of 32. With ``steps``, every batch size makes
     that many updates instead (equal steps; ``epochs`` is then unused); the learning rate is
     ``lr * batch_size / 32`` either way.
+    device: where the models and batches live, e.g. ``ctx.device``.
     """
     if steps is None:
         _check_positive_int("epochs", epochs)
     else:
         _check_positive_int("steps", steps)
+    images = images.to(device)
     table = {}
     for k in kinds:
         for b in batch_sizes:
@@ -181,7 +185,7 @@ def cnn_table(images, kinds=CNN_NORMS, batch_sizes=(32, 2), seeds=(0, 1, 2), epo
             for s in seeds:
                 torch.manual_seed(s)  # as train_cnn
                 models.append(DigitCNN(k))
-            ens = ensemble.stack(models)
+            ens = ensemble.stack(models).to(device)
             n_steps = max(1, epochs * len(images.x_train) // b) if steps is None else steps
             ensemble.fit(ens, images, lr=lr * b / 32, seeds=seeds, steps=n_steps, batch_size=b, progress=progress)
             table[k, b] = ensemble.accuracy(ens, images.x_test, images.y_test)
@@ -289,20 +293,22 @@ def style_loss(fa, fb):
     return loss
 
 
-def style_transfer(content, style, steps=150, style_weight=10.0, lr=0.05, seed=0):
+def style_transfer(content, style, steps=150, style_weight=10.0, lr=0.05, seed=0, device="cpu"):
     """Optimize an image to carry ``content``'s features with ``style``'s channel statistics.
 
     content, style: (1, 1, H, W) images. The target at the last layer is
     ``adain(f(content), f(style))``; the loss adds the squared differences of per-channel means and
     standard deviations at every layer (Huang & Belongie's style loss). The image starts from the
-    content. Returns a dict: 'image' (1, 1, H, W), and the style loss of the content image, of the
-    result, and of the style image against itself (0).
+    content. Returns a dict: 'image' (1, 1, H, W, on the CPU), and the style loss of the content
+    image, of the result, and of the style image against itself (0).
+    device: where the feature network and the image live, e.g. ``ctx.device``.
     """
     for name, t in (("content", content), ("style", style)):
         if t.dim() != 4 or t.shape[:2] != (1, 1):
             raise ValueError(f"{name} must be one grey image (1, 1, H, W), got {tuple(t.shape)}")
     _check_positive_int("steps", steps)
-    net = FeatureNet(seed=seed)
+    content, style = content.to(device), style.to(device)
+    net = FeatureNet(seed=seed).to(device)
     fs = net(style)
     target = adain(net(content)[-1], fs[-1]).detach()
     img = content.clone().requires_grad_()
@@ -314,7 +320,7 @@ def style_transfer(content, style, steps=150, style_weight=10.0, lr=0.05, seed=0
         loss.backward()
         opt.step()
     with torch.no_grad():
-        return {"image": img.detach(), "style_loss_before": float(style_loss(net(content), fs)),
+        return {"image": img.detach().cpu(), "style_loss_before": float(style_loss(net(content), fs)),
                 "style_loss_after": float(style_loss(net(img), fs))}
 
 
@@ -360,7 +366,7 @@ def stylization_losses(net, images, content_feats, style_stats):
 
 def stylization_experiment(contents, style, norms=STYLE_NORMS, seeds=(0,), steps=200, batch_size=8, lr=0.01,
                            style_weight=10.0, net_seed=0, channels=8, net_channels=(16, 32, 32), n_show=4,
-                           progress=None):
+                           progress=None, device="cpu"):
     """Train a feed-forward ``StyleNet`` per norm and seed to restyle content images; measure on held-out ones.
 
     Ulyanov et al.'s setting, scaled down: one style, a generator trained with Adam on batches of
@@ -372,7 +378,8 @@ def stylization_experiment(contents, style, norms=STYLE_NORMS, seeds=(0,), steps
     initial weights (the same for every norm, up to the layers that differ) and its batches.
     Returns {norm: {'style', 'content', 'total': (S,) mean held-out losses per seed,
     'train_style': (S,) style loss on the last training batch, 'images': (S, n_show, 1, H, W) the
-    first ``n_show`` held-out images restyled}}.
+    first ``n_show`` held-out images restyled, on the CPU}}.
+    device: where the models and batches live, e.g. ``ctx.device``.
     """
     _check_positive_int("steps", steps)
     _check_positive_int("batch_size", batch_size)
@@ -381,7 +388,9 @@ def stylization_experiment(contents, style, norms=STYLE_NORMS, seeds=(0,), steps
     x_train, x_test = contents.x_train, contents.x_test
     if x_train.dim() != 4 or x_train.shape[1] != 1:
         raise ValueError(f"contents must be grey images (N, 1, H, W), got {tuple(x_train.shape)}")
-    net = FeatureNet(channels=net_channels, seed=net_seed)
+    contents, style = contents.to(device), style.to(device)
+    x_train, x_test = contents.x_train, contents.x_test
+    net = FeatureNet(channels=net_channels, seed=net_seed).to(device)
     with torch.no_grad():
         style_stats = [channel_stats(f) for f in net(style)]
         test_feats = net(x_test)[-1]
@@ -392,7 +401,7 @@ def stylization_experiment(contents, style, norms=STYLE_NORMS, seeds=(0,), steps
         for s in seeds:
             torch.manual_seed(s)
             models.append(StyleNet(norm, channels))
-        ens = ensemble.stack(models)
+        ens = ensemble.stack(models).to(device)
         opt = torch.optim.Adam(ens.parameters(), lr=lr)
         gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
         ens.train()
@@ -412,9 +421,9 @@ def stylization_experiment(contents, style, norms=STYLE_NORMS, seeds=(0,), steps
             y = ens(x_test)  # (K, N, 1, H, W)
             c, st = stylization_losses(net, y.flatten(0, 1), test_feats.repeat(K, 1, 1, 1), style_stats)
             c, st = c.view(K, -1).mean(1), st.view(K, -1).mean(1)
-        out[norm] = {"style": st.double().numpy(), "content": c.double().numpy(),
-                     "total": (c + style_weight * st).double().numpy(),
-                     "train_style": train_style.double().numpy(), "images": y[:, :n_show].clone()}
+        out[norm] = {"style": st.double().cpu().numpy(), "content": c.double().cpu().numpy(),
+                     "total": (c + style_weight * st).double().cpu().numpy(),
+                     "train_style": train_style.double().cpu().numpy(), "images": y[:, :n_show].clone().cpu()}
     return out
 
 
@@ -448,10 +457,14 @@ class SeqClassifier(nn.Sequential):
                          nn.Linear(hidden_size, classes))
 
 
-def train_rnn(norm, seqs, steps=500, batch_size=32, lr=0.005, seed=0, eval_every=50):
-    """Train a SeqClassifier with Adam; return (model, History) with test accuracy every ``eval_every`` steps."""
+def train_rnn(norm, seqs, steps=500, batch_size=32, lr=0.005, seed=0, eval_every=50, device="cpu"):
+    """Train a SeqClassifier with Adam; return (model, History) with test accuracy every ``eval_every`` steps.
+
+    device: where the model and batches live, e.g. ``ctx.device``.
+    """
+    seqs = seqs.to(device)
     torch.manual_seed(seed)
-    model = SeqClassifier(norm, input_size=seqs.x_train.shape[2], max_steps=seqs.x_train.shape[1])
+    model = SeqClassifier(norm, input_size=seqs.x_train.shape[2], max_steps=seqs.x_train.shape[1]).to(device)
     hist = train(model, seqs, steps=steps, lr=lr, batch_size=batch_size, optimizer="adam", seed=seed,
                  eval_every=eval_every, progress=False)
     return model, hist
@@ -468,7 +481,7 @@ def seq_accuracy(model, x, y, batch_size=None, train_mode=False):
 
 
 def rnn_experiment(seqs, seeds, steps=300, batch_size=32, lr=0.005, pad=8, eval_every=25, n_single=100,
-                   progress=None):
+                   progress=None, device="cpu"):
     """Train a SeqClassifier per norm and seed; return what the lab plots and asserts.
 
     The seeds of one norm train together as one ``normlab.ensemble`` (Adam, each member on the
@@ -480,10 +493,12 @@ def rnn_experiment(seqs, seeds, steps=300, batch_size=32, lr=0.005, pad=8, eval_
     time instead of together; 'long' (S,) accuracy with ``pad`` blank rows in front (sequences of
     T + pad steps); for 'batch' also 'batch2' (S,), accuracy with the statistics of test batches
     of 2 instead of the running ones.
+    device: where the models and batches live, e.g. ``ctx.device``.
     """
     _check_positive_int("steps", steps)
     _check_positive_int("eval_every", eval_every)
     out = {"eval_step": np.array([s for s in range(1, steps + 1) if s % eval_every == 0 or s == steps])}
+    seqs = seqs.to(device)
     x_long = pad_front(seqs.x_test, pad)
     x_some = seqs.x_test[:n_single]
     for norm in RNN_NORMS:
@@ -491,7 +506,7 @@ def rnn_experiment(seqs, seeds, steps=300, batch_size=32, lr=0.005, pad=8, eval_
         for s in seeds:
             torch.manual_seed(s)  # as train_rnn: the seed fixes the initial weights and the batches
             models.append(SeqClassifier(norm, input_size=seqs.x_train.shape[2], max_steps=seqs.x_train.shape[1]))
-        ens = ensemble.stack(models)
+        ens = ensemble.stack(models).to(device)
         curve = []
 
         def measure(step, loss, ens=ens, curve=curve):
@@ -504,7 +519,7 @@ def rnn_experiment(seqs, seeds, steps=300, batch_size=32, lr=0.005, pad=8, eval_
             logits = ens(x_some)  # (S, n_single, classes)
             one = torch.cat([ens(x_some[i : i + 1]) for i in range(len(x_some))], 1)
         rec = {"curve": np.stack(curve, 1), "full": ensemble.accuracy(ens, seqs.x_test, seqs.y_test),
-               "b1_max_diff": (logits - one).abs().amax((1, 2)).double().numpy(),
+               "b1_max_diff": (logits - one).abs().amax((1, 2)).double().cpu().numpy(),
                "long": ensemble.accuracy(ens, x_long, seqs.y_test)}
         if norm == "batch":
             rec["batch2"] = ensemble.batch_accuracy(ens, seqs.x_test, seqs.y_test, 2)

@@ -73,8 +73,9 @@ def time_varying_noise(a, mu_t, sigma_t, generator=None):
     and per member in an ensemble). The output has the shape of a.
     """
     h, s_std = NOISE["m_halfwidth"], NOISE["s_std"]
-    m = mu_t + h * (2 * torch.rand(a.shape, generator=generator, dtype=a.dtype) - 1)
-    s = sigma_t + s_std * torch.randn(a.shape, generator=generator, dtype=a.dtype)
+    # drawn on the CPU (the generator's device), then moved to a's
+    m = mu_t + (h * (2 * torch.rand(a.shape, generator=generator, dtype=a.dtype) - 1)).to(a.device)
+    s = sigma_t + (s_std * torch.randn(a.shape, generator=generator, dtype=a.dtype)).to(a.device)
     return s * a + m
 
 
@@ -101,7 +102,7 @@ class NoisyBatchNorm1d(normlab_nn.BatchNorm1d):
         out = super().forward(input)
         if not self.training:
             return out
-        mu_t, sigma_t = _draw_step_noise((), self.generator, out.dtype)
+        mu_t, sigma_t = (t.to(out.device) for t in _draw_step_noise((), self.generator, out.dtype))
         return time_varying_noise(out, mu_t, sigma_t, self.generator)
 
 
@@ -115,7 +116,7 @@ class _StepNoise(nn.Module):
     def forward(self, z):
         if not (self.training and self.enabled):
             return z
-        mu_t, sigma_t = _draw_step_noise((z.shape[0], 1, 1), self.generator)
+        mu_t, sigma_t = (t.to(z.device) for t in _draw_step_noise((z.shape[0], 1, 1), self.generator))
         return time_varying_noise(z, mu_t, sigma_t, self.generator)
 
 
@@ -315,8 +316,8 @@ def _ics(net, x, y, lr, step_norm=None):
             G2 = grads2[weights[i]].flatten(1)
             rel.append((G - G2).norm(dim=1) / G.norm(dim=1))
             cos.append(F.cosine_similarity(G, G2, dim=1))
-        out["rel" + suffix] = torch.stack(rel, 1).numpy()
-        out["cos" + suffix] = torch.stack(cos, 1).numpy()
+        out["rel" + suffix] = torch.stack(rel, 1).cpu().numpy()
+        out["cos" + suffix] = torch.stack(cos, 1).cpu().numpy()
     return out
 
 
@@ -345,7 +346,7 @@ def _smoothness(net, x, y, lr, multipliers):
     loss_var = torch.nan_to_num(losses.max(1).values - losses.min(1).values, nan=float("inf"))
     grad_change = torch.nan_to_num(torch.stack(changes, 1).max(1).values, nan=float("inf"))
     beta = torch.nan_to_num(torch.stack(betas, 1).max(1).values, nan=float("inf"))
-    return {"loss_var": loss_var.numpy(), "grad_change": grad_change.numpy(), "beta": beta.numpy()}
+    return {"loss_var": loss_var.cpu().numpy(), "grad_change": grad_change.cpu().numpy(), "beta": beta.cpu().numpy()}
 
 
 def train_ensemble(
@@ -369,6 +370,7 @@ def train_ensemble(
     ics_step_norm: float | None = None,
     residual: int = 0,
     progress: bool | None = None,
+    device="cpu",
 ) -> Run:
     """Train K MLPs at once with plain SGD on ``data``; return what they recorded (see ``Run``).
 
@@ -381,6 +383,7 @@ def train_ensemble(
     residual: that many pre-activation residual blocks of width hidden[0] (see
     ``_build_residual``; hidden then names one width, act must be "relu", and there is no probe,
     noise or ICS); 0: the plain stack of ``hidden`` layers.
+    device: where the models and batches live, e.g. ``ctx.device``.
     """
     seeds = [int(s) for s in seeds]
     if not seeds:
@@ -417,6 +420,8 @@ def train_ensemble(
     if residual and use_noise.any():
         raise ValueError("a residual network takes no noise (use_noise must be False)")
 
+    data = data.to(device)
+
     # Saturated sigmoids and vanishing gradients make subnormal floats, which slow CPU arithmetic
     # by up to 100x; flushing them to zero changes no result that matters and keeps runs in budget.
     torch.set_flush_denormal(True)
@@ -430,7 +435,7 @@ def train_ensemble(
             runs.append(_train_ensemble(data, [seeds[k] for k in idx], b, z, lr[idx], init_scale[idx],
                                         scale_output, steps, hidden, act, batch_size, eval_every, probe_layer,
                                         probe_units, check_every, smooth_multipliers, ics_step_norm, residual,
-                                        progress))
+                                        progress, device))
             order += idx
         return _merge_runs(runs, np.argsort(order))
     finally:
@@ -456,8 +461,9 @@ def _merge_runs(runs, index):
 
 def _train_ensemble(data, seeds, use_bn, use_noise, lr, init_scale, scale_output, steps, hidden, act, batch_size,
                     eval_every, probe_layer, probe_units, check_every, smooth_multipliers, ics_step_norm,
-                    residual, progress):
-    """Train one stack of members that agree on BN and noise (use_bn, use_noise: bools)."""
+                    residual, progress, device):
+    """Train one stack of members that agree on BN and noise (use_bn, use_noise: bools) on ``device``,
+    where ``data`` already is."""
     K, n = len(seeds), len(data.x_train)
     sizes = [data.num_features, *hidden, data.num_classes]
     noise_gen = torch.Generator().manual_seed(seeds[0] + 104729)
@@ -465,25 +471,27 @@ def _train_ensemble(data, seeds, use_bn, use_noise, lr, init_scale, scale_output
         net = _build_residual(sizes, use_bn, init_scale, seeds, residual)
     else:
         net = _build(sizes, act, use_bn, use_noise, init_scale, seeds, noise_gen, scale_output)
+    net = net.to(device)
+    lr_on_device = lr.to(device)  # the ICS and smoothness measurements' steps
     probes = [m for m in net if isinstance(m, _Probe)]
     gens = [torch.Generator().manual_seed(s + 7919) for s in seeds]  # mini-batch order per member
     batches = [torch.stack([torch.randperm(n, generator=g)[:batch_size] for g in gens]) for _ in range(steps)]
     eval_step, accs, probe_step, pcts = [], [], [], []
     ics, smooth = {}, {}
-    q = torch.tensor([0.15, 0.5, 0.85])
+    q = torch.tensor([0.15, 0.5, 0.85], device=device)
 
     @torch.no_grad()
     def evaluate(step):
         net.eval()
         logits = net(data.x_test)  # (K, N_test, C)
-        accs.append((logits.argmax(-1) == data.y_test).float().mean(1).numpy())
+        accs.append((logits.argmax(-1) == data.y_test).float().mean(1).cpu().numpy())
         eval_step.append(step)
         if probe_layer is not None:
             probe = probes[probe_layer]
             probe.record, probe.units = [], probe_units
             with _Clean(net, noise=True):  # batch statistics and noise, the running statistics kept
                 net(data.x_test)
-            pcts.append(torch.quantile(probe.record[0], q, dim=1).permute(1, 0, 2).numpy())  # (K, 3, U)
+            pcts.append(torch.quantile(probe.record[0], q, dim=1).permute(1, 0, 2).cpu().numpy())  # (K, 3, U)
             probe.record = None
             probe_step.append(step)
         net.train()
@@ -492,8 +500,8 @@ def _train_ensemble(data, seeds, use_bn, use_noise, lr, init_scale, scale_output
         if check_every and (step == 1 or step % check_every == 0):
             idx = batches[step - 1]
             x, y = data.x_train[idx], data.y_train[idx]  # (K, B, D), (K, B)
-            ics[step] = _ics(net, x, y, lr, ics_step_norm)
-            smooth[step] = _smoothness(net, x, y, lr, smooth_multipliers)
+            ics[step] = _ics(net, x, y, lr_on_device, ics_step_norm)
+            smooth[step] = _smoothness(net, x, y, lr_on_device, smooth_multipliers)
 
     def after_step(step, loss):
         if step % eval_every == 0 or step == steps:
@@ -598,14 +606,15 @@ def _seeds(seed, n):
     return [1000 * int(seed) + i for i in range(n)]
 
 
-def fig1_experiment(data, *, seed=0, n_seeds=3, steps=1500, lr=0.5, eval_every=25, progress=None):
+def fig1_experiment(data, *, seed=0, n_seeds=3, steps=1500, lr=0.5, eval_every=25, progress=None, device="cpu"):
     """Train the sigmoid MLP of Fig. 1 with and without BN at one learning rate; return (bn, plain).
 
     Each is a ``Run`` of n_seeds members; the probe records 10 units of the last hidden layer.
+    device: where the models and batches live, e.g. ``ctx.device``.
     """
     seeds = _seeds(seed, n_seeds)
     common = dict(steps=steps, lr=lr, act="sigmoid", batch_size=60, eval_every=eval_every, probe_layer=2,
-                  progress=progress)
+                  progress=progress, device=device)
     run = train_ensemble(data, seeds=seeds * 2, use_bn=[1] * n_seeds + [0] * n_seeds, **common)
     return _split_run(run, 2)
 
@@ -632,11 +641,12 @@ def _split_run(run, groups):
 
 
 def lr_sweep(data, lrs, *, seed=0, n_seeds=3, steps=400, hidden=(100, 100, 100), act="relu", eval_every=10,
-             progress=None):
+             progress=None, device="cpu"):
     """Train with and without BN at each learning rate; return (bn, plain) test accuracy curves.
 
     Each is an array (len(lrs), n_seeds, E) of test accuracies, plus the eval steps: (acc_bn,
     acc_plain, eval_step).
+    device: where the models and batches live, e.g. ``ctx.device``.
     """
     lrs = [float(v) for v in lrs]
     if not lrs or min(lrs) <= 0:
@@ -646,13 +656,13 @@ def lr_sweep(data, lrs, *, seed=0, n_seeds=3, steps=400, hidden=(100, 100, 100),
     members_lr = [v for v in lrs for _ in seeds] * 2
     use_bn = [1] * (L * n_seeds) + [0] * (L * n_seeds)
     run = train_ensemble(data, seeds=seeds * L * 2, use_bn=use_bn, lr=members_lr, steps=steps, hidden=hidden,
-                         act=act, eval_every=eval_every, progress=progress)
+                         act=act, eval_every=eval_every, progress=progress, device=device)
     acc = np.nan_to_num(run.test_acc).reshape(2, L, n_seeds, -1)
     return acc[0], acc[1], run.eval_step
 
 
 def lr_sweep_variants(data, lrs, variants, *, seed=0, n_seeds=3, steps=400, hidden=(100, 100, 100), act="relu",
-                      eval_every=10, residual=0, progress=None):
+                      eval_every=10, residual=0, progress=None, device="cpu"):
     """Train every variant at each learning rate; return ({name: test accuracy curves}, eval steps).
 
     variants: name -> (use_bn, init_scale), the scale of the hidden layers' initial weights (the
@@ -660,6 +670,7 @@ def lr_sweep_variants(data, lrs, variants, *, seed=0, n_seeds=3, steps=400, hidd
     a ReLU network. Each curve array is (len(lrs), n_seeds, E); every variant gets the same seeds.
     residual: that many residual blocks of width hidden[0] instead of the plain stack (see
     ``train_ensemble``).
+    device: where the models and batches live, e.g. ``ctx.device``.
     """
     lrs = [float(v) for v in lrs]
     if not lrs or min(lrs) <= 0:
@@ -671,18 +682,19 @@ def lr_sweep_variants(data, lrs, variants, *, seed=0, n_seeds=3, steps=400, hidd
     cells = [(b, s, v) for b, s in variants.values() for v in lrs for _ in seeds]  # variant, rate, seed
     run = train_ensemble(data, seeds=seeds * L * V, use_bn=[c[0] for c in cells], init_scale=[c[1] for c in cells],
                          scale_output=False, lr=[c[2] for c in cells], steps=steps, hidden=hidden, act=act,
-                         eval_every=eval_every, residual=residual, progress=progress)
+                         eval_every=eval_every, residual=residual, progress=progress, device=device)
     acc = np.nan_to_num(run.test_acc).reshape(V, L, n_seeds, -1)
     return dict(zip(variants, acc)), run.eval_step
 
 
 def init_sweep(data, scales, *, seed=0, n_seeds=3, steps=400, lr=0.1, hidden=(100, 100, 100), act="relu",
-               scale_output=False, progress=None):
+               scale_output=False, progress=None, device="cpu"):
     """Train with and without BN from each initial weight scale; return final accuracies (bn, plain).
 
     The hidden layers' weights start ~ N(0, scale^2 / fan_in); the output layer's, which no BN
     follows, at scale 1 unless ``scale_output`` (then a large scale also inflates the logits and
     saturates the softmax, with or without BN). Each result is (len(scales), n_seeds).
+    device: where the models and batches live, e.g. ``ctx.device``.
     """
     scales = [float(v) for v in scales]
     if not scales or min(scales) <= 0:
@@ -693,7 +705,7 @@ def init_sweep(data, scales, *, seed=0, n_seeds=3, steps=400, lr=0.1, hidden=(10
     use_bn = [1] * (S * n_seeds) + [0] * (S * n_seeds)
     run = train_ensemble(data, seeds=seeds * S * 2, use_bn=use_bn, lr=lr, init_scale=init,
                          scale_output=scale_output, steps=steps, hidden=hidden, act=act, eval_every=steps,
-                         progress=progress)
+                         progress=progress, device=device)
     acc = np.nan_to_num(run.test_acc[:, -1]).reshape(2, S, n_seeds)
     return acc[0], acc[1]
 
@@ -706,12 +718,13 @@ def block_growth(scale):
 
 
 @torch.no_grad()
-def residual_signal(data, init_scales, *, seed=0, n_seeds=3, blocks=3, width=100):
+def residual_signal(data, init_scales, *, seed=0, n_seeds=3, blocks=3, width=100, device="cpu"):
     """The mean square of a residual MLP's signal at initialization, without BN.
 
     For each initial scale (see ``_build_residual``) and seed: the mean square over the training
     inputs and the units of x after the first Linear and after each residual block. Returns an
     array (len(init_scales), n_seeds, blocks + 1).
+    device: where the models and batches live, e.g. ``ctx.device``.
     """
     scales = [float(v) for v in init_scales]
     if not scales or min(scales) <= 0:
@@ -720,13 +733,15 @@ def residual_signal(data, init_scales, *, seed=0, n_seeds=3, blocks=3, width=100
     _check_positive_int("width", width)
     seeds = _seeds(seed, n_seeds)
     init = torch.tensor([v for v in scales for _ in seeds])
+    data = data.to(device)
     net = _build_residual([data.num_features, width, data.num_classes], False, init, seeds * len(scales), blocks)
+    net = net.to(device)
     z = net[0](data.x_train.expand(len(init), *data.x_train.shape))
     out = [(z**2).mean((1, 2))]
     for block in list(net)[1 : blocks + 1]:
         z = block(z)
         out.append((z**2).mean((1, 2)))
-    return torch.stack(out, 1).reshape(len(scales), n_seeds, blocks + 1).numpy()
+    return torch.stack(out, 1).reshape(len(scales), n_seeds, blocks + 1).cpu().numpy()
 
 
 VARIANTS = ("bn", "noisy_bn", "plain", "noisy_plain")
@@ -741,13 +756,15 @@ NOISY_NETS = {
 
 
 def noisy_bn_experiment(data, *, seed=0, n_seeds=3, steps=600, lr=0.1, hidden=(64,) * 6, batch_size=128,
-                        eval_every=20, check_every=None, ics_step_norm=None, variants=VARIANTS, progress=None):
+                        eval_every=20, check_every=None, ics_step_norm=None, variants=VARIANTS, progress=None,
+                        device="cpu"):
     """Train standard, BN, noisy-BN and noisy-standard ReLU MLPs; return {variant: Run}.
 
     variants: names from ``NOISY_NETS`` ("plain_he" adds a He-initialized standard network; every
     other network starts at LeCun's scale, N(0, 1 / fan_in)). The probe records the last hidden
     layer (after BN and noise). check_every: also measure ICS and smoothness every that many
     steps; ics_step_norm: the l2 norm of the equal-length step for ICS (see ``_ics``).
+    device: where the models and batches live, e.g. ``ctx.device``.
     """
     unknown = [v for v in variants if v not in NOISY_NETS]
     if unknown or not variants:
@@ -758,6 +775,6 @@ def noisy_bn_experiment(data, *, seed=0, n_seeds=3, steps=600, lr=0.1, hidden=(6
         data, seeds=seeds * len(variants), use_bn=[n[0] for n in nets], use_noise=[n[1] for n in nets],
         init_scale=[n[2] for n in nets], scale_output=False, lr=lr, steps=steps, hidden=hidden, act="relu",
         batch_size=batch_size, eval_every=eval_every, probe_layer=len(hidden) - 1, check_every=check_every,
-        ics_step_norm=ics_step_norm, progress=progress,
+        ics_step_norm=ics_step_norm, progress=progress, device=device,
     )
     return dict(zip(variants, _split_run(run, len(variants))))

@@ -90,17 +90,20 @@ def _accuracy(model, x, y):
     return acc
 
 
-def train_single(data: Split, seed, batch_size, steps, ghost=None):
+def train_single(data: Split, seed, batch_size, steps, ghost=None, *, device="cpu"):
     """Train in this process for ``steps`` steps on batches of ``batch_size`` (plain SGD, lr 0.1 * B / 32).
 
     ghost: if given, BN layers are ``GhostBatchNorm1d(virtual_batch_size=ghost)``. Returns a dict
-    with the training loss per step, the test accuracy (eval mode) and the final state dict.
+    with the training loss per step, the test accuracy (eval mode) and the final state dict (on ``device``).
+    device: where the models and batches live, e.g. ``ctx.device``.
     """
     _check_positive_int("batch_size", batch_size)
     _check_positive_int("steps", steps)
+    data = data.to(device)
     model = make_model(data.num_features, data.num_classes, seed)
     if ghost is not None:
         _to_ghost(model, ghost)
+    model = model.to(device)
     opt = torch.optim.SGD(model.parameters(), lr=_lr(batch_size))
     x, y = data.x_train.double(), data.y_train
     losses = []
@@ -123,7 +126,7 @@ def _to_ghost(model, ghost):
     return model
 
 
-def per_device_sweep(data: Split, seeds, per_device_sizes, *, world, steps, progress=None):
+def per_device_sweep(data: Split, seeds, per_device_sizes, *, world, steps, progress=None, device="cpu"):
     """Per-device BN against SyncBN at several per-device batches, trained in this one process.
 
     With equal slices under DDP, per-device BN computes what one process computes with BN
@@ -135,6 +138,7 @@ def per_device_sweep(data: Split, seeds, per_device_sizes, *, world, steps, prog
     0.1 * world * b / 32, ``steps`` steps, in float32 (one ensemble per b). Returns
     {b: {"local": (S,), "sync": (S,)}}: test accuracy in eval mode. The running statistics differ
     from a rank's: a ghost layer averages its groups' statistics, a rank sees only its own slice.
+    device: where the models and batches live, e.g. ``ctx.device``.
     """
     from normlab import ensemble
 
@@ -146,6 +150,7 @@ def per_device_sweep(data: Split, seeds, per_device_sizes, *, world, steps, prog
         raise ValueError(f"per_device_sizes must be ints >= 2 (BN needs two values), got {per_device_sizes!r}")
     _check_positive_int("world", world)
     _check_positive_int("steps", steps)
+    data = data.to(device)
     n, S = len(data.x_train), len(seeds)
     out = {}
     for b in sizes:
@@ -153,7 +158,7 @@ def per_device_sweep(data: Split, seeds, per_device_sizes, *, world, steps, prog
         models = [make_model(data.num_features, data.num_classes, s).float() for _ in MODES for s in seeds]
         for m in models[:S]:  # "local" first, as MODES
             _to_ghost(m, b)
-        net = ensemble.stack(models)
+        net = ensemble.stack(models).to(device)
         idx = torch.stack([batch_indices(n, B, steps, s) for s in seeds])  # (S, steps, B)
         batches = [idx[:, t].repeat(len(MODES), 1) for t in range(steps)]
         ensemble.fit(net, data, lr=_lr(B), batches=batches, momentum=0.0, progress=progress)
@@ -166,28 +171,36 @@ def _grads(model):
     return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
 
 
-def grad_single(data: Split, seed, idx):
-    """Return the gradient (all parameters, flat) of the mean loss on the batch ``idx``, one process."""
-    model = make_model(data.num_features, data.num_classes, seed)
+def grad_single(data: Split, seed, idx, *, device="cpu"):
+    """Return the gradient (all parameters, flat) of the mean loss on the batch ``idx``, one process.
+
+    device: where the models and batches live, e.g. ``ctx.device``. The gradient comes back on the
+    CPU, where the DDP workers' are.
+    """
+    data = data.to(device)
+    model = make_model(data.num_features, data.num_classes, seed).to(device)
     F.cross_entropy(model(data.x_train[idx].double()), data.y_train[idx]).backward()
-    return _grads(model)
+    return _grads(model).cpu()
 
 
-def grad_accumulated(data: Split, seed, idx, k, frozen=False):
+def grad_accumulated(data: Split, seed, idx, k, frozen=False, *, device="cpu"):
     """Return the gradient accumulated over k equal micro-batches of ``idx`` (each loss divided by k).
 
     frozen=True first sets every BN layer's running statistics to those of the whole batch
     (``precise_bn``) and runs BN in eval mode: the micro-batches share one normalization.
+    device: where the models and batches live, e.g. ``ctx.device``. The gradient comes back on the
+    CPU, where the DDP workers' are.
     """
     from normlab.stats import precise_bn
 
-    model = make_model(data.num_features, data.num_classes, seed)
+    data = data.to(device)
+    model = make_model(data.num_features, data.num_classes, seed).to(device)
     x, y = data.x_train[idx].double(), data.y_train[idx]
     if frozen:
         precise_bn(model, [x])  # leaves the model in eval mode
     for xm, ym in zip(x.chunk(k), y.chunk(k)):
         (F.cross_entropy(model(xm), ym) / k).backward()
-    return _grads(model)
+    return _grads(model).cpu()
 
 
 def _bn_stats(model):

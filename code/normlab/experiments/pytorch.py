@@ -175,7 +175,7 @@ def _cnns(placement, head, seeds, channels):
 
 
 def placement_experiment(data, seeds, *, steps, lrs, tune_seeds, val_size=300, nets=None, batch_size=64,
-                         channels=(16, 32), progress=None):
+                         channels=(16, 32), progress=None, device="cpu"):
     """Tune and train the CNN with BN before and after the ReLU, at each head; return a ``PlacementResult``.
 
     nets: the (placement, head) pairs to run (default: all four). Each net is tuned the same way:
@@ -188,6 +188,7 @@ def placement_experiment(data, seeds, *, steps, lrs, tune_seeds, val_size=300, n
     weights (the same for every net: the layers are created in the same order) and the order of
     the mini-batches, so the nets are compared in pairs. Each trained model is tested twice: with
     the running statistics training left, and with statistics recomputed over the training set.
+    device: where the models and batches live, e.g. ``ctx.device`` (the returned models stay there).
     """
     if not isinstance(data, Split):
         raise ValueError(f"data must be a normlab.data.Split, got {type(data).__name__}")
@@ -200,11 +201,12 @@ def placement_experiment(data, seeds, *, steps, lrs, tune_seeds, val_size=300, n
     for p, h in nets:
         if p not in PLACEMENTS or h not in HEADS:
             raise ValueError(f"each net must be (placement, head) from {PLACEMENTS} x {HEADS}, got {(p, h)}")
+    data = data.to(device)
     tune = validation_split(data, val_size, tune_seeds[0])
     result = PlacementResult(seeds=seeds, lrs=lrs)
     for p, h in nets:
         # tuning: members rate-major, then seed
-        ens = ensemble.stack([m for _ in lrs for m in _cnns(p, h, tune_seeds, channels)])
+        ens = ensemble.stack([m for _ in lrs for m in _cnns(p, h, tune_seeds, channels)]).to(device)
         ensemble.fit(ens, tune, lr=[lr for lr in lrs for _ in tune_seeds], seeds=tune_seeds * len(lrs),
                      steps=steps, batch_size=batch_size, progress=progress)
         precise = recompute_bn_statistics(ens, tune.x_train, batch_size=batch_size)
@@ -212,7 +214,7 @@ def placement_experiment(data, seeds, *, steps, lrs, tune_seeds, val_size=300, n
         result.val_acc[p, h] = val.tolist()
         result.lr[p, h] = lr = lrs[int(np.argmax(val))]  # the first of equal maxima: the smaller rate
         # the paired runs, at the chosen rate
-        ens = ensemble.stack(_cnns(p, h, seeds, channels))
+        ens = ensemble.stack(_cnns(p, h, seeds, channels)).to(device)
         ensemble.fit(ens, data, lr=lr, seeds=seeds, steps=steps, batch_size=batch_size, progress=progress)
         precise = recompute_bn_statistics(ens, data.x_train, batch_size=batch_size)
         result.acc[p, h] = ensemble.accuracy(ens, data.x_test, data.y_test).tolist()

@@ -27,7 +27,7 @@ from normlab.data import Split
 from normlab.experiments import _check_positive_int, seeds_for
 from normlab.nn import GhostBatchNorm1d, PopulationNorm1d
 from normlab.stats import batch_norm_layers, precise_bn
-from normlab.train import show_progress, train
+from normlab.train import device_of, show_progress, train
 
 __all__ = [
     "NORMS",
@@ -101,13 +101,16 @@ def make_mlp(
     momentum: float | None = 0.1,
     virtual_batch_size: int | None = None,
     seed: int = 0,
+    device="cpu",
 ) -> nn.Sequential:
     """Return an MLP: ``depth`` blocks of Linear -> norm -> ReLU, then a Linear classifier.
 
     norm: one of ``NORMS`` ("none" leaves the norm out). dropout: the drop probability p of
     inverted dropout (``nn.Dropout``), placed after *every* block's ReLU (``dropout_at="every"``:
     each hidden dropout then feeds the next block's BN, Li et al.'s setting) or only after the last
-    one (``"after_last"``: no BN sees a dropped-out input). The weights are drawn from ``seed``.
+    one (``"after_last"``: no BN sees a dropped-out input). The weights are drawn from ``seed``
+    (on the CPU, then the model moves to ``device``).
+    device: where the models and batches live, e.g. ``ctx.device``.
     """
     _check_positive_int("width", width)
     _check_positive_int("depth", depth)
@@ -125,7 +128,7 @@ def make_mlp(
             layers.append(nn.Dropout(dropout))
         d = width
     layers.append(nn.Linear(d, num_classes))
-    return nn.Sequential(*layers)
+    return nn.Sequential(*layers).to(device)
 
 
 def subset(data: Split, n: int, seed: int = 0) -> Split:
@@ -157,7 +160,9 @@ def _population_refresher(x_train, every):
 
 def fit(model, data: Split, *, steps: int, batch_size: int, lr: float, seed: int = 0, weight_decay=0.0):
     """Train ``model`` with SGD (momentum 0.9); return it. Population norm layers, if any, get the
-    whole training set's statistics before the first step and after every epoch of steps."""
+    whole training set's statistics before the first step and after every epoch of steps. The model
+    trains where it is (``make_mlp(..., device=ctx.device)``); ``data`` moves there."""
+    data = data.to(device_of(model))
     refresh = None
     if any(isinstance(m, PopulationNorm1d) for m in model.modules()):
         precise_bn(model, [data.x_train])
@@ -173,7 +178,11 @@ def fit(model, data: Split, *, steps: int, batch_size: int, lr: float, seed: int
 
 @torch.no_grad()
 def evaluate(model, data: Split) -> dict:
-    """Return train and test accuracy and cross-entropy of ``model`` in eval mode, and the gaps."""
+    """Return train and test accuracy and cross-entropy of ``model`` in eval mode, and the gaps.
+
+    The model runs where it is; ``data`` moves there.
+    """
+    data = data.to(device_of(model))
     was = model.training
     model.eval()
     out = {}
@@ -191,15 +200,18 @@ def _bar(iterable, desc, progress):
     return tqdm(iterable, desc=desc, disable=not show_progress(progress), leave=False)
 
 
-def fit_seeds(data: Split, seeds, *, steps: int, batch_size: int, lr: float, weight_decay=0.0, **model_kw):
+def fit_seeds(data: Split, seeds, *, steps: int, batch_size: int, lr: float, weight_decay=0.0, device="cpu",
+              **model_kw):
     """Train ``make_mlp(..., seed=s, **model_kw)`` for every seed s at once, as ``fit`` trains one; return the Ensemble.
 
     Member k is the model ``fit(make_mlp(..., seed=seeds[k]), data, ..., seed=seeds[k])`` returns
     (dropout masks aside), in eval mode; ``normlab.ensemble.evaluate`` gives its numbers.
+    device: where the models and batches live, e.g. ``ctx.device``.
     """
     seeds = [int(s) for s in seeds]
+    data = data.to(device)
     models = [make_mlp(data.num_features, data.num_classes, seed=s, **model_kw) for s in seeds]
-    ens = ensemble.stack(models)
+    ens = ensemble.stack(models).to(device)
     ensemble.fit(ens, data, steps=steps, batch_size=batch_size, lr=lr, seeds=seeds, weight_decay=weight_decay,
                  progress=False)
     return ens
@@ -273,7 +285,7 @@ def loglog_slope(x, y):
 
 
 def gap_vs_batch_size(data, batch_sizes, seeds, *, norms=("bn", "population", "none"), epochs=10, lr=0.05,
-                      base_batch=32, width=128, progress=None):
+                      base_batch=32, width=128, progress=None, device="cpu"):
     """Train one MLP per (norm, batch size, seed) for ``epochs`` epochs; evaluate each.
 
     The learning rate scales with the batch, ``lr * B / base_batch``, so that the noise of SGD
@@ -281,14 +293,17 @@ def gap_vs_batch_size(data, batch_sizes, seeds, *, norms=("bn", "population", "n
     the same number of examples. What then changes with B is the noise of BN's batch statistics;
     population norm, which normalizes with fixed statistics, isolates it.
     Returns {norm: {metric: (len(batch_sizes), len(seeds)) array}} with the metrics of ``evaluate``.
+    device: where the models and batches live, e.g. ``ctx.device``.
     """
     _check_positive_int("epochs", epochs)
+    data = data.to(device)
     results = {norm: {} for norm in norms}
     jobs = [(norm, i) for norm in norms for i in range(len(batch_sizes))]
     for norm, i in _bar(jobs, "gap vs batch size", progress):
         b = batch_sizes[i]
         steps = max(1, epochs * len(data.x_train) // b)
-        ens = fit_seeds(data, seeds, steps=steps, batch_size=b, lr=lr * b / base_batch, width=width, norm=norm)
+        ens = fit_seeds(data, seeds, steps=steps, batch_size=b, lr=lr * b / base_batch, width=width, norm=norm,
+                        device=device)
         for key, value in ensemble.evaluate(ens, data).items():
             results[norm].setdefault(key, np.zeros((len(batch_sizes), len(seeds))))[i] = value
     return results
@@ -308,12 +323,18 @@ DROPOUT_CONFIGS = {
 }
 
 
-def dropout_table(data, seeds, *, configs=None, steps=600, batch_size=32, lr=0.02, width=128, progress=None):
-    """Train each configuration of ``DROPOUT_CONFIGS`` once per seed; return {name: {metric: (seeds,)}}."""
+def dropout_table(data, seeds, *, configs=None, steps=600, batch_size=32, lr=0.02, width=128, progress=None,
+                  device="cpu"):
+    """Train each configuration of ``DROPOUT_CONFIGS`` once per seed; return {name: {metric: (seeds,)}}.
+
+    device: where the models and batches live, e.g. ``ctx.device``.
+    """
     configs = DROPOUT_CONFIGS if configs is None else configs
+    data = data.to(device)
     results = {}
     for name in _bar(configs, "BN vs dropout", progress):
-        ens = fit_seeds(data, seeds, steps=steps, batch_size=batch_size, lr=lr, width=width, **configs[name])
+        ens = fit_seeds(data, seeds, steps=steps, batch_size=batch_size, lr=lr, width=width, device=device,
+                        **configs[name])
         results[name] = ensemble.evaluate(ens, data)
     return results
 
@@ -329,8 +350,10 @@ def variance_ratio(model, x):
 
     The model runs on ``x`` in eval mode (dropout off), as at test time; each BN layer's input is
     recorded and its per-channel variance compared with ``running_var``. Returns a list with one
-    (C,) numpy array per BN layer; 1 means the stored statistics fit what the layer sees.
+    (C,) numpy array per BN layer; 1 means the stored statistics fit what the layer sees. The model
+    runs where it is; ``x`` moves there.
     """
+    x = x.to(device_of(model))
     layers = batch_norm_layers(model)
     if not layers:
         raise ValueError("the model has no batch norm layers")
@@ -344,7 +367,7 @@ def variance_ratio(model, x):
         for hook in hooks:
             hook.remove()
         model.train(was)
-    return [(m.running_var / seen[m].var(dim=0)).numpy() for m in layers]
+    return [(m.running_var / seen[m].var(dim=0)).cpu().numpy() for m in layers]
 
 
 def _member_ratio(ens, x, layer=1):
@@ -352,7 +375,8 @@ def _member_ratio(ens, x, layer=1):
     return np.median(variance_ratio(ens, x)[layer].reshape(ens.members, -1), axis=1)
 
 
-def variance_shift(data, seeds, *, p=0.5, steps=1000, batch_size=64, lr=0.05, width=128, progress=None):
+def variance_shift(data, seeds, *, p=0.5, steps=1000, batch_size=64, lr=0.05, width=128, progress=None,
+                   device="cpu"):
     """Dropout before BN: the variance shift, its accuracy cost and two fixes, per seed.
 
     Trains three models per seed: no dropout; dropout p after every block (so the second block's
@@ -361,7 +385,9 @@ def variance_shift(data, seeds, *, p=0.5, steps=1000, batch_size=64, lr=0.05, wi
     ``precise_bn`` recomputes them with dropout off. Returns {name: {"acc": (seeds,), "ratio":
     (seeds,)}}, ratio being the median over channels of running var / test-time var in the
     second BN layer (the first sees no dropout).
+    device: where the models and batches live, e.g. ``ctx.device``.
     """
+    data = data.to(device)
     names = ("no dropout", "dropout before BN", "dropout before BN + precise BN", "dropout after the last BN")
     out = {name: {"acc": np.zeros(len(seeds)), "ratio": np.zeros(len(seeds))} for name in names}
     setups = {
@@ -371,7 +397,8 @@ def variance_shift(data, seeds, *, p=0.5, steps=1000, batch_size=64, lr=0.05, wi
     }
     chunk = 500  # precise_bn sees the training set in batches of this size
     for name in _bar(setups, "variance shift", progress):
-        ens = fit_seeds(data, seeds, steps=steps, batch_size=batch_size, lr=lr, width=width, **setups[name])
+        ens = fit_seeds(data, seeds, steps=steps, batch_size=batch_size, lr=lr, width=width, device=device,
+                        **setups[name])
         out[name]["acc"] = ensemble.evaluate(ens, data)["test_acc"]
         out[name]["ratio"] = _member_ratio(ens, data.x_test)
         if name == "dropout before BN":
@@ -387,14 +414,17 @@ def variance_shift(data, seeds, *, p=0.5, steps=1000, batch_size=64, lr=0.05, wi
 # --------------------------------------------------------------------------------------------
 
 
-def ghost_batches(data, seeds, *, small=16, large=256, epochs=5, lr=0.01, width=128, progress=None):
+def ghost_batches(data, seeds, *, small=16, large=256, epochs=5, lr=0.01, width=128, progress=None,
+                  device="cpu"):
     """Small vs large batches, regime adaptation and ghost batch norm; test accuracy per seed.
 
     Runs per seed: the small batch for ``epochs`` epochs (lr); the large batch for the same epochs
     (far fewer steps) with lr * sqrt(large / small) (Hoffer et al.'s square-root rule); the large
     batch for as many steps as the small one ("regime adaptation"); and the same with ghost batch
     norm over virtual batches of ``small``. Returns {name: (seeds,) test accuracies, and "steps"}.
+    device: where the models and batches live, e.g. ``ctx.device``.
     """
+    data = data.to(device)
     n = len(data.x_train)
     small_steps = epochs * n // small
     large_lr = lr * math.sqrt(large / small)
@@ -410,17 +440,22 @@ def ghost_batches(data, seeds, *, small=16, large=256, epochs=5, lr=0.01, width=
     for name in _bar(runs, "ghost batches", progress):
         r = runs[name]
         ens = fit_seeds(data, seeds, steps=r["steps"], batch_size=r["batch_size"], lr=r["lr"], width=width,
-                        norm=r["norm"], virtual_batch_size=r.get("virtual_batch_size"))
+                        norm=r["norm"], virtual_batch_size=r.get("virtual_batch_size"), device=device)
         out[name] = ensemble.evaluate(ens, data)["test_acc"]
     return out, {name: r["steps"] for name, r in runs.items()}
 
 
-def ghost_size_sweep(data, seeds, virtual_sizes, *, batch_size=256, steps=1250, lr=0.04, width=128, progress=None):
-    """Test accuracy at a fixed batch and step count, for each virtual batch size; (sizes, seeds)."""
+def ghost_size_sweep(data, seeds, virtual_sizes, *, batch_size=256, steps=1250, lr=0.04, width=128, progress=None,
+                     device="cpu"):
+    """Test accuracy at a fixed batch and step count, for each virtual batch size; (sizes, seeds).
+
+    device: where the models and batches live, e.g. ``ctx.device``.
+    """
+    data = data.to(device)
     out = np.zeros((len(virtual_sizes), len(seeds)))
     for i in _bar(range(len(virtual_sizes)), "ghost sizes", progress):
         ens = fit_seeds(data, seeds, steps=steps, batch_size=batch_size, lr=lr, width=width, norm="ghost",
-                        virtual_batch_size=virtual_sizes[i])
+                        virtual_batch_size=virtual_sizes[i], device=device)
         out[i] = ensemble.evaluate(ens, data)["test_acc"]
     return out
 
@@ -436,22 +471,25 @@ def _member_running_vars(ens):
 
 
 def ema_vs_precise(data, seeds, *, momenta=(0.001, 0.01, 0.1), steps=600, batch_size=64, lr=0.1, width=128,
-                   precise_examples=2000, progress=None):
+                   precise_examples=2000, progress=None, device="cpu"):
     """Test accuracy with the EMA statistics and with ``precise_bn``'s, per BN momentum and seed.
 
     Returns {momentum: {"ema": (seeds,), "precise": (seeds,), "var_error": (seeds,)}}; var_error is
     the median over the BN channels of |EMA running var / precise var - 1|, how far the EMA's
     statistics are from those of the final weights. precise_bn sees the first ``precise_examples``
     training examples in batches of ``batch_size`` (the training batch size).
+    device: where the models and batches live, e.g. ``ctx.device``.
     """
+    data = data.to(device)
     out = {}
     for momentum in _bar(momenta, "EMA vs precise", progress):
-        ens = fit_seeds(data, seeds, steps=steps, batch_size=batch_size, lr=lr, width=width, momentum=momentum)
+        ens = fit_seeds(data, seeds, steps=steps, batch_size=batch_size, lr=lr, width=width, momentum=momentum,
+                        device=device)
         ema_acc, ema = ensemble.evaluate(ens, data)["test_acc"], _member_running_vars(ens)
         precise_bn(ens, data.x_train[:precise_examples].split(batch_size))
         exact = _member_running_vars(ens)
         out[momentum] = {"ema": ema_acc, "precise": ensemble.evaluate(ens, data)["test_acc"],
-                         "var_error": (ema / exact - 1).abs().median(1).values.numpy()}
+                         "var_error": (ema / exact - 1).abs().median(1).values.cpu().numpy()}
     return out
 
 

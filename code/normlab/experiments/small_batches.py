@@ -240,6 +240,7 @@ def train_norms(
     sampler="shuffled",
     renorm=(0.05, 0.25, 3.0, 5.0),
     progress: bool | None = None,
+    device="cpu",
 ) -> EnsembleRun:
     """Train one MLP per (kind, seed) with plain SGD for ``epochs`` epochs of ``batch_size``; return an EnsembleRun.
 
@@ -247,6 +248,7 @@ def train_norms(
     batches) or k, an int: batches of k classes each from ``grouped_batches`` (short batches
     dropped). renorm: (warm-up fraction, relaxation fraction, r_max, d_max) of the total steps for
     the BatchRenorm members, passed to ``normlab.nn.renorm_schedule``.
+    device: where the models and batches live, e.g. ``ctx.device``.
     """
     seeds = [int(s) for s in seeds]
     if not seeds:
@@ -264,10 +266,12 @@ def train_norms(
         raise ValueError(f"batch_size must be in [2, {n}], got {batch_size}")
     warm_frac, relax_frac, r_target, d_target = renorm
     sizes = [data.num_features, *hidden, data.num_classes]
-    net = make_members(sizes, kinds, seeds, groups)
+    y_train, y_test = data.y_train.cpu(), data.y_test.cpu()  # the batches are drawn on the CPU
+    data = data.to(device)
+    net = make_members(sizes, kinds, seeds, groups).to(device)
     S = len(seeds)
     gens = [torch.Generator().manual_seed(s + 7919) for s in seeds]
-    epoch_lists = [[_epoch_batches(data.y_train, batch_size, s + 31 * e, sampler, g) for s, g in zip(seeds, gens)]
+    epoch_lists = [[_epoch_batches(y_train, batch_size, s + 31 * e, sampler, g) for s, g in zip(seeds, gens)]
                    for e in range(epochs)]
     per_epoch = [min(len(b) for b in ep) for ep in epoch_lists]  # grouped epochs may differ by a batch
     batches = [torch.stack([ep[j][t] for j in range(S)]).repeat(len(kinds), 1)  # (K, B): a seed's batch, every kind
@@ -286,10 +290,10 @@ def train_norms(
             return
         r, d, r_raw, d_raw = (torch.cat([getattr(m, name).reshape(S, -1) for m in renorms], 1)
                               for name in ("last_r", "last_d", "last_r_raw", "last_d_raw"))  # (S, layers * H)
-        renorm_log["r_clipped"].append((r != r_raw).float().mean(1).numpy())
-        renorm_log["d_clipped"].append((d != d_raw).float().mean(1).numpy())
-        renorm_log["log_r"].append(r_raw.log().abs().median(1).values.numpy())
-        renorm_log["abs_d"].append(d_raw.abs().median(1).values.numpy())
+        renorm_log["r_clipped"].append((r != r_raw).float().mean(1).cpu().numpy())
+        renorm_log["d_clipped"].append((d != d_raw).float().mean(1).cpu().numpy())
+        renorm_log["log_r"].append(r_raw.log().abs().median(1).values.cpu().numpy())
+        renorm_log["abs_d"].append(d_raw.abs().median(1).values.cpu().numpy())
         renorm_log["r_max"].append(np.full(S, renorms[0].r_max))
         renorm_log["d_max"].append(np.full(S, renorms[0].d_max))
 
@@ -302,7 +306,7 @@ def train_norms(
     acc_batch = _batch_accuracy(net, x_te, y_te, batch_size, shuffle)
     acc_grouped = None
     if sampler != "shuffled":  # test batches grouped like the training batches
-        order = torch.cat(grouped_batches(y_te, batch_size, sampler, seed=seeds[0] + 2, drop_last=True))
+        order = torch.cat(grouped_batches(y_test, batch_size, sampler, seed=seeds[0] + 2, drop_last=True))
         acc_grouped = _batch_accuracy(net, x_te, y_te, batch_size, order).reshape(len(kinds), S)
     shape = (len(kinds), S)
     return EnsembleRun(
@@ -327,13 +331,14 @@ GROUP_SIZES = (2, 4, 8, 16, 32)
 ARCHS = ("cnn", "mlp")
 
 
-def group_members(arch, seeds, group_sizes=GROUP_SIZES, groups=4, channels=(8, 16), hidden=(128, 128)):
+def group_members(arch, seeds, group_sizes=GROUP_SIZES, groups=4, channels=(8, 16), hidden=(128, 128),
+                  image=(1, 8, 8)):
     """Return (ensemble, members): one model per (kind, group size, seed), and the (kind, B) of each.
 
     BN and batch renorm get one member per group size B; GroupNorm and LayerNorm never look at
     other examples, so they get one member per seed (B = None): at a fixed optimizer batch their
     training does not depend on B at all. arch: "cnn" (``make_cnn``) or "mlp" (``make_members``'
-    MLP, ``hidden`` layers).
+    MLP, ``hidden`` layers). image: the CNN's (C, H, W), e.g. (3, 32, 32) for CIFAR-10.
     GroupNorm has ``groups`` groups. Members of one seed start from the same weights whatever
     their norm.
     """
@@ -348,25 +353,28 @@ def group_members(arch, seeds, group_sizes=GROUP_SIZES, groups=4, channels=(8, 1
         for s in seeds:
             if arch == "cnn":
                 torch.manual_seed(int(s))
-                models.append(make_cnn(lambda c, kind=kind, b=b: _norm(kind, c, groups, b, image=True), channels))
+                models.append(make_cnn(lambda c, kind=kind, b=b: _norm(kind, c, groups, b, image=True), channels,
+                                       image=image))
             else:
                 sizes = (64, *hidden, 10)
                 models.append(_mlp(int(s), lambda c, kind=kind, b=b: _norm(kind, c, groups, b), sizes))
     return ensemble.stack(models), members
 
 
-def make_cnn(norm, channels=(8, 16), num_classes=10):
+def make_cnn(norm, channels=(8, 16), num_classes=10, image=(1, 8, 8)):
     """A small CNN for the 8x8 digits stored as (N, 64): two 3x3 convolutions, each followed by ``norm(c)`` and a ReLU.
 
     The first keeps the 8x8 map, the second halves it (stride 2), and a linear layer reads the
     flattened (c2, 4, 4) maps, so BN averages B * 64 values per statistic in the first layer and
-    B * 16 in the second. The convolutions have no bias (the norm's beta is one).
+    B * 16 in the second. The convolutions have no bias (the norm's beta is one). image: the
+    (C, H, W) of an example stored flat, e.g. (3, 32, 32) for CIFAR-10 at full scale.
     """
     c1, c2 = channels
-    return nn.Sequential(nn.Unflatten(1, (1, 8, 8)),
-                         nn.Conv2d(1, c1, 3, padding=1, bias=False), norm(c1), nn.ReLU(),
+    c0, h, w = image
+    return nn.Sequential(nn.Unflatten(1, tuple(image)),
+                         nn.Conv2d(c0, c1, 3, padding=1, bias=False), norm(c1), nn.ReLU(),
                          nn.Conv2d(c1, c2, 3, stride=2, padding=1, bias=False), norm(c2), nn.ReLU(),
-                         nn.Flatten(), nn.Linear(c2 * 16, num_classes))
+                         nn.Flatten(), nn.Linear(c2 * ((h + 1) // 2) * ((w + 1) // 2), num_classes))
 
 
 @dataclass
@@ -399,7 +407,8 @@ class GroupRun:
 
 
 def group_size_sweep(data: Split, arch, *, seeds, steps, lr, batch_size=32, group_sizes=GROUP_SIZES, momentum=0.9,
-                     groups=4, renorm=(0.05, 0.25, 3.0, 5.0), eval_train=448, progress=None, **sizes) -> GroupRun:
+                     groups=4, renorm=(0.05, 0.25, 3.0, 5.0), eval_train=448, progress=None, device="cpu",
+                     **sizes) -> GroupRun:
     """Train BN and batch renorm with statistics per group of B, and GroupNorm and LayerNorm, at one optimizer batch.
 
     Every member takes the same ``steps`` SGD steps on batches of ``batch_size`` (a seed's batches
@@ -407,8 +416,9 @@ def group_size_sweep(data: Split, arch, *, seeds, steps, lr, batch_size=32, grou
     examples of a batch on its own (Wu and He's "images per GPU", with the optimizer batch fixed),
     so B changes the statistics and nothing else. renorm: the schedule's warm-up and relaxation
     fractions of ``steps`` and its targets r_max, d_max. The train-mode error on the training set
-    is measured on ``eval_train`` examples (a multiple of the batch). sizes: ``channels`` or
-    ``hidden`` for ``group_members``. Returns a ``GroupRun``.
+    is measured on ``eval_train`` examples (a multiple of the batch). sizes: ``channels``,
+    ``hidden`` or ``image`` for ``group_members``. Returns a ``GroupRun``.
+    device: where the models and batches live, e.g. ``ctx.device``.
     """
     seeds = [int(s) for s in seeds]
     if not seeds:
@@ -420,7 +430,9 @@ def group_size_sweep(data: Split, arch, *, seeds, steps, lr, batch_size=32, grou
     bad = [b for b in group_sizes if batch_size % int(b)]
     if bad:
         raise ValueError(f"every group size must divide the batch of {batch_size}; {bad} do not")
+    data = data.to(device)
     net, members = group_members(arch, seeds, group_sizes, groups, **sizes)
+    net = net.to(device)
     S, n = len(seeds), len(data.x_train)
     draw = ensemble.member_batches([s + 7919 for s in seeds], n, batch_size)
     batches = [next(draw).repeat(len(members), 1) for _ in range(steps)]  # (K, B): a seed's batch, every kind
@@ -454,12 +466,16 @@ def group_size_sweep(data: Split, arch, *, seeds, steps, lr, batch_size=32, grou
 
 
 def non_iid_experiment(data, *, seeds, epochs, batch_size=32, lr=0.1, samplers=("shuffled", 2, 1),
-                       kinds=("bn", "brn", "gn"), progress=None, **kwargs):
-    """Train every kind with each sampler ('shuffled' or k classes per batch); return {sampler: EnsembleRun}."""
+                       kinds=("bn", "brn", "gn"), progress=None, device="cpu", **kwargs):
+    """Train every kind with each sampler ('shuffled' or k classes per batch); return {sampler: EnsembleRun}.
+
+    device: where the models and batches live, e.g. ``ctx.device``.
+    """
     for s in samplers:
         _check_sampler(s)
+    data = data.to(device)
     return {s: train_norms(data, seeds=seeds, batch_size=batch_size, epochs=epochs, lr=lr, kinds=kinds,
-                           sampler=s, progress=progress, **kwargs) for s in samplers}
+                           sampler=s, progress=progress, device=device, **kwargs) for s in samplers}
 
 
 def batch_stats_sweep(model, data, batch_sizes, seed=0):
@@ -525,13 +541,14 @@ def grad_accumulation(model, x, y, k):
 
 
 def renorm_trace(data, *, batch_size=4, steps=600, lr=None, warmup=0.1, relax=0.4, r_max=3.0, d_max=5.0,
-                 hidden=128, seed=0, progress=None):
+                 hidden=128, seed=0, progress=None, device="cpu"):
     """Train an MLP with ``normlab.nn.BatchRenorm1d`` under ``renorm_schedule``; record r and d.
 
     Returns a dict of arrays over steps: 'r_max', 'd_max' (the limits in force), 'r_clipped',
     'd_clipped' (fraction of channels clipped, both layers), 'r_lo', 'r_med', 'r_hi' and 'd_lo',
     'd_med', 'd_hi' (10th, 50th, 90th percentiles over channels of r and d before clipping), and
     'loss', plus 'test_acc' (eval mode, after training).
+    device: where the model and batches live, e.g. ``ctx.device``.
     """
     from torch import nn
 
@@ -543,14 +560,15 @@ def renorm_trace(data, *, batch_size=4, steps=600, lr=None, warmup=0.1, relax=0.
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(data.num_features, hidden), normlab_nn.BatchRenorm1d(hidden), nn.ReLU(),
                           nn.Linear(hidden, hidden), normlab_nn.BatchRenorm1d(hidden), nn.ReLU(),
-                          nn.Linear(hidden, data.num_classes))
+                          nn.Linear(hidden, data.num_classes)).to(device)
+    data = data.to(device)
     layers = [m for m in model if isinstance(m, normlab_nn.BatchRenorm1d)]
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed + 7919)
     w, rl = int(round(warmup * steps)), int(round(relax * steps))
     rec = {k: [] for k in ("r_max", "d_max", "r_clipped", "d_clipped", "r_lo", "r_med", "r_hi", "d_lo", "d_med",
                            "d_hi", "loss")}
-    q = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float32)
+    q = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float32, device=device)
     for step in tqdm(range(steps), desc="renorm", disable=not show_progress(progress), leave=False):
         limits = normlab_nn.renorm_schedule(step, w, rl, r_max, d_max)
         for layer in layers:

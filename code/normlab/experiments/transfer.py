@@ -167,25 +167,32 @@ def domains(seed: int = 0, num_samples: int = 5000, noise_std: float = 0.5) -> d
     }
 
 
-def train_source(data: Split, seed: int, *, steps: int = 600, width: int = 32, lr: float = 0.05, batch_size=64):
-    """Train ``make_cnn`` on the source domain with SGD (momentum 0.9); return it in eval mode."""
-    model = make_cnn(data.num_features, data.num_classes, width=width, seed=seed)
+def train_source(data: Split, seed: int, *, steps: int = 600, width: int = 32, lr: float = 0.05, batch_size=64,
+                 device="cpu"):
+    """Train ``make_cnn`` on the source domain with SGD (momentum 0.9); return it in eval mode.
+
+    device: where the models and batches live, e.g. ``ctx.device``.
+    """
+    data = data.to(device)
+    model = make_cnn(data.num_features, data.num_classes, width=width, seed=seed).to(device)
     train(model, data, steps=steps, lr=lr, batch_size=batch_size, seed=seed, progress=False)
     return model.eval()
 
 
 def train_sources(data: Split, seeds, *, steps: int = 600, width: int = 32, lr=None, batch_size=64, norm="bn",
-                  progress=None) -> list:
+                  progress=None, device="cpu") -> list:
     """``train_source(data, seed, ...)`` for every seed, the seeds trained together as one ``normlab.ensemble``.
 
     norm: the CNN's normalization (``make_cnn``); lr: SGD's rate, by default ``SOURCE_LR[norm]``
     (0.05 for BN). Returns one model per seed, in eval mode, each the model ``train_source`` gives
     for its seed when norm is 'bn' (up to float rounding: the ensemble's batched products sum in
     another order).
+    device: where the models and batches live, e.g. ``ctx.device``.
     """
     lr = SOURCE_LR["bn" if norm is True else "none" if norm is False else norm] if lr is None else lr
+    data = data.to(device)
     ens = ensemble.stack([make_cnn(data.num_features, data.num_classes, width=width, norm=norm, seed=s)
-                          for s in seeds])
+                          for s in seeds]).to(device)
     ensemble.fit(ens, data, lr=lr, seeds=seeds, steps=steps, batch_size=batch_size, progress=progress)
     return [ensemble.member(ens, k).eval() for k in range(len(seeds))]
 
@@ -213,7 +220,8 @@ def corruptions(clean: Split, seed: int = 0, suite=None) -> dict:
 
 
 def adaptation_results(models, targets: dict, *, batch_sizes=(2, 64), priors=(0, 8, 32, math.inf),
-                       tent_lr=1e-3, tent_batch=64, chunk=500, small_batch_examples=500, progress=None) -> dict:
+                       tent_lr=1e-3, tent_batch=64, chunk=500, small_batch_examples=500, progress=None,
+                       device="cpu") -> dict:
     """Target test accuracy of source-trained models under each unsupervised adaptation.
 
     models: one trained model per seed (left unchanged). targets: {domain: Split}. Methods:
@@ -226,11 +234,12 @@ def adaptation_results(models, targets: dict, *, batch_sizes=(2, 64), priors=(0,
     slow); ("prior", math.inf, B) is the source model by construction and is copied from "source".
     The models run together as one ``normlab.ensemble`` (the adaptations act on each member's own
     BN channels, and TENT's loss is each member's own). Returns {method: {domain: (seeds,) array}}.
+    device: where the models and batches live, e.g. ``ctx.device``.
     """
     out = {}
-    stacked = ensemble.stack(models)  # every seed's model as one: each step below runs all of them
+    stacked = ensemble.stack(models).to(device)  # every seed's model as one: each step below runs all of them
     for name in _bar(list(targets), "adaptation", progress):
-        data = targets[name]
+        data = targets[name].to(device)
         ens = copy.deepcopy(stacked).eval()
         source = bn_statistics(ens)
 
@@ -254,7 +263,7 @@ def adaptation_results(models, targets: dict, *, batch_sizes=(2, 64), priors=(0,
     return out
 
 
-def tent_online(models, targets: dict, *, batch_size=64, passes=10, lr=1e-3, order_seed=0) -> dict:
+def tent_online(models, targets: dict, *, batch_size=64, passes=10, lr=1e-3, order_seed=0, device="cpu") -> dict:
     """TENT as Wang et al. run it: online, each test batch predicted *before* the model adapts to it.
 
     models: one trained model per seed (left unchanged), run together as one ``normlab.ensemble``.
@@ -265,13 +274,15 @@ def tent_online(models, targets: dict, *, batch_size=64, passes=10, lr=1e-3, ord
     (``adapt.tent`` with ``on_batch``). The baseline is the same stream normalized with each test
     batch's statistics and never updated (BN-statistics adaptation, online). Returns {domain:
     {'tent': (passes, seeds) online accuracy in each pass, 'norm': (passes, seeds) the baseline's}}.
+    device: where the models and batches live, e.g. ``ctx.device``.
     """
     _check_positive_int("passes", passes)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 2:
         raise ValueError(f"batch_size must be an int >= 2, got {batch_size!r}")
-    stacked = ensemble.stack(models)
+    stacked = ensemble.stack(models).to(device)
     out = {}
     for name, data in targets.items():
+        data = data.to(device)
         n = len(data.y_test)
         gen = torch.Generator().manual_seed(order_seed)
         orders = [torch.randperm(n, generator=gen) for _ in range(passes)]
@@ -289,7 +300,7 @@ def tent_online(models, targets: dict, *, batch_size=64, passes=10, lr=1e-3, ord
         hits = np.zeros((passes, len(models)))
 
         def count(logits, hits=hits, now=now):
-            hits[now["pass"]] += (logits.argmax(-1) == now["y"]).sum(-1).numpy()
+            hits[now["pass"]] += (logits.argmax(-1) == now["y"]).sum(-1).cpu().numpy()
 
         tent(copy.deepcopy(stacked), stream(), lr=lr, on_batch=count)
         norm = np.stack([  # each batch with its own statistics (train mode), running statistics untouched
@@ -300,7 +311,7 @@ def tent_online(models, targets: dict, *, batch_size=64, passes=10, lr=1e-3, ord
     return out
 
 
-def baseline_results(sources: dict, targets: dict, *, chunk=500) -> dict:
+def baseline_results(sources: dict, targets: dict, *, chunk=500, device="cpu") -> dict:
     """Target test accuracy of every network as trained, and of the BN network after AdaBN.
 
     sources: {norm: one trained model per seed} (norms from ``NORMS``; models left unchanged);
@@ -309,10 +320,12 @@ def baseline_results(sources: dict, targets: dict, *, chunk=500) -> dict:
     keep no statistics to adapt). 'bn_adabn' is BN with every layer's statistics replaced by those
     of the target's training inputs (``adabn``, in chunks of ``chunk``). Returns {method: {target:
     (seeds,) array}}, methods the norms and, if 'bn' is among them, 'bn_adabn'.
+    device: where the models and batches live, e.g. ``ctx.device``.
     """
     out = {}
+    targets = {name: d.to(device) for name, d in targets.items()}
     for norm, models in sources.items():
-        ens = ensemble.stack(models).eval()
+        ens = ensemble.stack(models).to(device).eval()
         out[norm] = {name: ensemble.accuracy(ens, d.x_test, d.y_test) for name, d in targets.items()}
         if norm == "bn":
             out["bn_adabn"] = {
@@ -321,18 +334,20 @@ def baseline_results(sources: dict, targets: dict, *, chunk=500) -> dict:
     return out
 
 
-def adabn_vs_size(models, targets: dict, sizes, *, chunk=500) -> dict:
+def adabn_vs_size(models, targets: dict, sizes, *, chunk=500, device="cpu") -> dict:
     """AdaBN's target test accuracy when it sees only the first n unlabelled target inputs, per size n.
 
     models: one trained model per seed (left unchanged), run together as one ``normlab.ensemble``.
     For each domain and n in ``sizes``, every BN layer's statistics become those of
     ``target.x_train[:n]`` (``adabn``, in chunks of ``chunk``; the same n inputs for every seed).
     Returns {domain: (len(sizes), seeds) array}.
+    device: where the models and batches live, e.g. ``ctx.device``.
     """
     sizes = [int(n) for n in sizes]
-    stacked = ensemble.stack(models)
+    stacked = ensemble.stack(models).to(device)
     out = {}
     for name, data in targets.items():
+        data = data.to(device)
         if max(sizes) > len(data.x_train) or min(sizes) < 2:
             raise ValueError(f"sizes must lie in [2, {len(data.x_train)}] for {name!r}, got {sizes}")
         out[name] = np.stack([
@@ -350,7 +365,8 @@ def labelled_split(data: Split, n: int, n_val: int, seed: int = 0):
     """Draw ``n`` labelled target examples (class-balanced) and ``n_val`` others for validation.
 
     Both come from ``data``'s training part, disjoint. Returns (train Split: the n examples, with
-    data's test part; validation (x, y)).
+    data's test part; validation (x, y)). The draw is made on the CPU; the examples stay on
+    ``data``'s device.
     """
     _check_positive_int("n", n)
     _check_positive_int("n_val", n_val)
@@ -358,12 +374,12 @@ def labelled_split(data: Split, n: int, n_val: int, seed: int = 0):
     if n < len(classes) or n + n_val > len(data.y_train):
         raise ValueError(f"need {len(classes)} <= n and n + n_val <= {len(data.y_train)}, got n={n}, n_val={n_val}")
     gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(data.y_train), generator=gen)
+    order = torch.randperm(len(data.y_train), generator=gen).to(data.y_train.device)
     y = data.y_train[order]
     # Round-robin over classes: the k-th example of every class before the (k+1)-th of any.
     rank = torch.zeros_like(order)
     for c in classes:
-        rank[y == c] = torch.arange(int((y == c).sum()))
+        rank[y == c] = torch.arange(int((y == c).sum()), device=rank.device)
     picked = order[torch.argsort(rank * len(classes) + y, stable=True)[:n]]
     rest = order[~torch.isin(order, picked)][:n_val]
     train_split = Split(data.x_train[picked], data.y_train[picked], data.x_test, data.y_test,
@@ -402,7 +418,7 @@ def _check_select(n: int, n_select) -> int:
 
 
 def finetune(model, data: Split, mode: str, *, lrs=(0.001, 0.01, 0.1), steps=100, batch_size=10, seed=0,
-             n_select=None):
+             n_select=None, device="cpu"):
     """Fine-tune ``model`` on the labelled examples of ``data`` in ``mode``, choosing the rate on them alone.
 
     data: the labelled target examples (as ``labelled_split`` orders them, the last ``n_select`` are
@@ -411,26 +427,28 @@ def finetune(model, data: Split, mode: str, *, lrs=(0.001, 0.01, 0.1), steps=100
     0.9, ``steps`` steps of ``batch_size``); the rate with the lowest cross-entropy on the last
     n_select wins (ties: the earlier rate). Then a fresh copy trains on all n at that rate.
     No example outside the n is used. Returns (test accuracy of the final model, its rate).
+    device: where the models and batches live, e.g. ``ctx.device``.
     """
+    data = data.to(device)
     n = len(data.y_train)
     h = _check_select(n, n_select)
     fit = Split(data.x_train[: n - h], data.y_train[: n - h], data.x_test, data.y_test, name=data.name)
     best = (math.inf, None)
     for lr in lrs:
-        tuned = set_mode(copy.deepcopy(model), mode)
+        tuned = set_mode(copy.deepcopy(model).to(device), mode)
         train(tuned, fit, steps=steps, lr=lr, batch_size=batch_size, seed=seed, progress=False)
         tuned.eval()
         with torch.no_grad():
             loss = float(nn.functional.cross_entropy(tuned(data.x_train[n - h :]), data.y_train[n - h :]))
         if loss < best[0]:
             best = (loss, lr)
-    final = set_mode(copy.deepcopy(model), mode)
+    final = set_mode(copy.deepcopy(model).to(device), mode)
     train(final, data, steps=steps, lr=best[1], batch_size=batch_size, seed=seed, progress=False)
     return accuracy(final, data.x_test, data.y_test), best[1]
 
 
 def finetune_results(models, targets: dict, seeds, *, labelled=(50,), modes=MODES, lrs=(0.001, 0.01, 0.1),
-                     steps=100, batch_size=10, n_select=None, progress=None) -> dict:
+                     steps=100, batch_size=10, n_select=None, progress=None, device="cpu") -> dict:
     """Fine-tune every model on every target, for each number of labelled examples and mode.
 
     Returns {"acc": {(n, mode): {domain: (seeds,) array}}, "lr": the same with the chosen learning
@@ -441,10 +459,12 @@ def finetune_results(models, targets: dict, seeds, *, labelled=(50,), modes=MODE
     selection runs of one mode (every rate and seed) train together as one ``normlab.ensemble``
     whose member (rate l, seed j) draws seed j's batches from seed j's examples; the final runs
     (every seed at its chosen rate) as another.
+    device: where the models and batches live, e.g. ``ctx.device``.
     """
     K, R = len(models), len(lrs)
     acc, lr_chosen, base = {}, {}, {"source": {}, "adabn": {}}
-    stacked = ensemble.stack(models)
+    targets = {name: d.to(device) for name, d in targets.items()}
+    stacked = ensemble.stack(models).to(device)
     jobs = [(d, n, mode) for d in targets for n in labelled for mode in modes]
     for name, n, mode in _bar(jobs, "fine-tuning", progress):
         data = targets[name]
@@ -456,12 +476,12 @@ def finetune_results(models, targets: dict, seeds, *, labelled=(50,), modes=MODE
                     data.x_test, data.y_test, name=f"{data.name}[{K} x {n - h} labelled]")
         draw = ensemble.member_batches(seeds, n - h, min(batch_size, n - h))  # row j: as train(seed=seeds[j])
         batches = [(next(draw) + (n - h) * offset).repeat(R, 1) for _ in range(steps)]  # rate-major, then seed
-        ens = ensemble.stack([set_mode(copy.deepcopy(models[j]), mode) for _ in lrs for j in range(K)])
+        ens = ensemble.stack([set_mode(copy.deepcopy(models[j]), mode) for _ in lrs for j in range(K)]).to(device)
         ensemble.fit(ens, fit, lr=[lr for lr in lrs for _ in range(K)], batches=batches)
         x_hold = torch.stack([p.x_train[n - h :] for p in parts]).repeat(R, *[1] * parts[0].x_train.dim())
         y_hold = torch.stack([p.y_train[n - h :] for p in parts]).repeat(R, 1)
         with torch.no_grad():
-            loss = ensemble.member_loss(ens(x_hold), y_hold).reshape(R, K).double().numpy()
+            loss = ensemble.member_loss(ens(x_hold), y_hold).reshape(R, K).double().cpu().numpy()
         best = loss.argmin(0)  # (K,): the first of equal minima, the earlier rate
         chosen = [lrs[int(b)] for b in best]
         # 2. retrain on all n at the chosen rate
@@ -469,7 +489,7 @@ def finetune_results(models, targets: dict, seeds, *, labelled=(50,), modes=MODE
                      data.x_test, data.y_test, name=f"{data.name}[{K} x {n} labelled]")
         draw = ensemble.member_batches(seeds, n, min(batch_size, n))
         batches = [next(draw) + n * offset for _ in range(steps)]
-        ens = ensemble.stack([set_mode(copy.deepcopy(models[j]), mode) for j in range(K)])
+        ens = ensemble.stack([set_mode(copy.deepcopy(models[j]), mode) for j in range(K)]).to(device)
         ensemble.fit(ens, full, lr=chosen, batches=batches)
         acc.setdefault((n, mode), {})[name] = ensemble.accuracy(ens, data.x_test, data.y_test)
         lr_chosen.setdefault((n, mode), {})[name] = np.array(chosen, dtype=np.float64)
@@ -482,19 +502,20 @@ def finetune_results(models, targets: dict, seeds, *, labelled=(50,), modes=MODE
 
 
 def finetune_vs_size(sources: dict, targets: dict, seeds, sizes, *, lrs=(0.001, 0.01, 0.1), steps=100,
-                     batch_size=10, progress=None) -> dict:
+                     batch_size=10, progress=None, device="cpu") -> dict:
     """Fine-tune every layer of each network on n labelled target examples, for each n in ``sizes``.
 
     sources: {norm: one trained model per seed} (e.g. BN and no normalization); BN fine-tunes in
     train mode (the 'all_bn_train' mode of ``finetune_results``, whose rate selection on the n
     examples alone, steps and batches it uses; every norm gets the same examples, batches and rate
     grid). Returns {norm: {target: (len(sizes), seeds) test accuracies}}.
+    device: where the models and batches live, e.g. ``ctx.device``.
     """
     sizes = tuple(int(n) for n in sizes)
     out = {}
     for norm, models in sources.items():
         res = finetune_results(models, targets, seeds, labelled=sizes, modes=("all_bn_train",), lrs=lrs,
-                               steps=steps, batch_size=batch_size, progress=progress)
+                               steps=steps, batch_size=batch_size, progress=progress, device=device)
         out[norm] = {name: np.stack([res["acc"][(n, "all_bn_train")][name] for n in sizes]) for name in targets}
     return out
 
@@ -505,7 +526,7 @@ def finetune_vs_size(sources: dict, targets: dict, seeds, sizes, *, lrs=(0.001, 
 
 
 def bn_only_vs_width(data: Split, widths, seeds, *, steps=800, lr=0.5, batch_size=64, full_width=None,
-                     full_lr=0.05, progress=None) -> dict:
+                     full_lr=0.05, progress=None, device="cpu") -> dict:
     """Train only BN's gamma and beta of MLPs whose other weights stay at their random initialization.
 
     The MLP is ``regularization.make_mlp`` (two blocks of Linear -> BN -> ReLU, then a Linear
@@ -515,19 +536,23 @@ def bn_only_vs_width(data: Split, widths, seeds, *, steps=800, lr=0.5, batch_siz
     after training}; with ``full_width``, also "full": (seeds,) accuracies of the same MLP at that
     width with every weight trained (lr ``full_lr``), for reference. The seeds of one width train
     together as one ``normlab.ensemble``.
+    device: where the models and batches live, e.g. ``ctx.device``.
     """
+    data = data.to(device)
     out = {"bn_only": np.zeros((len(widths), len(seeds))), "gamma_small": np.zeros((len(widths), len(seeds))),
            "params": []}
     for i, w in enumerate(_bar(widths, "BN only", progress)):
         models = [set_mode(make_mlp(data.num_features, data.num_classes, width=w, seed=s), "bn_only") for s in seeds]
         out["params"].append(sum(p.numel() for p in bn_only_parameters(models[0])))
-        ens = ensemble.stack(models)  # the seeds train together; only the folded BN layers' gamma and beta train
+        # the seeds train together; only the folded BN layers' gamma and beta train
+        ens = ensemble.stack(models).to(device)
         ensemble.fit(ens, data, lr=lr, seeds=seeds, steps=steps, batch_size=batch_size, progress=progress)
         out["bn_only"][i] = ensemble.accuracy(ens, data.x_test, data.y_test)
         gammas = torch.cat([m.weight.detach().reshape(len(seeds), -1) for m in batch_norm_layers(ens)], 1)
-        out["gamma_small"][i] = (gammas.abs() < 0.1).double().mean(1).numpy()  # (seeds,)
+        out["gamma_small"][i] = (gammas.abs() < 0.1).double().mean(1).cpu().numpy()  # (seeds,)
     if full_width is not None:
-        ens = ensemble.stack([make_mlp(data.num_features, data.num_classes, width=full_width, seed=s) for s in seeds])
+        ens = ensemble.stack([make_mlp(data.num_features, data.num_classes, width=full_width, seed=s)
+                              for s in seeds]).to(device)
         ensemble.fit(ens, data, lr=full_lr, seeds=seeds, steps=steps, batch_size=batch_size, progress=progress)
         out["full"] = ensemble.accuracy(ens, data.x_test, data.y_test)
     return out
