@@ -140,6 +140,8 @@ def _fake_cifar(root, per_batch=3, seed=0):
                  "labels": rng.integers(0, 10, per_batch).tolist()}
         (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
         batches[name] = batch
+    meta = {"label_names": [f"class {i}" for i in range(10)]}  # torchvision reads the class names
+    (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
     return batches
 
 
@@ -171,6 +173,28 @@ def test_load_images_reads_cifar10_batches_channel_by_channel(tmp_path):
         expected = (pixels[:, c] - pixels[:, c].mean()) / pixels[:, c].std()
         assert np.allclose(d.x_train[:, c].numpy(), expected, atol=1e-5)
     assert data.load_images("cifar10", tmp_path, download=False, flatten=True).x_test.shape == (3, 3072)
+
+
+def test_torchvision_reads_the_files_these_tests_write_as_load_images_does(tmp_path, monkeypatch):
+    """Where torchvision is installed (Colab; not this course's CPU toolchain, where PyPI's build
+    does not import beside the CPU torch), its own dataset classes read the fake files, so they are
+    in torchvision's layout and format, and they see the pixels and labels that load_images sees."""
+    tv = pytest.importorskip("torchvision")
+    _fake_mnist(tmp_path)
+    _fake_cifar(tmp_path)
+    mnist = tv.datasets.MNIST(str(tmp_path), train=True, download=False)
+    ours = data.load_images("mnist", tmp_path, download=False)
+    pixels = mnist.data.numpy().astype(np.float32) / 255
+    assert np.allclose(ours.x_train[:, 0].numpy(), (pixels - pixels.mean()) / pixels.std(), atol=1e-5)
+    assert mnist.targets.tolist() == ours.y_train.tolist()
+    # CIFAR10 checks the real files' MD5 sums, which fake files cannot match: skip that check only
+    monkeypatch.setattr(tv.datasets.cifar, "check_integrity", lambda *args, **kwargs: True)
+    cifar = tv.datasets.CIFAR10(str(tmp_path), train=True, download=False)
+    ours = data.load_images("cifar10", tmp_path, download=False)
+    pixels = cifar.data.transpose(0, 3, 1, 2).astype(np.float32) / 255  # torchvision keeps (N, H, W, C)
+    mean, std = pixels.mean(axis=(0, 2, 3), keepdims=True), pixels.std(axis=(0, 2, 3), keepdims=True)
+    assert np.allclose(ours.x_train.numpy(), (pixels - mean) / std, atol=1e-5)
+    assert list(cifar.targets) == ours.y_train.tolist()
 
 
 def test_load_images_refuses_a_pickle_that_calls_a_function(tmp_path):

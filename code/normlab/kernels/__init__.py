@@ -18,6 +18,7 @@ Without triton installed, importing works and calling a kernel raises ``ImportEr
 from __future__ import annotations
 
 import os
+import re
 import sys
 from dataclasses import dataclass
 
@@ -59,13 +60,17 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+MIN_TRITON = (3, 0)  # the kernels extra's floor: the 2.x that torch 2.1-2.3 bring have no CPU interpreter
+
+
 def available() -> bool:
-    """Return True when triton can be imported."""
+    """Return True when a triton that runs these kernels (3.0 or later) can be imported."""
     try:
-        import triton  # noqa: F401
+        import triton
     except ImportError:
         return False
-    return True
+    release = tuple(int(part) for part in re.findall(r"\d+", triton.__version__)[:2])
+    return release >= MIN_TRITON
 
 
 class _MissingTriton:
