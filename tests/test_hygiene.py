@@ -129,5 +129,5 @@ def test_the_publishing_workflow_tests_every_change_and_publishes_only_main(conf
         assert jobs[name]["needs"] == "test"
         assert jobs[name]["if"] == "github.event_name == 'push' && github.ref == 'refs/heads/main'"
     text = (ROOT / ".github" / "workflows" / "publish.yml").read_text()
-    assert '["repository"]["branch"]' in text and "_config.yml" in text, "the branch comes from _config.yml"
+    assert '["repository"]["branch"]' in text and "student_branch(branch)" in text, "branches come from _config.yml"
     assert config["repository"]["branch"] not in ("main", "master")

@@ -717,7 +717,8 @@ def accuracy(ens: Ensemble, x, y, batch_size: int | None = None, train_mode: boo
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     step = batch_size or N
-    x, y = x.to(device_of(ens)), y.to(device_of(ens))
+    device = device_of(ens)
+    x, y = x.to(device), y.to(device)
     with _batch_statistics(ens, train_mode):
         correct = sum((ens(x[:, i : i + step] if own else x[i : i + step]).argmax(-1) == y[..., i : i + step]).sum(1)
                       for i in range(0, N, step))

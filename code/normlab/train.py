@@ -67,7 +67,8 @@ def accuracy(model, x, y, batch_size=None, train_mode=False) -> float:
     was_training = model.training
     buffers = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
     model.train(train_mode)
-    x, y = x.to(device_of(model)), y.to(device_of(model))
+    device = device_of(model)
+    x, y = x.to(device), y.to(device)
     try:
         step = batch_size or len(x)
         correct = sum(

@@ -22,7 +22,7 @@ import pytest
 
 from conftest import ROOT, cell_source, load_notebook, toc_files
 from normlab.course import chapters
-from normlab.student import BEGIN
+from normlab.student import BEGIN, student_branch
 
 SITES = {"main": ROOT / "_build" / "html", "student": ROOT / "_build" / "student" / "html"}
 MAKE = {"main": "make book", "student": "make student-book"}
@@ -176,7 +176,9 @@ def colab_links(seen):
     return [h for h in seen["hrefs"] if "colab.research.google.com" in h]
 
 
-COLAB_EDITIONS = {"main": (ROOT / "_build" / "colab", ""), "student": (ROOT / "_build" / "colab-student", "-student")}
+# each edition's folder, and its branch from the one named in _config.yml
+COLAB_EDITIONS = {"main": (ROOT / "_build" / "colab", str),
+                  "student": (ROOT / "_build" / "colab-student", student_branch)}
 
 
 @pytest.mark.parametrize("edition", COLAB_EDITIONS)
@@ -184,10 +186,10 @@ COLAB_EDITIONS = {"main": (ROOT / "_build" / "colab", ""), "student": (ROOT / "_
 def test_colab_button_opens_this_notebook_from_the_colab_edition(doc, edition, servers, browser, config):
     """Each edition's Colab button opens the notebook from its Colab edition's branch (named once in
     _config.yml; the student edition's adds "-student"), and `make colab` wrote that notebook."""
-    folder, suffix = COLAB_EDITIONS[edition]
+    folder, branch_of = COLAB_EDITIONS[edition]
     links = colab_links(observe(edition, doc, servers, browser))
     org_repo = urlparse(config["repository"]["url"]).path.strip("/")
-    branch = config["repository"]["branch"] + suffix
+    branch = branch_of(config["repository"]["branch"])
     assert branch not in ("main", "master"), "the buttons would open the MyST sources, not the Colab edition"
     expected = f"https://colab.research.google.com/github/{org_repo}/blob/{branch}/{doc}.ipynb"
     assert links, "no Colab launch button on a notebook page"
