@@ -9,7 +9,6 @@ import torch.nn.functional as F
 
 from conftest import DEVICES
 from normlab import checks, ensemble
-from normlab import nn as normlab_nn
 from normlab.data import load_digits
 from normlab.experiments import covariate_shift as cs
 from normlab.train import device_of
@@ -25,15 +24,6 @@ def test_noise_keeps_shape_and_ranges():
     out = cs.time_varying_noise(torch.zeros(1000, 7), 0.2, 1.1, gen)
     assert out.shape == (1000, 7)
     assert 0.1 - 1e-6 <= out.min() and out.max() <= 0.3 + 1e-6  # m ~ U(0.1, 0.3) where a = 0
-
-
-def test_noisy_bn_adds_noise_only_in_training():
-    torch.manual_seed(0)
-    x = torch.randn(32, 5)
-    noisy, plain = cs.NoisyBatchNorm1d(5, generator=torch.Generator().manual_seed(1)), normlab_nn.BatchNorm1d(5)
-    assert not torch.allclose(noisy(x), plain(x))  # training mode: noise on top of BN
-    noisy.eval(), plain.eval()
-    torch.testing.assert_close(noisy(x), plain(x))  # eval mode: plain BN (same running stats)
 
 
 def test_ics_of_each_member_is_the_ics_of_that_network_alone():

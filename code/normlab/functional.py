@@ -10,10 +10,12 @@ Shapes: ``input`` is (N, C, *): statistics per channel C over every other axis.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.autograd.function import once_differentiable
 
-__all__ = ["BatchNormFunction", "batch_norm"]
+__all__ = ["BatchNormFunction", "batch_norm", "check_like_torch", "empty_batch_norm"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -84,22 +86,61 @@ class BatchNormFunction(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias, None
 
 
-def _check(input, running_mean, running_var, weight, bias, training):
+def check_like_torch(input, running_mean, running_var, weight, bias, training, eps):
+    """Raise where ``torch.nn.functional.batch_norm`` raises, an exception of the same type.
+
+    Returns True when ``input`` is empty: torch then checks nothing more (see ``empty_batch_norm``).
+    The checks, in torch's order:
+
+    - training: exactly one value per channel (N times the spatial size is 1) is a ValueError;
+      zero values (an empty batch) are allowed. A 0-D input is an IndexError (it has no batch axis);
+    - eps > 0 in training, eps >= 0 in eval (ValueError);
+    - a per-channel vector whose size is not C is a RuntimeError (C counts as 0 for 1-D input);
+    - training with only one of running_mean and running_var is a ValueError; eval mode without
+      them is a RuntimeError;
+    - a (non-empty) input of fewer than 2 dimensions has no channel axis: IndexError.
+    """
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"input must be a Tensor, got {type(input).__name__}")
-    if input.dim() < 2:
-        raise ValueError(f"input must have at least 2 dimensions (N, C, ...), got shape {tuple(input.shape)}")
-    if not input.is_floating_point():
-        raise ValueError(f"input has dtype {input.dtype}, expected a floating-point dtype")
-    C = input.shape[1]
-    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
+    if training:
+        if input.dim() == 0:
+            raise IndexError("input is 0-dimensional: batch norm needs input of shape (N, C, ...)")
+        values = input.shape[0] * math.prod(input.shape[2:])  # per channel; 0 for an empty batch
+        if values == 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
+    if training and not eps > 0:
+        raise ValueError(f"eps must be positive in training mode, got {eps!r}")
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0, got {eps!r}")
+    if input.numel() == 0:
+        return True
+    C = input.shape[1] if input.dim() > 1 else 0
+    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
         if t is not None and t.numel() != C:
             # torch raises RuntimeError here; a drop-in raises the same.
             raise RuntimeError(f"{name} should contain {C} elements not {t.numel()}")
+    if training and (running_mean is None) != (running_var is None):
+        raise ValueError("pass both running_mean and running_var, or neither")
     if not training and (running_mean is None or running_var is None):
-        raise ValueError("eval mode (training=False) needs running_mean and running_var")
-    if training and input.numel() // C <= 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
+        raise RuntimeError("eval mode (training=False) needs running_mean and running_var")
+    if input.dim() < 2:
+        raise IndexError(f"input must have at least 2 dimensions (N, C, ...), got shape {tuple(input.shape)}")
+    return False
+
+
+def empty_batch_norm(input, weight, bias):
+    """Return batch norm of an empty input as torch does: a copy of it, still connected to the graph.
+
+    There are no statistics to compute or to update. torch multiplies the copy by weight[0] and
+    adds bias[0] (so weight and bias get gradients, of zeros, and a present but empty weight is an
+    IndexError); so does this.
+    """
+    out = input.clone()
+    if weight is not None:
+        out = out * weight[0]
+    if bias is not None:
+        out = out + bias[0]
+    return out
 
 
 def batch_norm(
@@ -117,8 +158,14 @@ def batch_norm(
     training=True normalizes with the batch statistics and, when running_mean / running_var are
     given, updates them in place: ``running = (1 - momentum) * running + momentum * batch``, with
     the unbiased batch variance. training=False normalizes with the running statistics.
+    Degenerate inputs behave as torch's: an empty input (N = 0, or any other size 0) gives an empty
+    output and leaves the running statistics alone; bad arguments raise torch's exception types
+    (``check_like_torch``).
     """
-    _check(input, running_mean, running_var, weight, bias, training)
+    if check_like_torch(input, running_mean, running_var, weight, bias, training, eps):
+        return empty_batch_norm(input, weight, bias)
+    if not input.is_floating_point():
+        raise ValueError(f"input has dtype {input.dtype}, expected a floating-point dtype")
     shape = _channel_shape(input)
     if training:
         out, mean, var = BatchNormFunction.apply(input, weight, bias, eps)

@@ -346,6 +346,9 @@ class _BatchRenorm(_BatchNorm):
     be a multiple of it): the small "per-device" batches of Wu and He's experiment inside one
     optimizer batch. The running statistics take in the groups' average mean and average
     unbiased variance, once per call, and ``last_r`` etc. are then (groups, C).
+
+    ``bias=False`` (keyword-only, as in torch's BatchNorm) keeps gamma and drops beta. An empty
+    batch in training mode is BatchNorm's: an empty output, the running statistics unchanged.
     """
 
     def __init__(
@@ -359,8 +362,10 @@ class _BatchRenorm(_BatchNorm):
         device=None,
         dtype=None,
         virtual_batch_size: int | None = None,
+        *,
+        bias: bool = True,
     ):
-        super().__init__(num_features, eps, momentum, affine, True, device, dtype)
+        super().__init__(num_features, eps, momentum, affine, True, device, dtype, bias=bias)
         if virtual_batch_size is not None and (
             isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, int) or virtual_batch_size < 1
         ):
@@ -388,10 +393,17 @@ class _BatchRenorm(_BatchNorm):
 
     def forward(self, input):
         self._check_input_dim(input)
+        if not self.training and input.numel() and input.shape[1] != self.num_features:
+            raise self._channel_error(input)  # (an empty input is not checked, as in torch)
+        if not self.training or input.numel() == 0:
+            # Eval: BatchNorm's, with the running statistics. An empty batch has no statistics to
+            # correct: BatchNorm's empty output, the step counted, the running statistics unchanged.
+            return super().forward(input)
+        # The step counts before the batch is checked, as in BatchNorm (and torch's): a call that
+        # raises below has counted it.
+        self.num_batches_tracked.add_(1)
         if input.shape[1] != self.num_features:
-            raise ValueError(f"expected {self.num_features} channels (dim 1), got input of shape {tuple(input.shape)}")
-        if not self.training:
-            return super().forward(input)  # BatchNorm's eval: the running statistics
+            raise self._channel_error(input)
         C, N = self.num_features, input.shape[0]
         v = self.virtual_batch_size
         v = N if v is None or N <= v else v  # examples per group
@@ -417,7 +429,6 @@ class _BatchRenorm(_BatchNorm):
         out = scale_shift(x_hat.reshape(input.shape), self.weight, self.bias)
         # Now, and only now, the running statistics take this batch in, as in BatchNorm.
         with torch.no_grad():
-            self.num_batches_tracked.add_(1)
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
             # the groups' average mean and unbiased variance (equal sizes)
             self.running_mean.mul_(1 - factor).add_(mu_b.mean(0).to(self.running_mean.dtype), alpha=factor)
@@ -426,6 +437,13 @@ class _BatchRenorm(_BatchNorm):
             r, d, r_raw, d_raw = r[0], d[0], r_raw[0], d_raw[0]
         self.last_r, self.last_d, self.last_r_raw, self.last_d_raw = r, d, r_raw, d_raw
         return out.to(input.dtype)
+
+    def _channel_error(self, input):
+        # A RuntimeError, as BatchNorm's (torch's) for this mistake.
+        return RuntimeError(
+            f"running_mean should contain {input.shape[1]} elements not {self.num_features}: expected "
+            f"{self.num_features} channels (dim 1), got input of shape {tuple(input.shape)}"
+        )
 
     def extra_repr(self) -> str:
         return (
@@ -743,9 +761,10 @@ class SyncBatchNorm(_BatchNorm):
     ``SyncBatchNormFunction`` for the two collectives per layer and pass.
 
     Same semantics as ``torch.nn.SyncBatchNorm`` (input (N, C, *)), built here on
-    ``torch.distributed``. In eval mode, outside an initialized process group, or in a group of one
-    process it is exactly ``BatchNorm1d/2d/3d``. Every rank of the group must call it the same
-    number of times, as with any collective.
+    ``torch.distributed``, with its constructor (``bias=False``, keyword-only, drops beta). In eval
+    mode, outside an initialized process group, or in a group of one process it is exactly
+    ``BatchNorm1d/2d/3d``. Every rank of the group must call it the same number of times, as with
+    any collective.
     """
 
     def __init__(
@@ -758,13 +777,17 @@ class SyncBatchNorm(_BatchNorm):
         process_group=None,
         device=None,
         dtype=None,
+        *,
+        bias: bool = True,
     ):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
         self.process_group = process_group
 
     def _check_input_dim(self, input):
         if input.dim() < 2:
             raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+        if input.shape[1] == 0:  # torch's SyncBatchNorm refuses this before anything else
+            raise ValueError("SyncBatchNorm number of input channels should be non-zero")
 
     def forward(self, input):
         self._check_input_dim(input)

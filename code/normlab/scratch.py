@@ -518,7 +518,8 @@ def _layout(kind, shape, normalized_shape=None, num_groups=None):
         return shape, tuple(range(2, ndim))  # per sample and channel, over space
     if kind == "group":
         N, C = shape[:2]
-        return (N, num_groups, -1), (2,)  # per sample and group of C / G channels (and space)
+        per_group = C // num_groups * int(np.prod(shape[2:]))  # not -1: an empty batch (N = 0) reshapes too
+        return (N, num_groups, per_group), (2,)  # per sample and group of C / G channels (and space)
     raise ValueError(f"kind must be 'batch', 'layer', 'instance', 'group' or 'rms', got {kind!r}")
 
 

@@ -17,6 +17,7 @@ claims.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -26,7 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 from normlab import ensemble
-from normlab.bench import median_time
+from normlab.bench import best_times
 from normlab.data import Split
 from normlab.experiments import _check_positive_int, seeds_for
 from normlab.nn import LastHidden
@@ -205,10 +206,12 @@ def _rms_norm(x, shape, eps):
 
 
 def time_norms(rows=4096, features=1024, repeat=15):
-    """Return median seconds per forward of layer norm and RMSNorm over the last dim of (rows, features).
+    """Return seconds per forward of layer norm and RMSNorm over the last dim of (rows, features).
 
     Keys: 'torch_ln', 'torch_rms' (float32, torch's F.layer_norm / F.rms_norm) and 'numpy_ln',
-    'numpy_rms' (float64, ``normlab.scratch.norm_forward``).
+    'numpy_rms' (float64, ``normlab.scratch.norm_forward``). Each is the best of ``repeat``
+    rounds in which the four take turns (``normlab.bench.best_times``), so a busy machine slows
+    them alike and its slow spells drop out.
     """
     from normlab import scratch
 
@@ -216,13 +219,14 @@ def time_norms(rows=4096, features=1024, repeat=15):
     _check_positive_int("features", features)
     x = torch.randn(rows, features, generator=torch.Generator().manual_seed(0))
     xn = x.double().numpy()
+    fns = {
+        "torch_ln": functools.partial(F.layer_norm, x, (features,), None, None, 1e-5),
+        "torch_rms": functools.partial(_rms_norm, x, (features,), 1e-5),
+        "numpy_ln": functools.partial(scratch.norm_forward, xn, 1),
+        "numpy_rms": functools.partial(scratch.norm_forward, xn, 1, rms=True),
+    }
     with torch.no_grad():
-        return {
-            "torch_ln": median_time(F.layer_norm, x, (features,), None, None, 1e-5, repeat=repeat, warmup=2),
-            "torch_rms": median_time(_rms_norm, x, (features,), 1e-5, repeat=repeat, warmup=2),
-            "numpy_ln": median_time(scratch.norm_forward, xn, 1, repeat=repeat, warmup=1),
-            "numpy_rms": median_time(scratch.norm_forward, xn, 1, rms=True, repeat=repeat, warmup=1),
-        }
+        return best_times(fns, repeat=repeat, warmup=2)
 
 
 # --------------------------------------------------------------------------------------------

@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from normlab import ensemble
-from normlab import nn as normlab_nn
 from normlab.data import Split
 from normlab.experiments import _check_positive_int
 
@@ -34,7 +33,6 @@ __all__ = [
     "ACTIVATIONS",
     "Run",
     "time_varying_noise",
-    "NoisyBatchNorm1d",
     "train_ensemble",
     "drift_ratio",
     "run_drift",
@@ -85,25 +83,6 @@ def _draw_step_noise(shape, generator=None, dtype=torch.float32):
     mu_t = mu_lo + (mu_hi - mu_lo) * torch.rand(shape, generator=generator, dtype=dtype)
     sigma_t = s_lo + (s_hi - s_lo) * torch.rand(shape, generator=generator, dtype=dtype)
     return mu_t, sigma_t
-
-
-class NoisyBatchNorm1d(normlab_nn.BatchNorm1d):
-    """Batch norm followed by time-varying noise in training mode (Santurkar et al. 2018).
-
-    Every forward pass in training mode draws a new (mu_t, sigma_t), then per-element noise around
-    them. In eval mode the layer is plain BN: the noise is a training-time perturbation only.
-    """
-
-    def __init__(self, num_features, *args, generator=None, **kwargs):
-        super().__init__(num_features, *args, **kwargs)
-        self.generator = generator
-
-    def forward(self, input):
-        out = super().forward(input)
-        if not self.training:
-            return out
-        mu_t, sigma_t = (t.to(out.device) for t in _draw_step_noise((), self.generator, out.dtype))
-        return time_varying_noise(out, mu_t, sigma_t, self.generator)
 
 
 class _StepNoise(nn.Module):

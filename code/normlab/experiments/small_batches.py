@@ -194,11 +194,6 @@ class EnsembleRun:
     train_loss: np.ndarray | None = None
     renorm: dict = field(default_factory=dict)
 
-    def median(self, which="acc_eval"):
-        """Return {kind: median over seeds} of one accuracy array."""
-        arr = getattr(self, which)
-        return {k: float(np.median(arr[i])) for i, k in enumerate(self.kinds)}
-
 
 def _batch_accuracy(ens, x, y, batch_size, order):
     """Accuracy with the statistics of test batches (BN's training mode, no running update), (K,)."""

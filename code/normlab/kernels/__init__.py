@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from normlab.functional import check_like_torch, empty_batch_norm
+
 __all__ = ["CONFIG", "INSTALL_HINT", "KernelConfig", "available", "batch_norm", "channel_sums", "dtype_supported",
            "interpreted", "layout_of", "triton_modules"]
 
@@ -358,30 +360,19 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _check(input, running_mean, running_var, weight, bias, training, momentum, eps):
-    if not isinstance(input, torch.Tensor):
-        raise TypeError(f"input must be a Tensor, got {type(input).__name__}")
-    if input.dim() < 2:
-        raise ValueError(f"input must have at least 2 dimensions (N, C, ...), got shape {tuple(input.shape)}")
+    """Raise where ``F.batch_norm`` raises (its exception types), then for what the kernels cannot run.
+
+    Returns True for an empty input, which needs no kernel (``normlab.functional.empty_batch_norm``).
+    """
+    if check_like_torch(input, running_mean, running_var, weight, bias, training, eps):
+        return True
     if input.dtype not in _DTYPES:
         raise ValueError(f"input has dtype {input.dtype}, expected one of {_DTYPES}")
-    C = input.shape[1]
     for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
-        if t is None:
-            continue
-        if t.numel() != C:
-            raise RuntimeError(f"{name} should contain {C} elements not {t.numel()}")  # torch's error
-        if t.device != input.device:
+        if t is not None and t.device != input.device:
             raise ValueError(f"{name} is on {t.device}, input on {input.device}")
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("pass both running_mean and running_var, or neither")
-    if not training and running_mean is None:
-        raise ValueError("eval mode (training=False) needs running_mean and running_var")
-    if training and input.numel() // max(C, 1) <= 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
-    if not isinstance(momentum, (int, float)) or isinstance(momentum, bool):
-        raise ValueError(f"momentum must be a number, got {momentum!r}")
-    if not eps > 0:
-        raise ValueError(f"eps must be positive, got {eps!r}")
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
+        raise TypeError(f"momentum must be a number, got {momentum!r}")
     if not interpreted() and input.device.type != "cuda":
         # Compiled Triton reads device memory only; it would fail with "cpu tensor?" deep inside.
         raise ValueError(
@@ -395,6 +386,7 @@ def _check(input, running_mean, running_var, weight, bias, training, momentum, e
             f"bfloat16 needs a GPU of compute capability 8.0 or more; this one is sm_{major}{minor}: "
             "use float16 or float32"
         )
+    return False
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5):
@@ -405,13 +397,16 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     running_mean / running_var in place (unbiased variance; ``running = (1 - momentum) * running
     + momentum * batch``). training=False normalizes with the running statistics; both modes are
     differentiable in input, weight and bias. Returns a tensor with input's shape, dtype and strides.
+    running_mean / running_var may be strided views (``buf[::2]``): the kernels update a contiguous
+    copy, which is then written back into them. Degenerate inputs and bad arguments behave as in
+    ``F.batch_norm`` (``normlab.functional.check_like_torch``): an empty input gives torch's empty
+    result and leaves the running statistics alone.
     """
-    _check(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    if _check(input, running_mean, running_var, weight, bias, training, momentum, eps):
+        return empty_batch_norm(input, weight, bias)  # nothing to reduce or update: torch's result
     x = input
     if layout_of(x)[0] is None:
         x = x.contiguous()  # other strides: copy to NCHW first
-    if x.numel() == 0:
-        return torch.empty_like(x)
     # The kernels index the per-channel vectors with stride 1. Strided ones (views into a larger
     # buffer, as F.batch_norm accepts) are copied; autograd carries the gradient back through the copy.
     weight = weight.contiguous() if weight is not None else None

@@ -1,0 +1,71 @@
+"""A pytest plugin for `make notebooks`: what a student sees who runs a lab before any exercise.
+
+`make notebooks` runs nbval over the student edition, every solution a stub (``normlab.student``),
+at another seed than the book build. nbval fails on any cell that raises. This plugin adds one
+test after each notebook's last cell, which reads what the cells printed:
+
+- each exercise's self-check said ``NOT ATTEMPTED Exercise N: <title>``;
+- each cell that needs a stubbed function (``checks.solution_or_reference``) said that it used
+  the course's reference instead.
+
+So one execution checks the asserts at a second seed and the student's "Run All". Loaded with
+``-p tests.nbval_stubs`` (the Makefile's ``notebooks`` target).
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from normlab.checks import NOT_ATTEMPTED
+
+_STUB = re.compile(r"raise NotImplementedError\((['\"])(.*?)\1\)")
+_SUFFIX = " (write your solution here)"  # the stub's message ends so; the check's report drops it
+_USES_REFERENCE = "has not passed its self-check yet"
+
+
+def _is_cell(item) -> bool:
+    return type(item).__name__ == "IPyNbCell"  # nbval's item for one code cell
+
+
+def _printed(item) -> str:
+    return "".join(o.get("text", "") for o in item.test_outputs or [] if o.get("output_type") == "stream")
+
+
+class StubsReport(pytest.Item):
+    """After a notebook's last cell: every stub was reported and every use fell back to the reference."""
+
+    def __init__(self, *, cells, **kwargs):
+        super().__init__(**kwargs)
+        self.cells = cells
+
+    def runtest(self):
+        unrun = [c.name for c in self.cells if c.test_outputs is None]
+        if unrun:
+            raise AssertionError(f"cells that did not run, so nothing to read: {', '.join(unrun)}")
+        printed = "\n".join(_printed(c) for c in self.cells)
+        problems = []
+        for cell in self.cells:
+            for _, message in _STUB.findall(cell.cell.source):
+                said = f"{NOT_ATTEMPTED} {message.removesuffix(_SUFFIX)}"
+                if said not in printed:
+                    problems.append(f"no self-check said '{said}' (the stub is in {cell.name})")
+            if "solution_or_reference(" in cell.cell.source and _USES_REFERENCE not in _printed(cell):
+                problems.append(f"{cell.name} needs a stub but did not say '{_USES_REFERENCE}'")
+        assert not problems, "\n".join(problems)
+
+    def reportinfo(self):
+        return self.path, None, f"{self.name}: every stub reported, every use on the reference"
+
+
+def pytest_collection_modifyitems(session, config, items):
+    by_notebook = {}
+    for item in items:
+        if _is_cell(item):
+            by_notebook.setdefault(item.parent, []).append(item)
+    for notebook, cells in by_notebook.items():
+        if not any(_STUB.search(c.cell.source) for c in cells):
+            continue
+        report = StubsReport.from_parent(notebook, name="stubs", cells=cells)
+        items.insert(items.index(cells[-1]) + 1, report)
