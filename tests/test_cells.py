@@ -1,8 +1,8 @@
-"""normlab.cells: a notebook's code cells in one Python process, for machines without Jupyter."""
+"""coursekit.cells: a notebook's code cells in one Python process, for machines without Jupyter."""
 
 import json
 
-from normlab import cells
+from coursekit import cells
 
 
 def _notebook(path, sources):

@@ -1,8 +1,13 @@
 """normlab.checks: a correct solution passes, a wrong one fails with a message that helps."""
 
+import importlib
+import pkgutil
+import re
+
 import numpy as np
 import pytest
 
+from conftest import ROOT, cell_source, load_notebook
 from normlab import checks, scratch
 
 
@@ -425,3 +430,38 @@ def test_set_mode_check_passes_the_library_and_catches_bn_only_with_frozen_stati
 
     with pytest.raises(AssertionError, match="mode 'bn_only'"):
         checks.check_set_mode(frozen_bn_only)
+
+
+CHAPTER_MODULES = sorted(m.name for m in pkgutil.iter_modules(checks.__path__) if not m.name.startswith("_"))
+
+
+def _defined_checks(module_name):
+    """The check_* functions defined in normlab.checks.<module_name> (not imported into it)."""
+    module = importlib.import_module(f"normlab.checks.{module_name}")
+    return {name for name, obj in vars(module).items()
+            if name.startswith("check_") and callable(obj) and obj.__module__ == module.__name__}
+
+
+def test_checks_has_one_module_per_chapter_and_each_check_is_defined_in_exactly_one():
+    chapters = sorted(p.parent.name for p in (ROOT / "chapters").glob("*/index.md"))
+    assert CHAPTER_MODULES == chapters
+    homes = {}
+    for module_name in CHAPTER_MODULES:
+        for name in _defined_checks(module_name):
+            homes.setdefault(name, []).append(module_name)
+    assert {name: where for name, where in homes.items() if len(where) != 1} == {}
+    assert sorted(homes) == sorted(CHECKS), "a check_* in a chapter module and in checks.__all__ differ"
+    for name, (module_name,) in homes.items():
+        assert getattr(checks, name) is getattr(importlib.import_module(f"normlab.checks.{module_name}"), name)
+
+
+@pytest.mark.parametrize("module_name", CHAPTER_MODULES)
+def test_each_chapter_modules_checks_are_called_by_a_lab_of_that_chapter(module_name):
+    called = set()
+    for path in sorted((ROOT / "chapters" / module_name).glob("*.ipynb")):
+        for cell in load_notebook(path)["cells"]:
+            if cell["cell_type"] == "code":
+                called |= set(re.findall(r"\bchecks\.(check_\w+)\s*\(", cell_source(cell)))
+    defined = _defined_checks(module_name)
+    assert defined, f"normlab.checks.{module_name} defines no check"
+    assert defined <= called, f"not called by a notebook of chapters/{module_name}: {sorted(defined - called)}"

@@ -1,4 +1,4 @@
-"""normlab.colab: MyST in a notebook's markdown becomes CommonMark that Colab and Jupyter render.
+"""coursekit.colab: MyST in a notebook's markdown becomes CommonMark that Colab and Jupyter render.
 
 These tests use a small stand-in for the built site; tests/site/test_colab_edition.py checks the
 edition `make colab` writes from the real one.
@@ -6,7 +6,7 @@ edition `make colab` writes from the real one.
 
 import pytest
 
-from normlab.colab import MYST, Site, convert_markdown, make_colab_notebook
+from coursekit.colab import MYST, Site, convert_markdown, make_colab_notebook
 
 BASE = "https://example.org/course/"
 

@@ -1,4 +1,4 @@
-"""normlab.course: chapters from the toc, the map's arrows from cross-references, recorded timings."""
+"""coursekit.course: chapters from the toc, the map's arrows from cross-references, recorded timings."""
 
 import json
 import re
@@ -7,7 +7,7 @@ import nbformat
 import pytest
 
 from conftest import ROOT
-from normlab import course
+from coursekit import course
 
 TOC = """\
 format: jb-book
@@ -151,7 +151,7 @@ def test_the_instructor_guide_times_only_notebooks_that_exist():
 
 
 def test_student_minutes_count_reading_and_each_kind_of_exercise():
-    from normlab.course import STUDENT_MINUTES, student_minutes
+    from coursekit.course import STUDENT_MINUTES, student_minutes
 
     def md(text):
         return {"cell_type": "markdown", "metadata": {}, "source": text}
@@ -175,8 +175,8 @@ def test_student_minutes_count_reading_and_each_kind_of_exercise():
 def test_every_exercise_has_a_title_for_its_links():
     """The instructor guide's links read "Exercise N (title)"; an untitled exercise would read
     "Exercise N" alone."""
-    from normlab.course import exercise_titles
-    from normlab.grade import exercises
+    from coursekit.course import exercise_titles
+    from coursekit.grade import exercises
 
     titles = exercise_titles(ROOT)
     labels = [label for p in sorted((ROOT / "chapters").glob("*/*.ipynb"))

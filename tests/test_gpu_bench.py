@@ -174,3 +174,7 @@ def test_recorded_results_ship_inside_the_package(tmp_path):
     (wheel,) = (tmp_path / "wheel").glob("normlab-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "normlab/results/README.md" in names, names
+    # what Colab installs is the library alone: the maintainers' tooling is tools/coursekit's package
+    tooling = [n for n in names if n.startswith("coursekit/") or n in {
+        f"normlab/{m}.py" for m in ("course", "student", "grade", "colab", "seedscan", "cells")}]
+    assert not tooling, tooling

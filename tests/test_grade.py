@@ -1,4 +1,4 @@
-"""python -m normlab.grade: each exercise is passed, failed, not attempted or graded by hand."""
+"""python -m coursekit.grade: each exercise is passed, failed, not attempted or graded by hand."""
 
 import json
 
@@ -6,8 +6,8 @@ import nbformat
 import pytest
 
 from conftest import ROOT, load_notebook, notebook_paths
-from normlab.grade import exercises, main
-from normlab.student import BEGIN, make_student_notebook
+from coursekit.grade import exercises, main
+from coursekit.student import BEGIN, make_student_notebook
 
 NOTEBOOKS = [p for p in notebook_paths() if "{exercise}" in p.read_text(encoding="utf-8")]
 
@@ -89,7 +89,7 @@ def test_the_grader_finds_every_exercise_of_the_course(path):
 
 
 def test_rubrics_come_from_the_worked_solutions_of_pages_and_notebooks(tmp_path):
-    from normlab.grade import rubrics
+    from coursekit.grade import rubrics
 
     (tmp_path / "chapters" / "a").mkdir(parents=True)
     page = ("# A\n\n```{exercise} Why\n:label: q-a-1\n\nWhy?\n```\n\n````{solution} q-a-1\n:class: dropdown\n\n"

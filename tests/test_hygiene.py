@@ -1,13 +1,18 @@
-"""The repository's conventions: clean notebooks, a complete toc, the standard first cell, citations."""
+"""The repository's conventions: clean notebooks, a complete toc, the standard first cell, citations,
+and the split between the library students install (code/normlab) and the maintainers' tooling
+(tools/coursekit)."""
 
 import ast
+import fnmatch
 import re
 
 import pytest
+import tomllib
 import yaml
 
 from conftest import ROOT, cell_source, load_notebook, notebook_paths, toc_files
-from normlab.seedscan import parse_cell
+from coursekit.seedscan import parse_cell
+from normlab.checks import SELF_CHECK
 
 NOTEBOOKS = notebook_paths()
 IDS = [str(p.relative_to(ROOT)) for p in NOTEBOOKS]
@@ -111,7 +116,7 @@ def test_every_solution_block_is_closed_and_followed_by_a_self_check(path):
         if cell["cell_type"] == "code" and "# BEGIN SOLUTION" in src:
             assert src.count("# BEGIN SOLUTION") == src.count("# END SOLUTION"), f"cell {i}"
             nxt = next(c for c in cells[i + 1 :] if c["cell_type"] == "code")
-            assert "checks." in cell_source(nxt), f"cell {i}: the next code cell should call normlab.checks"
+            assert SELF_CHECK.search(cell_source(nxt)), f"cell {i}: the next code cell should call a self-check"
 
 
 def test_the_publishing_workflow_tests_every_change_and_publishes_only_main(config):
@@ -131,3 +136,74 @@ def test_the_publishing_workflow_tests_every_change_and_publishes_only_main(conf
     text = (ROOT / ".github" / "workflows" / "publish.yml").read_text()
     assert '["repository"]["branch"]' in text and "student_branch(branch)" in text, "branches come from _config.yml"
     assert config["repository"]["branch"] not in ("main", "master")
+
+
+TOOLING = ROOT / "tools" / "coursekit" / "coursekit"
+
+
+def imported_modules(tree):
+    """The absolute names of the modules that a parsed source imports, anywhere in it (lazy imports too)."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+            names |= {f"{node.module}.{a.name}" for a in node.names}
+    return names
+
+
+def test_the_library_never_imports_the_tooling():
+    """coursekit imports normlab, never the reverse: Colab installs normlab alone."""
+    found = []
+    for path in sorted((ROOT / "code" / "normlab").rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        found += [f"{path.relative_to(ROOT)}: {name}" for name in sorted(imported_modules(tree))
+                  if name == "coursekit" or name.startswith("coursekit.")]
+    assert not found, f"normlab imports the maintainers' tooling: {found}"
+
+
+def test_the_library_package_holds_no_tooling():
+    """code/pyproject.toml packages normlab only, and none of coursekit's modules sits in code/normlab."""
+    project = tomllib.loads((ROOT / "code" / "pyproject.toml").read_text(encoding="utf-8"))
+    packages = project["tool"]["setuptools"]["packages"]  # a list, or a find table with its include patterns
+    listed = packages if isinstance(packages, list) else packages["find"]["include"]
+    assert listed and all(p.startswith("normlab") for p in listed), listed
+    assert not any(fnmatch.fnmatch(name, p) for p in listed for name in ("coursekit", "coursekit.course")), listed
+    modules = sorted(p.stem for p in TOOLING.glob("*.py") if p.stem != "__init__")
+    assert {"course", "student", "grade", "colab", "seedscan", "cells"} <= set(modules), modules
+    stray = [m for m in modules if (ROOT / "code" / "normlab" / f"{m}.py").exists()]
+    assert not stray, f"tooling modules in the library: {stray}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_no_notebook_imports_the_tooling(path):
+    """Colab installs normlab alone, so a notebook that imported coursekit would fail there."""
+    for i, cell in enumerate(load_notebook(path)["cells"]):
+        if cell["cell_type"] == "code":
+            names = imported_modules(parse_cell(cell_source(cell)))
+            assert not any(n.split(".")[0] == "coursekit" for n in names), f"cell {i} imports coursekit"
+
+
+def test_the_tooling_imports_its_own_modules_one_way():
+    """No import cycle inside coursekit, lazy imports included: a helper two modules share lives
+    in a lower one (coursekit.notebooks), not in either of them."""
+    modules = {p.stem for p in TOOLING.glob("*.py") if p.stem != "__init__"}
+    deps = {}
+    for m in modules:
+        tree = ast.parse((TOOLING / f"{m}.py").read_text(encoding="utf-8"))
+        deps[m] = {n.split(".")[1] for n in imported_modules(tree)
+                   if n.startswith("coursekit.") and n.split(".")[1] in modules} - {m}
+    done, path = set(), []
+
+    def visit(m):
+        assert m not in path, f"import cycle: {' -> '.join(path[path.index(m):] + [m])}"
+        if m not in done:
+            path.append(m)
+            for d in sorted(deps[m]):
+                visit(d)
+            path.pop()
+            done.add(m)
+
+    for m in sorted(modules):
+        visit(m)

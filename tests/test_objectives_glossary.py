@@ -14,7 +14,7 @@ import re
 import pytest
 
 from conftest import ROOT, cell_source, load_notebook
-from normlab import grade
+from coursekit import grade
 
 CHAPTERS = sorted(p for p in (ROOT / "chapters").iterdir() if (p / "index.md").exists())
 CHAPTER_IDS = [p.name for p in CHAPTERS]
@@ -34,7 +34,7 @@ def chapter_notebooks(folder):
 def exercises(folder):
     """Return {label: (notebook name, graded)} for every exercise in the chapter's notebooks.
 
-    graded: the grader (normlab.grade) finds the cell the student completes and a ``check_*``
+    graded: the grader (coursekit.grade) finds the cell the student completes and a ``check_*``
     self-check for it. A pen-and-paper exercise has neither and is graded by hand.
     """
     found = {}

@@ -5,8 +5,8 @@ import json
 import pytest
 
 from conftest import ROOT, cell_source, load_notebook
+from coursekit.seedscan import _merge, _seeds, asserts_in, interval_check, rewrite_cell
 from normlab.evidence import paired
-from normlab.seedscan import _merge, _seeds, asserts_in, interval_check, rewrite_cell
 
 SCAN = ROOT / "seed_scan.json"
 
@@ -115,7 +115,7 @@ def test_every_assert_of_a_scanned_notebook_was_scanned(scan):
 def test_a_scan_in_two_jobs_records_what_one_job_records(tmp_path, monkeypatch):
     import nbformat
 
-    from normlab.seedscan import scan as run_scan
+    from coursekit.seedscan import scan as run_scan
 
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_code_cell("import os\nseed = int(os.environ['NORMLAB_SEED'])"),

@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from conftest import ROOT, cell_source, load_notebook, notebook_paths
-from normlab.seedscan import parse_cell
-from normlab.student import (
+from coursekit.seedscan import parse_cell
+from coursekit.student import (
     BEGIN,
     END,
     HIDE,
@@ -85,7 +85,7 @@ def test_exercises_are_numbered_and_titled_from_their_directive():
 @pytest.fixture(scope="module")
 def student_dir(tmp_path_factory):
     dest = tmp_path_factory.mktemp("student")
-    subprocess.run([sys.executable, "-m", "normlab.student", str(ROOT / "chapters"), str(dest)], check=True)
+    subprocess.run([sys.executable, "-m", "coursekit.student", str(ROOT / "chapters"), str(dest)], check=True)
     return dest
 
 

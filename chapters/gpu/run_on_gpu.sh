@@ -5,7 +5,7 @@
 #   bash chapters/gpu/run_on_gpu.sh            (from the repository root; about 8 minutes)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-export PYTHONPATH=code NORMLAB_PROGRESS=0
+export PYTHONPATH=code:tools/coursekit NORMLAB_PROGRESS=0
 python -c 'import torch, triton; assert torch.cuda.is_available(), "no CUDA GPU"; print(torch.cuda.get_device_name(), torch.__version__, triton.__version__)'
 python -m pytest -q -x -p no:cacheprovider tests/test_kernels.py
 # The lab as a student runs it on a Colab GPU runtime: under nbval where the machine has Jupyter,
@@ -13,6 +13,6 @@ python -m pytest -q -x -p no:cacheprovider tests/test_kernels.py
 if python -c 'import nbval, ipykernel' 2>/dev/null; then
     python -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env chapters/gpu/lab.ipynb
 else
-    python -m normlab.cells chapters/gpu/lab.ipynb
+    python -m coursekit.cells chapters/gpu/lab.ipynb
 fi
 python -m normlab.gpu_bench --out code/normlab/results --shapes "${SHAPES:-default}" --budget-s "${BUDGET_S:-300}"

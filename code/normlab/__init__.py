@@ -10,6 +10,11 @@ generator, reads the course's two environment variables and picks the device.
 At quick scale ``setup`` also pins torch to one thread: the quick experiments' tensors are small,
 and on a busy machine several torch threads per process slow a notebook down tenfold or more. A
 lab whose seeds train together as one large ensemble asks for two threads itself, after setup.
+
+This package is what a student installs (Colab: ``pip install normlab`` from ``code/``), so it holds
+only what the notebooks use. The maintainers' tooling (the course map and timings, the student
+and Colab editions, grading, the seed scan) is the separate package ``coursekit``, in
+``tools/coursekit/``: it imports normlab, and normlab never imports it.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import os
 import platform
 import random
 from dataclasses import dataclass, field
+
+from normlab._validate import is_int
 
 __version__ = "0.1.0"
 
@@ -53,7 +60,7 @@ def _read_seed(seed):
             seed = int(raw)
         except ValueError:
             raise ValueError(f"NORMLAB_SEED={raw!r} is not an integer") from None
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if not is_int(seed):
         raise ValueError(f"seed must be an int, got {type(seed).__name__}")
     if not 0 <= seed < 2**32:
         raise ValueError(f"seed must be in [0, 2**32), got {seed}")

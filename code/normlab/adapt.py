@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from normlab._validate import is_int, is_number
 from normlab.stats import _inputs, batch_norm_layers, precise_bn
 
 __all__ = [
@@ -191,7 +192,7 @@ def mix_statistics(source_mean, source_var, x, n_prior):
 
 
 def _check_n_prior(n_prior):
-    if isinstance(n_prior, bool) or not isinstance(n_prior, (int, float)) or math.isnan(n_prior) or n_prior < 0:
+    if not is_number(n_prior) or math.isnan(n_prior) or n_prior < 0:
         raise ValueError(f"n_prior must be a number >= 0 (math.inf for the source statistics), got {n_prior!r}")
 
 
@@ -259,7 +260,7 @@ def tent(model: nn.Module, batches, lr: float = 1e-3, steps: int = 1, on_batch=N
     """
     if not lr > 0:
         raise ValueError(f"lr must be positive, got {lr!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    if not is_int(steps) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     layers = _tracking_layers(model, "adapt")
     params = bn_only_parameters(model)

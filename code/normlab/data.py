@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from normlab._validate import is_int, is_number
+
 __all__ = ["IMAGE_SETS", "Split", "affine_shift", "add_noise", "blur", "blur_signals", "contrast", "grouped_batches",
            "load_digits", "load_images", "load_mnist1d", "mnist1d_shifted"]
 
@@ -145,7 +147,7 @@ def grouped_batches(labels, batch_size: int, classes_per_batch: int, seed: int =
             f"labels must be a non-empty 1-D integer tensor, got {labels.dtype} of shape {tuple(labels.shape)}"
         )
     for name, v in (("batch_size", batch_size), ("classes_per_batch", classes_per_batch)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        if not is_int(v) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
     if classes_per_batch > batch_size:
         raise ValueError(f"classes_per_batch ({classes_per_batch}) must be <= batch_size ({batch_size})")
@@ -185,7 +187,7 @@ def _shift(data: Split, fn, name) -> Split:
 def affine_shift(data: Split, scale: float = 2.0, offset: float = 1.0) -> Split:
     """Return ``data`` with every input x replaced by ``scale * x + offset`` (an intensity shift)."""
     for name, v in (("scale", scale), ("offset", offset)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v):
+        if not is_number(v) or not np.isfinite(v):
             raise ValueError(f"{name} must be a finite number, got {v!r}")
     if scale == 0:
         raise ValueError("scale must be non-zero: scale 0 erases the inputs")
@@ -197,7 +199,7 @@ def add_noise(data: Split, std: float = 0.5, seed: int = 0) -> Split:
 
     The noise is drawn from a generator seeded with ``seed`` (train first, then test).
     """
-    if isinstance(std, bool) or not isinstance(std, (int, float)) or not (np.isfinite(std) and std >= 0):
+    if not is_number(std) or not (np.isfinite(std) and std >= 0):
         raise ValueError(f"std must be a finite number >= 0, got {std!r}")
     gen = torch.Generator().manual_seed(seed)
     return _shift(data, lambda x: x + std * torch.randn(x.shape, generator=gen), f"{data.name} + noise {std:g}")
@@ -210,7 +212,7 @@ def blur(data: Split, sigma: float = 1.0) -> Split:
     are padded by repeating the first and last values, so a constant signal stays constant and every
     output keeps the input's length. sigma 0 returns the inputs unchanged.
     """
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not (np.isfinite(sigma) and sigma >= 0):
+    if not is_number(sigma) or not (np.isfinite(sigma) and sigma >= 0):
         raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
     return _shift(data, lambda x: blur_signals(x, sigma), f"{data.name} blur {sigma:g}")
 
@@ -233,7 +235,7 @@ def contrast(data: Split, factor: float = 0.5) -> Split:
     The mean is each example's own, over its features (as CIFAR-10-C's contrast corruption uses each
     image's mean); factor 1 leaves the inputs unchanged, smaller factors flatten them.
     """
-    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not (np.isfinite(factor) and factor > 0):
+    if not is_number(factor) or not (np.isfinite(factor) and factor > 0):
         raise ValueError(f"factor must be a finite number > 0, got {factor!r}")
 
     def flatten(x):
@@ -333,7 +335,7 @@ def load_images(name: str, root=None, *, download: bool = True, flatten: bool = 
     """
     if name not in IMAGE_SETS:
         raise ValueError(f"name must be one of {sorted(IMAGE_SETS)}, got {name!r}")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+    if limit is not None and (not is_int(limit) or limit < 1):
         raise ValueError(f"limit must be a positive int or None, got {limit!r}")
     root = Path(root if root is not None else os.environ.get("NORMLAB_DATA", Path.home() / ".cache" / "normlab"))
     _, folder, (train_files, test_files) = IMAGE_SETS[name]

@@ -26,6 +26,8 @@ from datetime import timedelta
 
 import torch
 
+from normlab._validate import is_int
+
 __all__ = ["DistributedError", "free_port", "launch", "merge_moments"]
 
 
@@ -111,7 +113,7 @@ def launch(fn, world_size: int, *args, timeout: float = 120.0, threads: int = 1)
     Raises ``DistributedError`` with the traceback of the first rank that raised, or when a
     process dies without reporting or the deadline passes. No process is left running.
     """
-    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+    if not is_int(world_size) or world_size < 1:
         raise ValueError(f"world_size must be a positive int, got {world_size!r}")
     if not callable(fn):
         raise ValueError(f"fn must be callable, got {fn!r}")
@@ -122,7 +124,7 @@ def launch(fn, world_size: int, *args, timeout: float = 120.0, threads: int = 1)
         )
     if not (isinstance(timeout, (int, float)) and timeout > 0):
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+    if not is_int(threads) or threads < 1:
         raise ValueError(f"threads must be a positive int, got {threads!r}")
     context = mp.get_context("spawn")
     results = context.Queue()

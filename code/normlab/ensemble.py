@@ -44,6 +44,7 @@ from torch import nn
 from tqdm import tqdm
 
 from normlab import nn as normlab_nn
+from normlab._validate import is_int, is_number
 from normlab.data import Split
 from normlab.stats import precise_bn
 from normlab.train import device_of, show_progress
@@ -634,7 +635,7 @@ def fit(
         seeds = [int(s) for s in seeds]
         if len(seeds) != K:
             raise ValueError(f"need one seed per member: {K} members, {len(seeds)} seeds")
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        if not is_int(steps) or steps < 1:
             raise ValueError(f"steps must be a positive int, got {steps!r}")
         if not 1 <= batch_size <= n:
             raise ValueError(f"batch_size must be in [1, {n}] (the training set size), got {batch_size}")
@@ -658,7 +659,7 @@ def fit(
     if optimizer == "sgd":
         opt = SGD(ens, lr, momentum, weight_decay)
     elif optimizer == "adam":
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr <= 0:
+        if not is_number(lr) or lr <= 0:
             raise ValueError(f"Adam takes one positive learning rate for every member, got {lr!r}")
         opt = torch.optim.Adam([p for p in ens.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
     else:

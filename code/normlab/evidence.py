@@ -34,6 +34,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from normlab._validate import is_int, is_number
+
 __all__ = ["Paired", "paired", "t_quantile"]
 
 
@@ -41,7 +43,7 @@ def t_quantile(p, df):
     """Return the p-quantile of Student's t distribution with df degrees of freedom."""
     if not (isinstance(p, float) and 0.0 < p < 1.0):
         raise ValueError(f"p must be a float in (0, 1), got {p!r}")
-    if isinstance(df, bool) or not isinstance(df, int) or df < 1:
+    if not is_int(df) or df < 1:
         raise ValueError(f"df must be a positive integer, got {df!r}")
     from scipy.stats import t  # scipy comes with scikit-learn, which the course needs anyway
 
@@ -82,7 +84,7 @@ class Paired:
         return int((self.diffs > 0).sum())
 
     def _on_scale(self, margin):
-        if not isinstance(margin, (int, float)) or isinstance(margin, bool) or not math.isfinite(margin):
+        if not is_number(margin) or not math.isfinite(margin):
             raise ValueError(f"a margin must be a finite number, got {margin!r}")
         if self.ratio:
             if margin <= 0:

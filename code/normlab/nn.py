@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from normlab._validate import is_int, is_number
 from normlab.functional import _stat_dtype, batch_norm, scale_shift
 
 __all__ = [
@@ -227,7 +228,7 @@ class _GhostBatchNorm(_BatchNorm):
     """
 
     def __init__(self, num_features: int, virtual_batch_size: int, *args, **kwargs):
-        if isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, int) or virtual_batch_size < 1:
+        if not is_int(virtual_batch_size) or virtual_batch_size < 1:
             raise ValueError(f"virtual_batch_size must be a positive int, got {virtual_batch_size!r}")
         super().__init__(num_features, *args, **kwargs)
         self.virtual_batch_size = virtual_batch_size
@@ -312,13 +313,13 @@ class PopulationNorm2d(_PopulationNorm):
 
 
 def _check_r_max(r_max):
-    if isinstance(r_max, bool) or not isinstance(r_max, (int, float)) or not r_max >= 1:
+    if not is_number(r_max) or not r_max >= 1:
         raise ValueError(f"r_max must be a number >= 1 (float('inf') allowed), got {r_max!r}")
     return float(r_max)
 
 
 def _check_d_max(d_max):
-    if isinstance(d_max, bool) or not isinstance(d_max, (int, float)) or not d_max >= 0:
+    if not is_number(d_max) or not d_max >= 0:
         raise ValueError(f"d_max must be a number >= 0 (float('inf') allowed), got {d_max!r}")
     return float(d_max)
 
@@ -367,7 +368,7 @@ class _BatchRenorm(_BatchNorm):
     ):
         super().__init__(num_features, eps, momentum, affine, True, device, dtype, bias=bias)
         if virtual_batch_size is not None and (
-            isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, int) or virtual_batch_size < 1
+            not is_int(virtual_batch_size) or virtual_batch_size < 1
         ):
             raise ValueError(f"virtual_batch_size must be None or a positive int, got {virtual_batch_size!r}")
         self.virtual_batch_size = virtual_batch_size
@@ -473,7 +474,7 @@ def renorm_schedule(step, warmup_steps, relax_steps, r_max=3.0, d_max=5.0):
     stay there. Ioffe (2017) kept BN for about 5k steps, then relaxed to r_max = 3, d_max = 5.
     """
     for name, v in (("step", step), ("warmup_steps", warmup_steps), ("relax_steps", relax_steps)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        if not is_int(v) or v < 0:
             raise ValueError(f"{name} must be an int >= 0, got {v!r}")
     r_max, d_max = _check_r_max(r_max), _check_d_max(d_max)
     if step < warmup_steps:
@@ -518,7 +519,7 @@ class NormLSTMCell(nn.Module):
     def __init__(self, input_size, hidden_size, norm="none", max_steps=64, eps=1e-5, momentum=0.1):
         super().__init__()
         for name, v in (("input_size", input_size), ("hidden_size", hidden_size), ("max_steps", max_steps)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            if not is_int(v) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         if norm not in LSTM_NORMS:
             raise ValueError(f"norm must be one of {LSTM_NORMS}, got {norm!r}")
@@ -587,7 +588,7 @@ class NormLSTMCell(nn.Module):
     def forward(self, x, state=None, t=0):
         if x.dim() != 2 or x.shape[1] != self.input_size:
             raise ValueError(f"x has shape {tuple(x.shape)}, expected (N, {self.input_size})")
-        if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+        if not is_int(t) or t < 0:
             raise ValueError(f"t must be an int >= 0, got {t!r}")
         N, H = x.shape[0], self.hidden_size
         if state is None:

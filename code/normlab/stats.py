@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from normlab import nn as normlab_nn
+from normlab._validate import is_int
 
 __all__ = ["batch_norm_layers", "ema_weights", "precise_bn"]
 
@@ -34,7 +35,7 @@ def ema_weights(momentum: float, steps: int):
     """
     if not 0 < momentum <= 1:
         raise ValueError(f"momentum must be in (0, 1], got {momentum!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+    if not is_int(steps) or steps < 0:
         raise ValueError(f"steps must be a non-negative int, got {steps!r}")
     k = torch.arange(1, steps + 1, dtype=torch.float64)
     start = torch.tensor([(1 - momentum) ** steps], dtype=torch.float64)

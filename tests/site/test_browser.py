@@ -21,8 +21,8 @@ from urllib.parse import unquote, urldefrag, urljoin, urlparse
 import pytest
 
 from conftest import ROOT, cell_source, load_notebook, toc_files
-from normlab.course import chapters
-from normlab.student import BEGIN, student_branch
+from coursekit.course import chapters
+from coursekit.student import BEGIN, student_branch
 
 SITES = {"main": ROOT / "_build" / "html", "student": ROOT / "_build" / "student" / "html"}
 MAKE = {"main": "make book", "student": "make student-book"}

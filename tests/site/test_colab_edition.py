@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from conftest import ROOT, cell_source, load_notebook, toc_files
-from normlab.colab import MYST
-from normlab.student import make_student_notebook
+from coursekit.colab import MYST
+from coursekit.student import make_student_notebook
 
 EDITIONS = {"main": ROOT / "_build" / "colab", "student": ROOT / "_build" / "colab-student"}
 NOTEBOOKS = [d for d in toc_files() if (ROOT / f"{d}.ipynb").exists()]

@@ -1,9 +1,24 @@
-"""The experiments whose results the chapters show and assert: one module per chapter."""
+"""The experiments whose results the chapters show and assert: one module per chapter.
+
+Seeds. A notebook run at ``NORMLAB_SEED=seed`` trains its networks at the seeds
+``seeds_for(seed, n)`` (``100 * seed + k``). One network's seed ``s`` starts several random
+streams, each its own ``torch.Generator``: the initialization at ``s`` itself, the order of the
+mini-batches at ``s + BATCH_ORDER``. Chapter 3's noisy BN draws its injected noise for all the
+networks of a run at the run's first seed ``+ NOISE_STREAM``. Both offsets exceed the spread of
+one run's seeds, so within a run no network's stream replays another's. Chapters 1 to 3 number
+their seeds ``1000 * seed + k``; they were written first, and changing that would change every
+number their pages show.
+"""
+
+from normlab._validate import is_int
+
+BATCH_ORDER = 7919  # the offset of a network's mini-batch order stream from its seed
+NOISE_STREAM = 104729  # the offset of Chapter 3's injected-noise stream from the first seed
 
 
 def _check_positive_int(name, value):
     """Raise ValueError unless value is a positive int (bools excluded)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_int(value) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
@@ -13,6 +28,6 @@ def seeds_for(seed, n):
     Different notebook seeds give disjoint lists as long as n <= 100.
     """
     _check_positive_int("n", n)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+    if not is_int(seed) or seed < 0:
         raise ValueError(f"seed must be an int >= 0, got {seed!r}")
     return [100 * seed + k for k in range(n)]

@@ -27,6 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 from normlab import ensemble
+from normlab._validate import is_int
 from normlab.bench import best_times
 from normlab.data import Split
 from normlab.experiments import _check_positive_int, seeds_for
@@ -448,7 +449,7 @@ def pad_front(x, steps, value=0.0):
     """Prepend ``steps`` rows of ``value`` to sequences x (N, T, D): the digit at the bottom of a taller canvas."""
     if x.dim() != 3:
         raise ValueError(f"x must be (N, T, D), got shape {tuple(x.shape)}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+    if not is_int(steps) or steps < 0:
         raise ValueError(f"steps must be an int >= 0, got {steps!r}")
     return torch.cat([x.new_full((x.shape[0], steps, x.shape[2]), value), x], 1)
 

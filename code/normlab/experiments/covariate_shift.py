@@ -24,8 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from normlab import ensemble
+from normlab._validate import is_int
 from normlab.data import Split
-from normlab.experiments import _check_positive_int
+from normlab.experiments import BATCH_ORDER, NOISE_STREAM, _check_positive_int
 
 __all__ = [
     "NOISE",
@@ -373,13 +374,13 @@ def train_ensemble(
     _check_positive_int("eval_every", eval_every)
     if act not in ACTIVATIONS:
         raise ValueError(f"act must be one of {sorted(ACTIVATIONS)}, got {act!r}")
-    if not hidden or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden):
+    if not hidden or any(not is_int(h) or h < 1 for h in hidden):
         raise ValueError(f"hidden must be a non-empty tuple of positive ints, got {hidden!r}")
     if ics_step_norm is not None and not ics_step_norm > 0:
         raise ValueError(f"ics_step_norm must be positive or None, got {ics_step_norm!r}")
     if probe_layer is not None and not 0 <= probe_layer < len(hidden):
         raise ValueError(f"probe_layer must be in [0, {len(hidden)}) or None, got {probe_layer!r}")
-    if isinstance(residual, bool) or not isinstance(residual, int) or residual < 0:
+    if not is_int(residual) or residual < 0:
         raise ValueError(f"residual must be a non-negative int (blocks), got {residual!r}")
     if residual and (len(hidden) != 1 or act != "relu" or probe_layer is not None or check_every):
         raise ValueError("a residual network takes one width in hidden, act='relu', no probe_layer and no "
@@ -445,7 +446,7 @@ def _train_ensemble(data, seeds, use_bn, use_noise, lr, init_scale, scale_output
     where ``data`` already is."""
     K, n = len(seeds), len(data.x_train)
     sizes = [data.num_features, *hidden, data.num_classes]
-    noise_gen = torch.Generator().manual_seed(seeds[0] + 104729)
+    noise_gen = torch.Generator().manual_seed(seeds[0] + NOISE_STREAM)
     if residual:
         net = _build_residual(sizes, use_bn, init_scale, seeds, residual)
     else:
@@ -453,7 +454,7 @@ def _train_ensemble(data, seeds, use_bn, use_noise, lr, init_scale, scale_output
     net = net.to(device)
     lr_on_device = lr.to(device)  # the ICS and smoothness measurements' steps
     probes = [m for m in net if isinstance(m, _Probe)]
-    gens = [torch.Generator().manual_seed(s + 7919) for s in seeds]  # mini-batch order per member
+    gens = [torch.Generator().manual_seed(s + BATCH_ORDER) for s in seeds]  # mini-batch order per member
     batches = [torch.stack([torch.randperm(n, generator=g)[:batch_size] for g in gens]) for _ in range(steps)]
     eval_step, accs, probe_step, pcts = [], [], [], []
     ics, smooth = {}, {}

@@ -23,7 +23,7 @@ from torch import nn
 
 from normlab import nn as normlab_nn
 from normlab.data import Split
-from normlab.experiments import _check_positive_int, seeds_for
+from normlab.experiments import BATCH_ORDER, _check_positive_int, seeds_for
 
 __all__ = [
     "MODES",
@@ -74,7 +74,7 @@ def make_model(num_features, num_classes, seed, hidden=(128, 128), sync=False):
 
 def batch_indices(n, batch_size, steps, seed):
     """Return (steps, batch_size) int64 indices: each row a batch drawn without replacement."""
-    gen = torch.Generator().manual_seed(seed + 7919)
+    gen = torch.Generator().manual_seed(seed + BATCH_ORDER)
     return torch.stack([torch.randperm(n, generator=gen)[:batch_size] for _ in range(steps)])
 
 

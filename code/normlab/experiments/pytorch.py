@@ -18,6 +18,7 @@ from torch.utils import benchmark
 
 from normlab import ensemble
 from normlab import nn as normlab_nn
+from normlab._validate import is_int, is_number
 from normlab.data import Split
 from normlab.evidence import paired
 from normlab.experiments import _check_positive_int
@@ -236,7 +237,7 @@ def recompute_bn_statistics(model, x, batch_size=64):
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 2:
+    if not is_int(batch_size) or batch_size < 2:
         raise ValueError(f"batch_size must be an int >= 2, got {batch_size!r}")
     if len(x) < 2:
         raise ValueError(f"x must hold at least 2 examples, got {len(x)}")
@@ -288,9 +289,9 @@ def momentum_none_vs_ema(num_batches, *, batch_size=16, num_features=64, momentu
     """
     _check_positive_int("num_batches", num_batches)
     _check_positive_int("num_features", num_features)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 2:
+    if not is_int(batch_size) or batch_size < 2:
         raise ValueError(f"batch_size must be an int >= 2 (a variance needs two values), got {batch_size!r}")
-    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 < momentum <= 1:
+    if not is_number(momentum) or not 0 < momentum <= 1:
         raise ValueError(f"momentum must be a number in (0, 1], got {momentum!r}")
     if not math.isfinite(drift):
         raise ValueError(f"drift must be finite, got {drift!r}")

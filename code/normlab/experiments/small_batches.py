@@ -27,8 +27,9 @@ from tqdm import tqdm
 
 from normlab import ensemble
 from normlab import nn as normlab_nn
+from normlab._validate import is_int
 from normlab.data import Split, grouped_batches
-from normlab.experiments import _check_positive_int, seeds_for
+from normlab.experiments import BATCH_ORDER, _check_positive_int, seeds_for
 from normlab.train import show_progress
 
 __all__ = [
@@ -218,7 +219,7 @@ def _epoch_batches(y, batch_size, seed, sampler, gen):
 
 
 def _check_sampler(sampler):
-    if sampler != "shuffled" and (isinstance(sampler, bool) or not isinstance(sampler, int) or sampler < 1):
+    if sampler != "shuffled" and (not is_int(sampler) or sampler < 1):
         raise ValueError(f"sampler must be 'shuffled' or a number of classes per batch (int >= 1), got {sampler!r}")
 
 
@@ -265,7 +266,7 @@ def train_norms(
     data = data.to(device)
     net = make_members(sizes, kinds, seeds, groups).to(device)
     S = len(seeds)
-    gens = [torch.Generator().manual_seed(s + 7919) for s in seeds]
+    gens = [torch.Generator().manual_seed(s + BATCH_ORDER) for s in seeds]
     epoch_lists = [[_epoch_batches(y_train, batch_size, s + 31 * e, sampler, g) for s, g in zip(seeds, gens)]
                    for e in range(epochs)]
     per_epoch = [min(len(b) for b in ep) for ep in epoch_lists]  # grouped epochs may differ by a batch
@@ -429,7 +430,7 @@ def group_size_sweep(data: Split, arch, *, seeds, steps, lr, batch_size=32, grou
     net, members = group_members(arch, seeds, group_sizes, groups, **sizes)
     net = net.to(device)
     S, n = len(seeds), len(data.x_train)
-    draw = ensemble.member_batches([s + 7919 for s in seeds], n, batch_size)
+    draw = ensemble.member_batches([s + BATCH_ORDER for s in seeds], n, batch_size)
     batches = [next(draw).repeat(len(members), 1) for _ in range(steps)]  # (K, B): a seed's batch, every kind
     warm_frac, relax_frac, r_target, d_target = renorm
     warmup, relax = int(round(warm_frac * steps)), int(round(relax_frac * steps))
@@ -559,7 +560,7 @@ def renorm_trace(data, *, batch_size=4, steps=600, lr=None, warmup=0.1, relax=0.
     data = data.to(device)
     layers = [m for m in model if isinstance(m, normlab_nn.BatchRenorm1d)]
     opt = torch.optim.SGD(model.parameters(), lr=lr)
-    gen = torch.Generator().manual_seed(seed + 7919)
+    gen = torch.Generator().manual_seed(seed + BATCH_ORDER)
     w, rl = int(round(warmup * steps)), int(round(relax * steps))
     rec = {k: [] for k in ("r_max", "d_max", "r_clipped", "d_clipped", "r_lo", "r_med", "r_hi", "d_lo", "d_med",
                            "d_hi", "loss")}

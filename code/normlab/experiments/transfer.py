@@ -34,6 +34,7 @@ from torch import nn
 from tqdm import tqdm
 
 from normlab import ensemble
+from normlab._validate import is_int
 from normlab.adapt import adabn, bn_only_parameters, bn_statistics, freeze_bn, prior_adapt, tent
 from normlab.data import Split, add_noise, affine_shift, blur, contrast, load_mnist1d, mnist1d_shifted
 from normlab.experiments import _check_positive_int, seeds_for
@@ -277,7 +278,7 @@ def tent_online(models, targets: dict, *, batch_size=64, passes=10, lr=1e-3, ord
     device: where the models and batches live, e.g. ``ctx.device``.
     """
     _check_positive_int("passes", passes)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 2:
+    if not is_int(batch_size) or batch_size < 2:
         raise ValueError(f"batch_size must be an int >= 2, got {batch_size!r}")
     stacked = ensemble.stack(models).to(device)
     out = {}
@@ -412,7 +413,7 @@ def set_mode(model: nn.Module, mode: str) -> nn.Module:
 def _check_select(n: int, n_select) -> int:
     """The number of the n labelled examples held out to choose the rate (default n // 5)."""
     h = n // 5 if n_select is None else n_select
-    if isinstance(h, bool) or not isinstance(h, int) or not 1 <= h < n:
+    if not is_int(h) or not 1 <= h < n:
         raise ValueError(f"n_select must be an int in [1, {n}), got {n_select!r}")
     return h
 

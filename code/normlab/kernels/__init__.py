@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from normlab._validate import is_number
 from normlab.functional import check_like_torch, empty_batch_norm
 
 __all__ = ["CONFIG", "INSTALL_HINT", "KernelConfig", "available", "batch_norm", "channel_sums", "dtype_supported",
@@ -371,7 +372,7 @@ def _check(input, running_mean, running_var, weight, bias, training, momentum, e
     for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
         if t is not None and t.device != input.device:
             raise ValueError(f"{name} is on {t.device}, input on {input.device}")
-    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
+    if not is_number(momentum):
         raise TypeError(f"momentum must be a number, got {momentum!r}")
     if not interpreted() and input.device.type != "cuda":
         # Compiled Triton reads device memory only; it would fail with "cpu tensor?" deep inside.

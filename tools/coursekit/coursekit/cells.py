@@ -3,7 +3,7 @@
 For a machine that has Python, torch and the course's library but no Jupyter kernel (the GPU
 image ``chapters/gpu/run_on_gpu.sh`` runs on)::
 
-    PYTHONPATH=code python -m normlab.cells chapters/gpu/lab.ipynb
+    PYTHONPATH=code:tools/coursekit python -m coursekit.cells chapters/gpu/lab.ipynb
 
 The cells share one namespace, as in a kernel. A line that is an IPython magic (``%pip ...``,
 ``!cmd``) becomes ``pass``, so an ``if`` around it stays valid Python; figures go to matplotlib's
@@ -74,7 +74,7 @@ def run(path, out=None) -> int:
 def main(argv=None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m normlab.cells", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m coursekit.cells", description=__doc__.split("\n\n")[0])
     parser.add_argument("notebooks", nargs="+", type=Path)
     args = parser.parse_args(argv)
     for nb in args.notebooks:

@@ -13,9 +13,9 @@ markdown becomes what those renderers show:
 
 Code cells are unchanged, so the Colab edition runs exactly what the book runs. The values and
 the site's inventory come from ``make book``; the student Colab edition is made from the student
-notebooks (solutions stubbed, ``normlab.student``).
+notebooks (solutions stubbed, ``coursekit.student``).
 
-Usage: ``python -m normlab.colab ROOT DEST [--student]`` (``make colab`` writes both editions).
+Usage: ``python -m coursekit.colab ROOT DEST [--student]`` (``make colab`` writes both editions).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import re
 import sys
 from pathlib import Path
 
-from normlab.course import exercise_titles
+from coursekit.course import exercise_titles
 
 __all__ = ["MYST", "Site", "convert_markdown", "make_colab_notebook", "write_colab_edition", "main"]
 
@@ -208,8 +208,8 @@ def write_colab_edition(root, dest, student=False, site=None) -> list[Path]:
     """Write the Colab edition of every lab into dest (the same tree); return the notebooks written."""
     import yaml
 
-    from normlab.course import toc_files
-    from normlab.student import _write_notebook, make_student_notebook
+    from coursekit.course import toc_files
+    from coursekit.student import _write_notebook, make_student_notebook
 
     root, dest = Path(root), Path(dest)
     if site is None:
@@ -232,7 +232,7 @@ def write_colab_edition(root, dest, student=False, site=None) -> list[Path]:
 def main(argv=None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m normlab.colab", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m coursekit.colab", description=__doc__.split("\n")[0])
     parser.add_argument("root", type=Path, help="the course repository (after `make book`)")
     parser.add_argument("dest", type=Path, help="where to write the edition")
     parser.add_argument("--student", action="store_true", help="the student edition (solutions stubbed)")

@@ -5,7 +5,7 @@ Nothing here is typed twice. Chapters, their numbers and their parts come from `
 from each chapter's ``# `` heading; a chapter *builds on* every earlier chapter its narrative page
 links to (``{doc}`` or ``{ref}``), so the map's arrows are the cross-references the text makes.
 
-``python -m normlab.course timings [--scale quick|full] [--only PATTERN ...] [--calibrate NOTEBOOK]``
+``python -m coursekit.course timings [--scale quick|full] [--only PATTERN ...] [--calibrate NOTEBOOK]``
 executes every notebook of the toc in a fresh kernel and writes ``timings/<scale>.json`` (the
 instructor guide renders it). A partial run (``--only``) on a machine of another speed than the one
 that recorded the rest can be calibrated: ``--calibrate`` re-times a recorded notebook first and
@@ -23,6 +23,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from coursekit.notebooks import chapter_markdown, exercises
 
 __all__ = [
     "Chapter",
@@ -296,8 +298,6 @@ def student_minutes(nb: dict) -> dict:
     minutes, one with code to write ``code`` minutes, a pen-and-paper one ``by hand`` minutes.
     Returns the total and each part, rounded to whole minutes.
     """
-    from normlab.grade import exercises
-
     words = sum(len("".join(c["source"]).split()) for c in nb["cells"])
     kinds = {"code": 0, "integration": 0, "by hand": 0}
     for label, _title, work, _check in exercises(nb):
@@ -310,16 +310,6 @@ def student_minutes(nb: dict) -> dict:
 
 
 _EXERCISE_BLOCK = re.compile(r"^[`:]{3,}\{exercise\}[ \t]*(.*)\n((?:[ \t]*:\w[\w-]*:.*\n)*)", re.MULTILINE)
-
-
-def chapter_markdown(root) -> list[str]:
-    """The text of every chapter page and of every markdown cell of the chapters' notebooks."""
-    root = Path(root)
-    texts = [p.read_text(encoding="utf-8") for p in sorted(root.glob("chapters/*/*.md"))]
-    for path in sorted(root.glob("chapters/*/*.ipynb")):
-        cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
-        texts += ["".join(c["source"]) for c in cells if c["cell_type"] == "markdown"]
-    return texts
 
 
 def exercise_titles(root) -> dict[str, str]:
@@ -342,7 +332,7 @@ def load_timings(root, scale: str) -> dict | None:
 def main(argv=None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m normlab.course")
+    parser = argparse.ArgumentParser(prog="python -m coursekit.course")
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("timings", help="execute every notebook and record its time in timings/<scale>.json")
     t.add_argument("--scale", default="quick", choices=["quick", "full"])

@@ -13,8 +13,8 @@ kernel, going on after errors, and reads each exercise's outcome from those two 
   rubric for a person to grade by: the ``**Rubric**`` paragraph of the exercise's worked solution in
   the course's own notebooks and chapter pages (or, without one, the whole answer key).
 
-Usage: ``python -m normlab.grade NOTEBOOK [NOTEBOOK ...] [--json REPORT.json] [--timeout S]``;
-``python -m normlab.grade --questions`` lists the chapter pages' written questions with their rubrics.
+Usage: ``python -m coursekit.grade NOTEBOOK [NOTEBOOK ...] [--json REPORT.json] [--timeout S]``;
+``python -m coursekit.grade --questions`` lists the chapter pages' written questions with their rubrics.
 The exit status is 0 when every graded exercise passed.
 """
 
@@ -27,13 +27,10 @@ import textwrap
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from coursekit.notebooks import chapter_markdown, exercises
 from normlab.checks import NOT_ATTEMPTED
 
 __all__ = ["Outcome", "exercises", "rubrics", "grade_notebook", "main"]
-
-_DIRECTIVE = re.compile(r"^[`:]{3,}\{exercise\}[ \t]*(.*)$", re.MULTILINE)
-_LABEL = re.compile(r"^\s*:label:\s*(\S+)", re.MULTILINE)
-_CHECK = re.compile(r"\bcheck_\w+\s*\(")
 
 
 @dataclass
@@ -44,43 +41,6 @@ class Outcome:
     message: str = ""
 
 
-def _source(cell) -> str:
-    return "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
-
-
-def exercises(nb) -> list[tuple[str, str, int | None, int | None]]:
-    """(label, title, index of the student's cell, index of the self-check cell) per exercise.
-
-    The student's cell is the first code cell after the directive, the self-check cell the first
-    code cell after it that calls ``check_*``; both must come before the next markdown cell that
-    opens another exercise. An exercise with no such cells has indices None (graded by hand).
-    """
-    cells, out = nb["cells"], []
-    for i, cell in enumerate(cells):
-        text = _source(cell)
-        if cell["cell_type"] != "markdown" or not _DIRECTIVE.search(text):
-            continue
-        label = (_LABEL.search(text) or [None, f"exercise-{len(out) + 1}"])[1]
-        title = _DIRECTIVE.search(text)[1].strip() or label
-        work = check = None
-        for j in range(i + 1, len(cells)):
-            if cells[j]["cell_type"] == "markdown" and _DIRECTIVE.search(_source(cells[j])):
-                break
-            if cells[j]["cell_type"] != "code":
-                if work is not None:
-                    break  # the exercise's code ends at the first markdown cell after it
-                continue
-            if work is None:
-                work = j
-            elif _CHECK.search(_source(cells[j])):
-                check = j
-                break
-        if work is not None and check is None and _CHECK.search(_source(cells[work])):
-            check = work  # the self-check may sit in the student's cell itself
-        out.append((label, title, work if check is not None else None, check))
-    return out
-
-
 _SOLUTION_OF = re.compile(r"^(`{3,}|:{3,})\{solution\}[ \t]+(\S+)[^\n]*\n(.*?)^\1[ \t]*$", re.MULTILINE | re.DOTALL)
 _RUBRIC = re.compile(r"\*\*Rubric[^*]*\*\*.*?(?=\n\s*\n|\Z)", re.DOTALL)
 
@@ -88,12 +48,11 @@ _RUBRIC = re.compile(r"\*\*Rubric[^*]*\*\*.*?(?=\n\s*\n|\Z)", re.DOTALL)
 def rubrics(root=None) -> dict[str, str]:
     """{exercise label: rubric} from the worked solutions in the course's notebooks and chapter pages.
 
-    root: the course repository (default: the one this package sits in). A solution with a
-    ``**Rubric (N points).**`` paragraph gives that paragraph; one without gives its whole text.
+    root: the course repository (default: the one this package sits in, as tools/coursekit/). A
+    solution with a ``**Rubric (N points).**`` paragraph gives that paragraph; one without gives its
+    whole text.
     """
-    from normlab.course import chapter_markdown
-
-    root = Path(__file__).resolve().parents[2] if root is None else Path(root)
+    root = Path(__file__).resolve().parents[3] if root is None else Path(root)
     found = {}
     for text in chapter_markdown(root):
         for _fence, label, body in _SOLUTION_OF.findall(text):
@@ -153,7 +112,7 @@ def grade_notebook(path, timeout: int = 600) -> list[Outcome]:
 def main(argv=None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m normlab.grade", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m coursekit.grade", description=__doc__.split("\n\n")[0])
     parser.add_argument("notebooks", nargs="*", type=Path)
     parser.add_argument("--questions", action="store_true",
                         help="list the chapter pages' written questions with their rubrics (graded by hand)")

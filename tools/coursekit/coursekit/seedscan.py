@@ -1,6 +1,6 @@
 """The seed scan: run notebooks at many seeds and record, for every assert, the value it tested.
 
-``python -m normlab.seedscan --seeds 100-111 chapters/pytorch/lab.ipynb ...`` (``make seed-scan``)
+``python -m coursekit.seedscan --seeds 100-111 chapters/pytorch/lab.ipynb ...`` (``make seed-scan``)
 executes each notebook once per seed (``NORMLAB_SEED``, quick scale, ``OMP_NUM_THREADS=1`` unless
 the notebook sets its own), with every ``assert`` in its code rewritten to report before it checks:
 
@@ -13,12 +13,13 @@ the notebook sets its own), with every ``assert`` in its code rewritten to repor
 - any other assert (``assert all(c.above(3) for c in cmps)``) records whether it held.
 
 It writes ``seed_scan.json``: the seeds; per notebook the date and code version (git commit, with
-"+changes" for uncommitted edits under chapters/ or code/) of the scan that ran it, and its seconds
-and errors per seed; per assert its notebook, source, how often it held, the seeds where it failed,
-and the worst slack with its seed. Scans of some notebooks merge into the file; the top-level date
-and code version are those of the latest scan. Margins are chosen from this file;
-``tests/test_seed_scan.py`` fails when a scanned assert did not hold at a scanned seed, or when a
-scanned notebook holds an assert the scan has not seen (rerun the scan after changing one).
+"+changes" for uncommitted edits under chapters/, code/ or tools/coursekit/) of the scan that ran
+it, and its seconds and errors per seed; per assert its notebook, source, how often it held, the
+seeds where it failed, and the worst slack with its seed. Scans of some notebooks merge into the
+file; the top-level date and code version are those of the latest scan. Margins are chosen from
+this file; ``tests/test_seed_scan.py`` fails when a scanned assert did not hold at a scanned seed,
+or when a scanned notebook holds an assert the scan has not seen (rerun the scan after changing
+one).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def __scan__(key, source, passed, a=None, op=None, b=None):
         raise AssertionError(source)
 
 
-from normlab.seedscan import interval_check as __interval_check__
+from coursekit.seedscan import interval_check as __interval_check__
 '''
 _CRITERIA = ("above", "below", "within")
 
@@ -129,7 +130,7 @@ def asserts_in(source):
 
 def parse_cell(source):
     """Parse a code cell's source, its IPython magic and shell lines (%pip, !ls) read as ``pass``."""
-    from normlab.cells import magics_as_pass
+    from coursekit.cells import magics_as_pass
 
     return ast.parse(magics_as_pass(source))
 
@@ -255,8 +256,8 @@ def _merge(asserts, rec, notebook, seed):
 def _version(root):
     try:
         out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "chapters", "code"],
-                               capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "chapters", "code",
+                                "tools/coursekit"], capture_output=True, text=True).stdout.strip()
         return out.stdout.strip() + ("+changes" if dirty else "")
     except OSError:
         return "unknown"

@@ -13,10 +13,10 @@ solutions in the text (``{solution}`` directives) are removed, and so is the out
 self-check that ran on the solution. N counts the
 exercises of the notebook in order; the title comes from the nearest ``{exercise}`` directive above.
 
-Usage: ``python -m normlab.student SOURCE_DIR DEST_DIR`` (``make student``).
+Usage: ``python -m coursekit.student SOURCE_DIR DEST_DIR`` (``make student``).
 
 The student edition of the website (``make student-book``) is built from the same stubs:
-``python -m normlab.student --book ROOT DEST_DIR`` copies the book's sources into DEST_DIR and puts
+``python -m coursekit.student --book ROOT DEST_DIR`` copies the book's sources into DEST_DIR and puts
 in place of each notebook its student version, made from the copy that ``make book`` executed (so
 figures and glued numbers stay, solutions and their outputs go). The copy's ``_config.yml`` turns
 execution off and drops the Colab buttons, which would open the solutions from the repository.
@@ -32,6 +32,9 @@ import shutil
 import sys
 import tokenize
 from pathlib import Path
+
+from coursekit.notebooks import cell_source
+from normlab.checks import SELF_CHECK
 
 __all__ = ["BEGIN", "END", "HIDE", "strip_solutions", "make_student_notebook", "answers_shown_early",
            "write_student_book", "main"]
@@ -88,7 +91,7 @@ def make_student_notebook(nb: dict) -> dict:
             if HIDE in tags:  # the instructor edition folds the solution away; the stub shows
                 cell["metadata"]["tags"] = [t for t in tags if t != HIDE]
             stubbed = True
-        elif cell["cell_type"] == "code" and stubbed and "check_" in source:
+        elif cell["cell_type"] == "code" and stubbed and SELF_CHECK.search(source):
             cell["outputs"], cell["execution_count"] = [], None  # the solution's self-check result
     return nb
 
@@ -140,11 +143,9 @@ def answers_shown_early(nb: dict, min_tokens: int = 9) -> list[str]:
     Code and text of every earlier cell are compared, and so is a call of ``inspect.getsource``,
     which prints a library function that may be the answer.
     """
-    from normlab.grade import _source
-
     student, found = make_student_notebook(nb), []
     for i, cell in enumerate(nb["cells"]):
-        source = _source(cell)
+        source = cell_source(cell)
         if cell["cell_type"] != "code" or BEGIN not in source:
             continue
         lines = [line for block in source.split(BEGIN)[1:] for line in block.split(END)[0].splitlines()]
@@ -153,7 +154,7 @@ def answers_shown_early(nb: dict, min_tokens: int = 9) -> list[str]:
             if line.strip() and not line.strip().startswith("#") and len(_shape(line)) >= min_tokens:
                 keys.setdefault(_shape(line), line.strip())
         for j, earlier in enumerate(student["cells"][:i]):
-            text = _source(earlier)
+            text = cell_source(earlier)
             if earlier["cell_type"] == "code" and "getsource(" in text:
                 found.append(f"cell {j} prints library source (inspect.getsource) before exercise cell {i}")
             for line in text.splitlines():
@@ -195,7 +196,7 @@ def write_student_book(root, dest, executed=None) -> list[Path]:
     """
     import yaml  # the book's toolchain has it; the library's users do not need it
 
-    from normlab.course import toc_files
+    from coursekit.course import toc_files
 
     root, dest = Path(root), Path(dest)
     executed = root / "_build" / "jupyter_execute" if executed is None else Path(executed)
@@ -246,8 +247,8 @@ def main(argv=None) -> int:
         print(f"wrote the student edition's sources, {len(notebooks)} student notebooks, into {argv[2]}/")
         return 0
     if len(argv) != 2:
-        print("usage: python -m normlab.student SOURCE_DIR DEST_DIR\n"
-              "       python -m normlab.student --book ROOT DEST_DIR", file=sys.stderr)
+        print("usage: python -m coursekit.student SOURCE_DIR DEST_DIR\n"
+              "       python -m coursekit.student --book ROOT DEST_DIR", file=sys.stderr)
         return 2
     src, dest = Path(argv[0]), Path(argv[1])
     if not src.is_dir():
