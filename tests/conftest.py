@@ -21,12 +21,43 @@ def toc_files():
     return course.toc_files(ROOT)
 
 
+def assert_no_cycle(graph):
+    """Fail naming the cycle if the directed graph {node: set of nodes it points to} has one."""
+    done, path = set(), []
+
+    def visit(n):
+        assert n not in path, "import cycle: " + " -> ".join(path[path.index(n):] + [n])
+        if n not in done:
+            path.append(n)
+            for m in sorted(graph[n]):
+                visit(m)
+            path.pop()
+            done.add(n)
+
+    for n in sorted(graph):
+        visit(n)
+
+
 def load_notebook(path):
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
 def cell_source(cell):
     return "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
+
+
+def blob_split(classes, features, n, n_train):
+    """A Split of n examples around ``classes`` random centers in ``features`` dimensions (seed 0).
+
+    Example i has class i % classes; the first n_train examples train, the rest test.
+    """
+    from normlab.data import Split
+
+    gen = torch.Generator().manual_seed(0)
+    centers = torch.randn(classes, features, generator=gen) * 2
+    y = torch.arange(n) % classes
+    x = centers[y] + torch.randn(n, features, generator=gen)
+    return Split(x[:n_train], y[:n_train], x[n_train:], y[n_train:], name="blobs")
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ from normlab.adapt import (
 )
 from normlab.data import Split, add_noise, affine_shift, mnist1d_shifted
 from normlab.experiments.transfer import make_cnn
-from normlab.stats import precise_bn
+from normlab.stats import batch_norm_layers, precise_bn
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is faster
 
@@ -333,7 +333,7 @@ def test_check_adabn_passes_a_correct_solution_and_catches_an_ema(capsys):
     checks.check_adabn(lambda model, batches: adabn(model, batches))
     assert "PASS" in capsys.readouterr().out
 
-    def ema(model, batches):
+    def ema(model, batches):  # the running statistics' own update, batch after batch
         model.train()
         with torch.no_grad():
             for b in batches:
@@ -344,13 +344,9 @@ def test_check_adabn_passes_a_correct_solution_and_catches_an_ema(capsys):
         checks.check_adabn(ema)
 
     def mean_of_batch_stats(model, batches):  # averages per-batch statistics: wrong for unequal sizes
-        for m in [m for m in model.modules() if isinstance(m, nn.BatchNorm1d)]:
+        for m in batch_norm_layers(model):
             m.momentum = None
-        model.train()
-        with torch.no_grad():
-            for b in batches:
-                model(b)
-        return model.eval()
+        return ema(model, batches)
 
     with pytest.raises(AssertionError, match="AdaBN"):
         checks.check_adabn(mean_of_batch_stats)

@@ -61,7 +61,11 @@ def labels_in(notebook):
 @pytest.fixture
 def glued(monkeypatch):
     store = {}
-    monkeypatch.setattr(claims, "glue", lambda name, value, display=True: store.__setitem__(name, (value, display)))
+
+    def glue(name, value, display=True, quiet=False):
+        store[name] = (value, display)
+
+    monkeypatch.setattr(claims, "glue", glue)
     return store
 
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import blob_split
 from normlab import ensemble, precise_bn
 from normlab import nn as normlab_nn
 from normlab.data import Split
@@ -16,11 +17,7 @@ SEEDS = [3, 5, 8]
 
 @pytest.fixture(scope="module")
 def blobs():
-    gen = torch.Generator().manual_seed(0)
-    centers = torch.randn(4, 10, generator=gen) * 2
-    y = torch.arange(200) % 4
-    x = centers[y] + torch.randn(200, 10, generator=gen)
-    return Split(x[:160], y[:160], x[160:], y[160:], name="blobs")
+    return blob_split(classes=4, features=10, n=200, n_train=160)
 
 
 def _mlp(norm, seed, **kw):

@@ -5,20 +5,15 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import DEVICES
+from conftest import DEVICES, blob_split
 from normlab import checks, ensemble
-from normlab.data import Split
 from normlab.experiments import regularization as rg
 from normlab.nn import GhostBatchNorm1d, PopulationNorm1d
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    gen = torch.Generator().manual_seed(0)
-    centers = torch.randn(3, 6, generator=gen) * 2
-    y = torch.arange(90) % 3
-    x = centers[y] + torch.randn(90, 6, generator=gen)
-    return Split(x[:60], y[:60], x[60:], y[60:], name="blobs")
+    return blob_split(classes=3, features=6, n=90, n_train=60)
 
 
 def _count(model, kind):

@@ -16,6 +16,11 @@ def exercise_md(title, label):
     return nbformat.v4.new_markdown_cell(f"```{{exercise}} {title}\n:label: {label}\n\nDo it.\n```")
 
 
+def exercise(title, label, *code):
+    """An exercise's cells: its directive, then one code cell for each source (the work, the check)."""
+    return [exercise_md(title, label), *(nbformat.v4.new_code_cell(source) for source in code)]
+
+
 def test_grading_a_handed_in_notebook(tmp_path):
     check = (
         "def check_double(f):\n"
@@ -27,21 +32,14 @@ def test_grading_a_handed_in_notebook(tmp_path):
     nb = nbformat.v4.new_notebook()
     nb.cells = [
         nbformat.v4.new_code_cell(check),
-        exercise_md("Right", "ex-right"),
-        nbformat.v4.new_code_cell("def a(x):\n    return 2 * x"),
-        nbformat.v4.new_code_cell("check_double(a)"),
-        exercise_md("Wrong", "ex-wrong"),
-        nbformat.v4.new_code_cell("def b(x):\n    return x + 2"),
-        nbformat.v4.new_code_cell("check_double(b)"),
-        exercise_md("Untouched", "ex-stub"),
-        nbformat.v4.new_code_cell("def c(x):\n    raise NotImplementedError('Exercise 3: Untouched')"),
-        nbformat.v4.new_code_cell("check_double(c)"),
-        exercise_md("Untouched, with a course self-check", "ex-stub-course"),
-        nbformat.v4.new_code_cell("def e(scale):\n    raise NotImplementedError('Exercise 4: Growth')"),
-        nbformat.v4.new_code_cell("from normlab import checks\nchecks.check_block_growth(e)\nprint('ran on')"),
-        exercise_md("Crashes", "ex-crash"),
-        nbformat.v4.new_code_cell("d = undefined_name"),
-        nbformat.v4.new_code_cell("check_double(d)"),
+        *exercise("Right", "ex-right", "def a(x):\n    return 2 * x", "check_double(a)"),
+        *exercise("Wrong", "ex-wrong", "def b(x):\n    return x + 2", "check_double(b)"),
+        *exercise("Untouched", "ex-stub", "def c(x):\n    raise NotImplementedError('Exercise 3: Untouched')",
+                  "check_double(c)"),
+        *exercise("Untouched, with a course self-check", "ex-stub-course",
+                  "def e(scale):\n    raise NotImplementedError('Exercise 4: Growth')",
+                  "from normlab import checks\nchecks.check_block_growth(e)\nprint('ran on')"),
+        *exercise("Crashes", "ex-crash", "d = undefined_name", "check_double(d)"),
         exercise_md("Explain", "ex-prose"),
         nbformat.v4.new_markdown_cell("Write your answer here."),
     ]

@@ -10,7 +10,7 @@ import pytest
 import tomllib
 import yaml
 
-from conftest import ROOT, cell_source, load_notebook, notebook_paths, toc_files
+from conftest import ROOT, assert_no_cycle, cell_source, load_notebook, notebook_paths, toc_files
 from coursekit.seedscan import parse_cell
 from normlab.checks import SELF_CHECK
 
@@ -194,16 +194,4 @@ def test_the_tooling_imports_its_own_modules_one_way():
         tree = ast.parse((TOOLING / f"{m}.py").read_text(encoding="utf-8"))
         deps[m] = {n.split(".")[1] for n in imported_modules(tree)
                    if n.startswith("coursekit.") and n.split(".")[1] in modules} - {m}
-    done, path = set(), []
-
-    def visit(m):
-        assert m not in path, f"import cycle: {' -> '.join(path[path.index(m):] + [m])}"
-        if m not in done:
-            path.append(m)
-            for d in sorted(deps[m]):
-                visit(d)
-            path.pop()
-            done.add(m)
-
-    for m in sorted(modules):
-        visit(m)
+    assert_no_cycle(deps)

@@ -35,14 +35,7 @@ import textwrap
 from dataclasses import dataclass
 
 from normlab.evidence import Paired
-
-try:
-    from myst_nb import glue
-except ImportError:  # outside the book (e.g. on Colab): the printed line shows the verdict
-
-    def glue(name, value, display=True):
-        pass
-
+from normlab.glue import glue
 
 VERDICTS = ("supported", "partly", "not supported", "contested", "not tested")
 OUTCOMES = ("met", "not shown", "reversed", "not tested")
@@ -390,9 +383,9 @@ def record(key, results, evidence):
     word = verdict(outcomes, measures={c.name: c.measures for c in claim.criteria}, untested=bool(claim.untested))
     rec = Record(key, claim.text, outcomes, "; ".join(short) + ".", word, evidence.strip())
     for field in ("claim", "results", "verdict", "evidence"):
-        glue(f"claim_{key}_{field}", getattr(rec, field), display=False)
+        glue(f"claim_{key}_{field}", getattr(rec, field), display=False, quiet=True)
     for name, outcome in outcomes.items():
-        glue(f"claim_{key}_{name}", outcome, display=False)
+        glue(f"claim_{key}_{name}", outcome, display=False, quiet=True)
     printed = [f"Claim ({key}): {rec.claim}", *(f"  {line}" for line in lines), f"  Verdict: {word}. {rec.evidence}"]
     # at most 88 characters a line, the width of the website's code column
     print("\n".join(textwrap.fill(line, 88, subsequent_indent="    ", break_long_words=False,

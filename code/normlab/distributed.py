@@ -11,7 +11,8 @@ call.
 *spawned*, and a spawned process finds ``fn`` by importing it.
 
 ``merge_moments`` is the statistics step of synchronized batch norm: it merges per-rank
-(count, mean, M2) into the moments of the union with Chan et al.'s formula.
+(count, mean, M2) into the moments of the union with Chan et al.'s formula. ``chan_merge`` is the
+same formula for two summaries, one merge after another (``precise_bn``, Chapter 8's float32 demo).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 
 from normlab._validate import is_int
 
-__all__ = ["DistributedError", "free_port", "launch", "merge_moments"]
+__all__ = ["DistributedError", "chan_merge", "free_port", "launch", "merge_moments"]
 
 
 class DistributedError(RuntimeError):
@@ -42,6 +43,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def chan_merge(a, b):
+    """Merge two (count, mean, M2) summaries with Chan's formula; return the union's (count, mean, M2).
+
+    ``delta = mean_b - mean_a; mean = mean_a + delta * (n_b / n); M2 = M2_a + M2_b + delta**2 * (n_a * n_b / n)``.
+    Only arithmetic operators: the values may be Python or NumPy scalars (the result keeps their
+    dtype, e.g. float32) or tensors of per-channel values. Two empty summaries (n = 0) give ``a``.
+    """
+    n_a, mean_a, m2_a = a
+    n_b, mean_b, m2_b = b
+    n = n_a + n_b
+    if n == 0:
+        return a
+    delta = mean_b - mean_a
+    return n, mean_a + delta * (n_b / n), m2_a + m2_b + delta * delta * (n_a * n_b / n)
+
+
 def merge_moments(counts, means, m2s):
     """Merge per-group moments into those of the union (Chan, Golub and LeVeque's formula).
 
@@ -50,6 +67,7 @@ def merge_moments(counts, means, m2s):
     Groups with count 0 are allowed and change nothing. For two groups this is
     ``delta = mean_b - mean_a; mean = mean_a + delta * n_b / n; M2 = M2_a + M2_b + delta**2 * n_a * n_b / n``;
     for G groups, the same identity summed: ``M2 = sum M2_g + sum n_g (mean_g - mean)**2``.
+    (Computed so, in one vectorized step, it rounds differently from G - 1 ``chan_merge`` calls.)
     """
     counts = torch.as_tensor(counts, dtype=means.dtype, device=means.device)
     if means.dim() != 2 or m2s.shape != means.shape or counts.shape != means.shape[:1]:

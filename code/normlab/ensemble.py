@@ -46,7 +46,7 @@ from tqdm import tqdm
 from normlab import nn as normlab_nn
 from normlab._validate import is_int, is_number
 from normlab.data import Split
-from normlab.stats import precise_bn
+from normlab.stats import is_batch_norm, precise_bn
 from normlab.train import device_of, show_progress
 
 __all__ = ["Linear", "Conv", "Folded", "MemberNorm", "LSTM", "PerExample", "Vmapped", "Grouped", "Ensemble", "stack",
@@ -54,7 +54,6 @@ __all__ = ["Linear", "Conv", "Folded", "MemberNorm", "LSTM", "PerExample", "Vmap
 
 # Layers that act on each value (or each example's last axis) alone: they run on (K, N, D) as is.
 _ELEMENTWISE = (nn.ReLU, nn.Sigmoid, nn.Tanh, nn.GELU, nn.Identity, nn.Dropout)
-_CHANNEL_NORMS = (nn.modules.batchnorm._BatchNorm, normlab_nn._BatchNorm)
 # Layers without parameters that act on each example alone (reshapes, pooling): run on K * N examples.
 _PER_EXAMPLE = (nn.Flatten, nn.Unflatten, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AvgPool1d, nn.AvgPool2d,
                 nn.MaxPool1d, nn.MaxPool2d)
@@ -348,7 +347,7 @@ def _stack_layer(layers, i):
         weight = torch.stack([layer.weight.detach().T for layer in layers]).contiguous()  # (K, in, out)
         bias = torch.stack([layer.bias.detach() for layer in layers]).unsqueeze(1).clone()  # (K, 1, out)
         return Linear(weight, bias)
-    if isinstance(first, _CHANNEL_NORMS):
+    if is_batch_norm(first):
         if any(layer.num_features != first.num_features for layer in layers):
             raise ValueError(f"layer {i}: norm sizes differ between models")
         return Folded(_stack_norm(layers), K)
@@ -728,8 +727,7 @@ def accuracy(ens: Ensemble, x, y, batch_size: int | None = None, train_mode: boo
 
 def _uses_batch_statistics(module):
     """Whether a module normalizes with batch statistics in training mode (and keeps running ones)."""
-    return isinstance(module, _CHANNEL_NORMS) or (isinstance(module, normlab_nn.NormLSTMCell)
-                                                  and module.norm == "batch")
+    return is_batch_norm(module) or (isinstance(module, normlab_nn.NormLSTMCell) and module.norm == "batch")
 
 
 @contextlib.contextmanager

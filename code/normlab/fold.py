@@ -13,16 +13,11 @@ import copy
 import torch
 from torch import nn
 
-from normlab import nn as normlab_nn
+from normlab.stats import is_batch_norm
 
 __all__ = ["fold_batch_norm", "fold_model"]
 
 _FOLDABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-def _is_batch_norm(module) -> bool:
-    # torch.nn's BatchNormNd (and SyncBatchNorm) or normlab.nn's drop-ins.
-    return isinstance(module, (nn.modules.batchnorm._BatchNorm, normlab_nn._BatchNorm))
 
 
 def fold_batch_norm(layer: nn.Module, bn: nn.Module) -> nn.Module:
@@ -33,7 +28,7 @@ def fold_batch_norm(layer: nn.Module, bn: nn.Module) -> nn.Module:
     """
     if not isinstance(layer, _FOLDABLE):
         raise ValueError(f"can fold into nn.Linear or nn.Conv1d/2d/3d, got {type(layer).__name__}")
-    if not _is_batch_norm(bn):
+    if not is_batch_norm(bn):
         raise ValueError(f"bn must be a BatchNorm module, got {type(bn).__name__}")
     if bn.training:
         raise ValueError("bn is in training mode, where it uses batch statistics: call bn.eval() before folding")
@@ -75,7 +70,7 @@ def fold_model(model: nn.Module) -> nn.Module:
         names = list(seq._modules)
         for first, second in zip(names, names[1:]):
             layer, bn = seq._modules[first], seq._modules[second]
-            if isinstance(layer, _FOLDABLE) and _is_batch_norm(bn) and bn.running_mean is not None:
+            if isinstance(layer, _FOLDABLE) and is_batch_norm(bn) and bn.running_mean is not None:
                 seq._modules[first] = fold_batch_norm(layer, bn)
                 seq._modules[second] = nn.Identity()
     return model

@@ -15,7 +15,8 @@ import math
 import torch
 from torch.autograd.function import once_differentiable
 
-__all__ = ["BatchNormFunction", "batch_norm", "check_like_torch", "empty_batch_norm"]
+__all__ = ["BatchNormFunction", "affine_grads", "batch_norm", "batch_norm_input_grad", "channel_grad_sums",
+           "check_like_torch", "empty_batch_norm", "momentum_factor", "update_running_stats"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -38,6 +39,61 @@ def scale_shift(x_hat, weight, bias):
     if bias is not None:
         out = out + bias.to(x_hat.dtype).view(shape)
     return out
+
+
+def momentum_factor(momentum, num_batches_tracked):
+    """Return the weight of the current batch in the running average.
+
+    That is ``momentum``; or, for ``momentum=None`` (the cumulative average), 1 / k for the k-th
+    batch, ``num_batches_tracked`` being k (it already counts this batch).
+    """
+    return 1.0 / float(num_batches_tracked) if momentum is None else momentum
+
+
+def update_running_stats(running_mean, running_var, mean, var_unbiased, momentum):
+    """Take one batch into the running statistics, in place: ``running = (1 - momentum) * running + momentum * batch``.
+
+    mean, var_unbiased: the batch's (C,) mean and *unbiased* variance (what the running estimate
+    stores), cast to each buffer's dtype first; momentum: the batch's weight (``momentum_factor``).
+    A buffer that is None is left out. No gradient flows.
+    """
+    with torch.no_grad():
+        for running, batch in ((running_mean, mean), (running_var, var_unbiased)):
+            if running is not None:
+                running.mul_(1 - momentum).add_(batch.to(running.dtype), alpha=momentum)
+
+
+def channel_grad_sums(dy, x_hat):
+    """Return the backward's two per-channel sums (sum dy, sum dy * x_hat), (C,) each, over every axis but 1."""
+    dims = [0] + list(range(2, x_hat.dim()))
+    return dy.sum(dim=dims), (dy * x_hat).sum(dim=dims)
+
+
+def batch_norm_input_grad(dy, x_hat, invstd, weight, sum_dy, sum_dy_xhat, n):
+    """Return the closed-form input gradient of training-mode batch norm, in x_hat's dtype.
+
+    dx = gamma / (n sigma) * (n dy - sum(dy) - x_hat * sum(dy x_hat)) per channel. dy, x_hat:
+    (N, C, *); invstd = 1 / sigma and weight = gamma (None: 1): (C,); sum_dy, sum_dy_xhat: the
+    (C,) sums over the n values per channel that the statistics came from (with several ranks,
+    the sums and the count over all of them, while dy and x_hat are this rank's slice).
+    """
+    shape = _channel_shape(x_hat)
+    scale = invstd if weight is None else invstd * weight.to(x_hat.dtype)
+    return (scale / n).view(shape) * (n * dy - sum_dy.view(shape) - x_hat * sum_dy_xhat.view(shape))
+
+
+def affine_grads(ctx, weight, grad_out, sum_dy, sum_dy_xhat):
+    """Return (grad_weight, grad_bias) of BN's affine step: sum(dy * x_hat) and sum(dy) per channel.
+
+    Each is None where ``ctx.needs_input_grad`` (inputs 1 and 2) or the layer (weight None,
+    ``ctx.has_bias`` False) does not ask for it; the dtype is weight's (grad_out's without weight).
+    """
+    grad_weight = grad_bias = None
+    if weight is not None and ctx.needs_input_grad[1]:
+        grad_weight = sum_dy_xhat.to(weight.dtype)
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        grad_bias = sum_dy.to(grad_out.dtype if weight is None else weight.dtype)
+    return grad_weight, grad_bias
 
 
 class BatchNormFunction(torch.autograd.Function):
@@ -65,25 +121,13 @@ class BatchNormFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out, _grad_mean, _grad_var):
         x_hat, invstd, weight = ctx.saved_tensors
-        dims = [0] + list(range(2, x_hat.dim()))
-        shape = _channel_shape(x_hat)
-        n = x_hat.numel() // x_hat.shape[1]  # values per channel
         dy = grad_out.to(x_hat.dtype)
-        sum_dy = dy.sum(dim=dims)  # (C,)
-        sum_dy_xhat = (dy * x_hat).sum(dim=dims)  # (C,)
-        grad_input = grad_weight = grad_bias = None
+        sum_dy, sum_dy_xhat = channel_grad_sums(dy, x_hat)
+        grad_input = None
         if ctx.needs_input_grad[0]:
-            scale = invstd if weight is None else invstd * weight.to(x_hat.dtype)
-            # dx = gamma / (n sigma) * (n dy - sum(dy) - x_hat * sum(dy x_hat))
-            grad_input = (scale / n).view(shape) * (
-                n * dy - sum_dy.view(shape) - x_hat * sum_dy_xhat.view(shape)
-            )
-            grad_input = grad_input.to(grad_out.dtype)
-        if weight is not None and ctx.needs_input_grad[1]:
-            grad_weight = sum_dy_xhat.to(weight.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = sum_dy.to(grad_out.dtype if weight is None else weight.dtype)
-        return grad_input, grad_weight, grad_bias, None
+            n = x_hat.numel() // x_hat.shape[1]  # values per channel
+            grad_input = batch_norm_input_grad(dy, x_hat, invstd, weight, sum_dy, sum_dy_xhat, n).to(grad_out.dtype)
+        return grad_input, *affine_grads(ctx, weight, grad_out, sum_dy, sum_dy_xhat), None
 
 
 def check_like_torch(input, running_mean, running_var, weight, bias, training, eps):
@@ -170,13 +214,8 @@ def batch_norm(
     if training:
         out, mean, var = BatchNormFunction.apply(input, weight, bias, eps)
         if running_mean is not None or running_var is not None:
-            with torch.no_grad():
-                n = input.numel() // input.shape[1]
-                if running_mean is not None:
-                    running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-                if running_var is not None:
-                    unbiased = var * n / (n - 1)  # the running estimate stores the unbiased variance
-                    running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+            n = input.numel() // input.shape[1]
+            update_running_stats(running_mean, running_var, mean, var * n / (n - 1), momentum)
         return out
     # Eval mode: an affine map of the input with fixed statistics; autograd handles it.
     dtype = _stat_dtype(input)

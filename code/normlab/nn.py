@@ -21,7 +21,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from normlab._validate import is_int, is_number
-from normlab.functional import _stat_dtype, batch_norm, scale_shift
+from normlab.functional import (
+    _stat_dtype,
+    affine_grads,
+    batch_norm,
+    batch_norm_input_grad,
+    channel_grad_sums,
+    momentum_factor,
+    scale_shift,
+    update_running_stats,
+)
 
 __all__ = [
     "BatchNorm1d",
@@ -118,14 +127,15 @@ class _BatchNorm(nn.Module):
             wanted = " or ".join(f"{r}D" for r in self._ranks)
             raise ValueError(f"expected {wanted} input (got {input.dim()}D input)")
 
+    def _count_batch(self) -> float:
+        """Count one more training batch; return its weight in the running average (``momentum_factor``)."""
+        self.num_batches_tracked.add_(1)
+        return momentum_factor(self.momentum, self.num_batches_tracked)
+
     def forward(self, input):
         self._check_input_dim(input)
-        # The weight of this batch in the running average.
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative average: the k-th batch gets weight 1/k
-                factor = 1.0 / float(self.num_batches_tracked)
+        # The weight of this batch in the running average (unused when they are not updated).
+        factor = self._count_batch() if self.training and self.track_running_stats else 0.0
         # Batch statistics in training mode, and in eval mode when there are no running ones.
         use_batch_stats = self.training or self.running_mean is None
         # Running statistics are updated only in training mode with tracking on.
@@ -245,8 +255,8 @@ class _GhostBatchNorm(_BatchNorm):
         x_hat, means, variances, counts = _ghost_normalize(x, self.virtual_batch_size, self.eps)
         out = scale_shift(x_hat, self.weight, self.bias)
         if self.track_running_stats:
-            self.num_batches_tracked.add_(1)
-            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+            factor = self._count_batch()
+            # lerp_ (running + factor * (batch - running)) rounds otherwise than update_running_stats: kept
             with torch.no_grad():
                 w = torch.tensor(counts, dtype=x.dtype, device=x.device).unsqueeze(1) / sum(counts)
                 self.running_mean.lerp_((w * means).sum(0).to(self.running_mean.dtype), factor)
@@ -402,7 +412,7 @@ class _BatchRenorm(_BatchNorm):
             return super().forward(input)
         # The step counts before the batch is checked, as in BatchNorm (and torch's): a call that
         # raises below has counted it.
-        self.num_batches_tracked.add_(1)
+        factor = self._count_batch()
         if input.shape[1] != self.num_features:
             raise self._channel_error(input)
         C, N = self.num_features, input.shape[0]
@@ -428,12 +438,9 @@ class _BatchRenorm(_BatchNorm):
             d = d_raw.clamp(-self.d_max, self.d_max)
         x_hat = x_hat.reshape(G, N // G, *x.shape[1:]) * r.view(shape) + d.view(shape)
         out = scale_shift(x_hat.reshape(input.shape), self.weight, self.bias)
-        # Now, and only now, the running statistics take this batch in, as in BatchNorm.
-        with torch.no_grad():
-            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-            # the groups' average mean and unbiased variance (equal sizes)
-            self.running_mean.mul_(1 - factor).add_(mu_b.mean(0).to(self.running_mean.dtype), alpha=factor)
-            self.running_var.mul_(1 - factor).add_(unbiased.mean(0).to(self.running_var.dtype), alpha=factor)
+        # Now, and only now, the running statistics take this batch in, as in BatchNorm: the groups'
+        # average mean and unbiased variance (equal sizes).
+        update_running_stats(self.running_mean, self.running_var, mu_b.mean(0), unbiased.mean(0), factor)
         if G == 1:  # one group: (C,) vectors, as for a plain batch
             r, d, r_raw, d_raw = r[0], d[0], r_raw[0], d_raw[0]
         self.last_r, self.last_d, self.last_r_raw, self.last_d_raw = r, d, r_raw, d_raw
@@ -729,25 +736,16 @@ class SyncBatchNormFunction(torch.autograd.Function):
 
         x_hat, invstd, weight = ctx.saved_tensors
         C = x_hat.shape[1]
-        dims = [0] + list(range(2, x_hat.dim()))
-        shape = (1, C) + (1,) * (x_hat.dim() - 2)
         dy = grad_out.to(x_hat.dtype)
-        local = torch.cat([dy.sum(dim=dims), (dy * x_hat).sum(dim=dims)])  # (2C,) this rank's sums
-        grad_input = grad_weight = grad_bias = None
+        sum_dy, sum_dy_xhat = channel_grad_sums(dy, x_hat)  # (C,) each: this rank's sums
+        grad_input = None
         if ctx.needs_input_grad[0]:
-            total = local.clone()
+            total = torch.cat([sum_dy, sum_dy_xhat])
             dist.all_reduce(total, group=ctx.group)  # (2C,) the sums over the whole batch
-            sum_dy, sum_dy_xhat = total[:C], total[C:]
-            n = ctx.count  # values per channel over all ranks
-            scale = invstd if weight is None else invstd * weight.to(x_hat.dtype)
-            # dx = gamma / (n sigma) * (n dy - sum(dy) - x_hat * sum(dy x_hat)), sums over all ranks
-            grad_input = (scale / n).view(shape) * (n * dy - sum_dy.view(shape) - x_hat * sum_dy_xhat.view(shape))
+            # BatchNormFunction's closed form with the sums and the count (ctx.count) over all ranks
+            grad_input = batch_norm_input_grad(dy, x_hat, invstd, weight, total[:C], total[C:], ctx.count)
             grad_input = grad_input.to(grad_out.dtype)
-        if weight is not None and ctx.needs_input_grad[1]:
-            grad_weight = local[C:].to(weight.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = local[:C].to(grad_out.dtype if weight is None else weight.dtype)
-        return grad_input, grad_weight, grad_bias, None, None
+        return grad_input, *affine_grads(ctx, weight, grad_out, sum_dy, sum_dy_xhat), None, None
 
 
 class SyncBatchNorm(_BatchNorm):
@@ -796,19 +794,12 @@ class SyncBatchNorm(_BatchNorm):
             return super().forward(input)  # nothing to synchronize: BatchNorm
         if input.shape[1] != self.num_features:
             raise RuntimeError(f"running_mean should contain {input.shape[1]} elements not {self.num_features}")
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.track_running_stats:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative average: the k-th batch gets weight 1/k
-                factor = 1.0 / float(self.num_batches_tracked)
+        factor = self._count_batch() if self.track_running_stats else None
         out, mean, var, count = SyncBatchNormFunction.apply(
             input, self.weight, self.bias, self.eps, self.process_group
         )
-        if self.track_running_stats:
-            with torch.no_grad():
-                self.running_mean.mul_(1 - factor).add_(mean.to(self.running_mean.dtype), alpha=factor)
-                unbiased = var * (count / (count - 1))  # the running estimate stores the unbiased variance
-                self.running_var.mul_(1 - factor).add_(unbiased.to(self.running_var.dtype), alpha=factor)
+        if self.track_running_stats:  # the running estimate stores the unbiased variance, global count
+            update_running_stats(self.running_mean, self.running_var, mean, var * (count / (count - 1)), factor)
         return out
 
     @classmethod

@@ -16,14 +16,22 @@ from torch import nn
 
 from normlab import nn as normlab_nn
 from normlab._validate import is_int
+from normlab.distributed import chan_merge
 
-__all__ = ["batch_norm_layers", "ema_weights", "precise_bn"]
+__all__ = ["batch_norm_layers", "ema_weights", "is_batch_norm", "precise_bn"]
+
+_BATCH_NORMS = (nn.modules.batchnorm._BatchNorm, normlab_nn._BatchNorm)
+
+
+def is_batch_norm(module) -> bool:
+    """Return True for a batch norm layer: ``torch.nn``'s (BatchNorm1d/2d/3d, SyncBatchNorm, the lazy
+    ones) or ``normlab.nn``'s (BatchNorm1d/2d/3d, ghost, population, renormalization, SyncBatchNorm)."""
+    return isinstance(module, _BATCH_NORMS)
 
 
 def batch_norm_layers(model: nn.Module) -> list:
-    """Return the model's batch norm layers (``torch.nn`` ones and ``normlab.nn`` ones), in order."""
-    kinds = (nn.modules.batchnorm._BatchNorm, normlab_nn._BatchNorm)
-    return [m for m in model.modules() if isinstance(m, kinds)]
+    """Return the model's batch norm layers (``is_batch_norm``), in the order of ``model.modules()``."""
+    return [m for m in model.modules() if is_batch_norm(m)]
 
 
 def ema_weights(momentum: float, steps: int):
@@ -53,14 +61,10 @@ class _Moments:
         count = x.shape[1]
         mean = x.mean(dim=1)
         m2 = ((x - mean.unsqueeze(1)) ** 2).sum(dim=1)
-        if self.mean is None:
-            self.count, self.mean, self.m2 = count, mean, m2
-            return
-        total = self.count + count
-        delta = mean - self.mean
-        self.mean = self.mean + delta * (count / total)
-        self.m2 = self.m2 + m2 + delta**2 * (self.count * count / total)
-        self.count = total
+        summary = (count, mean, m2)
+        if self.mean is not None:  # merge with the batches so far
+            summary = chan_merge((self.count, self.mean, self.m2), summary)
+        self.count, self.mean, self.m2 = summary
 
 
 def _inputs(batch):

@@ -96,5 +96,19 @@ def assert_close(name, got, expected, rtol=1e-7, atol=1e-9):
         )
 
 
+def expect_tuple(what, got, names):
+    """Raise AssertionError unless ``got`` is a tuple of ``len(names)`` values (``names`` says which)."""
+    if not isinstance(got, tuple) or len(got) != len(names):
+        found = f"a tuple of {len(got)}" if isinstance(got, tuple) else type(got).__name__
+        raise AssertionError(f"{what}: expected a tuple ({', '.join(names)}), got {found}")
+
+
+def assert_tuple_close(what, got, expected, names, rtol=1e-7, atol=1e-9):
+    """``expect_tuple``, then ``assert_close`` for each value of ``got`` against the one of ``expected``."""
+    expect_tuple(what, got, names)
+    for name, g, e in zip(names, got, expected, strict=True):
+        assert_close(f"{what}: {name}", g, e, rtol=rtol, atol=atol)
+
+
 def _pass(what, n):
     print(f"PASS {what}: matches the reference on {n} inputs.")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from normlab import scratch
-from normlab.checks._common import _pass, _self_check, assert_close
+from normlab.checks._common import _pass, _self_check, assert_close, assert_tuple_close
 
 
 def _norm_cases(seed=0):
@@ -52,10 +52,7 @@ def check_layer_norm_backward(fn, eps=1e-5):
         _, cache = scratch.layer_norm(x, shape[1], w, b, eps)
         expected = scratch.layer_norm_backward(dout, cache)
         got = fn(dout.copy(), x.copy(), w.copy(), eps)
-        if not isinstance(got, tuple) or len(got) != 3:
-            raise AssertionError(f"layer norm backward, x of shape {shape}: expected a tuple (dx, dweight, dbias)")
-        for name, g, e in zip(("dx", "dweight", "dbias"), got, expected):
-            assert_close(f"layer norm backward, x of shape {shape}: {name}", g, e)
+        assert_tuple_close(f"layer norm backward, x of shape {shape}", got, expected, ("dx", "dweight", "dbias"))
     _pass("layer norm backward", len(cases))
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from normlab.checks._common import _pass, _raise_if_stub, _self_check, assert_close
+from normlab.checks._common import _pass, _raise_if_stub, _self_check, assert_close, assert_tuple_close, expect_tuple
 
 
 @_self_check
@@ -28,8 +28,7 @@ def check_chan_merge(fn):
              ("an empty second part", rng.normal(size=9), 9)]
     for desc, x, k in cases:
         got = fn(summary(x[:k]), summary(x[k:]))
-        if not isinstance(got, tuple) or len(got) != 3:
-            raise AssertionError(f"Chan merge, {desc}: expected a tuple (n, mean, M2), got {type(got).__name__}")
+        expect_tuple(f"Chan merge, {desc}", got, ("n", "mean", "M2"))
         for name, g, e in zip(("n", "mean", "M2"), got, summary(x)):
             assert_close(f"Chan merge, {desc}: {name}", float(g), e, rtol=1e-9, atol=1e-9)
     x = rng.normal(5, 2, 1000)
@@ -72,11 +71,8 @@ def check_channel_sums(fn):
         x, dy, mean, invstd, expected = _sums_case(shape, gen, channels_last)
         got = fn(dy.clone(), x.clone(), mean.clone(), invstd.clone())
         desc = f"x of shape {shape}" + (" (channels_last)" if channels_last else "")
-        if not isinstance(got, tuple) or len(got) != 2:
-            raise AssertionError(f"channel sums, {desc}: expected a tuple (sum_dy, sum_dy_xhat)")
-        for name, g, e in zip(("sum_dy", "sum_dy_xhat"), got, expected):
-            g = g.detach().numpy() if isinstance(g, torch.Tensor) else g
-            assert_close(f"channel sums, {desc}: {name}", g, e.numpy(), rtol=1e-9, atol=1e-9)
+        assert_tuple_close(f"channel sums, {desc}", got, [e.numpy() for e in expected], ("sum_dy", "sum_dy_xhat"),
+                           rtol=1e-9, atol=1e-9)
     _pass("per-channel sums", len(cases))
 
 

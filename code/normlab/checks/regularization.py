@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from normlab import scratch
-from normlab.checks._common import _pass, _self_check, assert_close
+from normlab.checks._common import _pass, _self_check, assert_close, assert_tuple_close
 
 
 @_self_check
@@ -92,11 +92,9 @@ def check_ghost_running(fn):
             layer.running_var.copy_(torch.from_numpy(rv))
         layer(torch.from_numpy(x))
         got = fn(rm.copy(), rv.copy(), x, v, momentum)
-        if not isinstance(got, tuple) or len(got) != 2:
-            raise AssertionError("ghost running statistics: expected a tuple (new_mean, new_var)")
         desc = f"x ({n}, {d}), virtual batches of {v}, momentum {momentum}"
-        assert_close(f"ghost running statistics, {desc}: new_mean", got[0], layer.running_mean.numpy())
-        assert_close(f"ghost running statistics, {desc}: new_var", got[1], layer.running_var.numpy())
+        assert_tuple_close(f"ghost running statistics, {desc}", got,
+                           (layer.running_mean.numpy(), layer.running_var.numpy()), ("new_mean", "new_var"))
     _pass("ghost running statistics", len(cases))
 
 

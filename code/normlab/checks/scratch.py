@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from normlab import scratch
-from normlab.checks._common import _pass, _self_check, assert_close
+from normlab.checks._common import _pass, _self_check, assert_close, assert_tuple_close, expect_tuple
 
 
 def _cases(seed=0):
@@ -45,10 +45,7 @@ def check_backward(fn, eps=1e-5):
         dout = rng.normal(size=out.shape)
         expected = scratch.batch_norm_backward_fast(dout, cache)
         got = fn(dout.copy(), x.copy(), gamma.copy(), eps)
-        if not isinstance(got, tuple) or len(got) != 3:
-            raise AssertionError(f"backward, {desc}: expected a tuple (dx, dgamma, dbeta), got {type(got).__name__}")
-        for name, g, e in zip(("dx", "dgamma", "dbeta"), got, expected, strict=True):
-            assert_close(f"backward, {desc}: {name}", g, e)
+        assert_tuple_close(f"backward, {desc}", got, expected, ("dx", "dgamma", "dbeta"))
         n += 1
     _pass("backward", n)
 
@@ -64,10 +61,7 @@ def check_running_stats(fn, momentum=0.1):
         exp_m, exp_v = rm.copy(), rv.copy()
         scratch.batch_norm_forward(x, gamma, beta, exp_m, exp_v, momentum=momentum)
         got = fn(rm.copy(), rv.copy(), x.copy(), momentum)
-        if not isinstance(got, tuple) or len(got) != 2:
-            raise AssertionError(f"running stats, {desc}: expected a tuple (new_mean, new_var)")
-        assert_close(f"running stats, {desc}: new_mean", got[0], exp_m)
-        assert_close(f"running stats, {desc}: new_var", got[1], exp_v)
+        assert_tuple_close(f"running stats, {desc}", got, (exp_m, exp_v), ("new_mean", "new_var"))
         n += 1
     _pass("running statistics", n)
 
@@ -89,8 +83,7 @@ def check_block_forward(fn, eps=1e-5):
     for desc, x, w, gamma, beta in _block_cases():
         expected, _ = scratch.block_forward(x, w, gamma, beta, eps)
         got = fn(x.copy(), w.copy(), gamma.copy(), beta.copy(), eps)
-        if not isinstance(got, tuple) or len(got) != 2:
-            raise AssertionError(f"block forward, {desc}: expected a tuple (out, cache)")
+        expect_tuple(f"block forward, {desc}", got, ("out", "cache"))
         assert_close(f"block forward, {desc}: out", got[0], expected)
         n += 1
     _pass("block forward", n)
@@ -109,9 +102,6 @@ def check_block_backward(fn, forward=None, eps=1e-5):
         expected = scratch.block_backward(dout, cache)
         _, cache = forward(x.copy(), w.copy(), gamma.copy(), beta.copy(), eps)
         got = fn(dout.copy(), cache)
-        if not isinstance(got, tuple) or len(got) != 4:
-            raise AssertionError(f"block backward, {desc}: expected a tuple (dx, dw, dgamma, dbeta)")
-        for name, g, e in zip(("dx", "dw", "dgamma", "dbeta"), got, expected, strict=True):
-            assert_close(f"block backward, {desc}: {name}", g, e)
+        assert_tuple_close(f"block backward, {desc}", got, expected, ("dx", "dw", "dgamma", "dbeta"))
         n += 1
     _pass("block backward", n)

@@ -35,6 +35,7 @@ def check_adabn(fn):
     import copy
 
     from normlab.adapt import adabn
+    from normlab.stats import batch_norm_layers
 
     n = 0
     for desc, model, batches in _adapt_models():
@@ -42,9 +43,7 @@ def check_adabn(fn):
         got = fn(copy.deepcopy(model), [b.clone() for b in batches])
         if got is None:
             raise AssertionError(f"AdaBN, {desc}: got None (did the function forget to return the model?)")
-        layers = [m for m in got.modules() if "BatchNorm" in type(m).__name__]
-        ref = [m for m in expected.modules() if "BatchNorm" in type(m).__name__]
-        for i, (g, e) in enumerate(zip(layers, ref)):
+        for i, (g, e) in enumerate(zip(batch_norm_layers(got), batch_norm_layers(expected))):
             for stat in ("running_mean", "running_var"):
                 assert_close(f"AdaBN, {desc}, BN layer {i}: {stat}", getattr(g, stat).detach().numpy(),
                              getattr(e, stat).numpy(), rtol=1e-9, atol=1e-9)

@@ -27,6 +27,7 @@ from normlab import ensemble
 from normlab._validate import is_int
 from normlab.data import Split
 from normlab.experiments import BATCH_ORDER, NOISE_STREAM, _check_positive_int
+from normlab.stats import batch_norm_layers
 
 __all__ = [
     "NOISE",
@@ -229,7 +230,7 @@ class _Clean:
         self.net, self.noise = net, noise
 
     def __enter__(self):
-        self.norms = [m for m in self.net.modules() if isinstance(m, nn.BatchNorm1d)]
+        self.norms = batch_norm_layers(self.net)
         self.saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
                       for m in self.norms]
         self.was = self.net.training
@@ -409,13 +410,15 @@ def train_ensemble(
         # Members with and without BN (or noise) train as separate stacks: one stack computing both
         # branches and keeping one would do, and differentiate, twice the work.
         kinds = sorted({(bool(b), bool(z)) for b, z in zip(use_bn, use_noise)})
+        same_for_all = dict(scale_output=scale_output, steps=steps, hidden=hidden, act=act, batch_size=batch_size,
+                            eval_every=eval_every, probe_layer=probe_layer, probe_units=probe_units,
+                            check_every=check_every, smooth_multipliers=smooth_multipliers,
+                            ics_step_norm=ics_step_norm, residual=residual, progress=progress, device=device)
         runs, order = [], []
         for b, z in kinds:
             idx = [k for k in range(K) if (bool(use_bn[k]), bool(use_noise[k])) == (b, z)]
-            runs.append(_train_ensemble(data, [seeds[k] for k in idx], b, z, lr[idx], init_scale[idx],
-                                        scale_output, steps, hidden, act, batch_size, eval_every, probe_layer,
-                                        probe_units, check_every, smooth_multipliers, ics_step_norm, residual,
-                                        progress, device))
+            runs.append(_train_ensemble(data, [seeds[k] for k in idx], use_bn=b, use_noise=z, lr=lr[idx],
+                                        init_scale=init_scale[idx], **same_for_all))
             order += idx
         return _merge_runs(runs, np.argsort(order))
     finally:
@@ -439,11 +442,11 @@ def _merge_runs(runs, index):
     )
 
 
-def _train_ensemble(data, seeds, use_bn, use_noise, lr, init_scale, scale_output, steps, hidden, act, batch_size,
-                    eval_every, probe_layer, probe_units, check_every, smooth_multipliers, ics_step_norm,
-                    residual, progress, device):
+def _train_ensemble(data, seeds, *, use_bn, use_noise, lr, init_scale, scale_output, steps, hidden, act,
+                    batch_size, eval_every, probe_layer, probe_units, check_every, smooth_multipliers,
+                    ics_step_norm, residual, progress, device):
     """Train one stack of members that agree on BN and noise (use_bn, use_noise: bools) on ``device``,
-    where ``data`` already is."""
+    where ``data`` already is. lr, init_scale: (K,) per member; the rest as ``train_ensemble``'s."""
     K, n = len(seeds), len(data.x_train)
     sizes = [data.num_features, *hidden, data.num_classes]
     noise_gen = torch.Generator().manual_seed(seeds[0] + NOISE_STREAM)
@@ -586,6 +589,24 @@ def _seeds(seed, n):
     return [1000 * int(seed) + i for i in range(n)]
 
 
+def _positive_values(values, name, what):
+    """Return ``values`` as a list of floats; raise unless there is one at least and all are positive."""
+    values = [float(v) for v in values]
+    if not values or min(values) <= 0:
+        raise ValueError(f"{name} must be a non-empty list of positive {what}, got {values!r}")
+    return values
+
+
+def _bn_and_plain(values, seeds):
+    """The members of a sweep: each value with each seed, first with BN, then the same without.
+
+    Returns (seeds, use_bn, values), one entry per member, for ``train_ensemble``.
+    """
+    per_value = [v for v in values for _ in seeds]
+    n = len(per_value)
+    return seeds * len(values) * 2, [1] * n + [0] * n, per_value * 2
+
+
 def fig1_experiment(data, *, seed=0, n_seeds=3, steps=1500, lr=0.5, eval_every=25, progress=None, device="cpu"):
     """Train the sigmoid MLP of Fig. 1 with and without BN at one learning rate; return (bn, plain).
 
@@ -628,16 +649,11 @@ def lr_sweep(data, lrs, *, seed=0, n_seeds=3, steps=400, hidden=(100, 100, 100),
     acc_plain, eval_step).
     device: where the models and batches live, e.g. ``ctx.device``.
     """
-    lrs = [float(v) for v in lrs]
-    if not lrs or min(lrs) <= 0:
-        raise ValueError(f"lrs must be a non-empty list of positive rates, got {lrs!r}")
-    seeds = _seeds(seed, n_seeds)
-    L = len(lrs)
-    members_lr = [v for v in lrs for _ in seeds] * 2
-    use_bn = [1] * (L * n_seeds) + [0] * (L * n_seeds)
-    run = train_ensemble(data, seeds=seeds * L * 2, use_bn=use_bn, lr=members_lr, steps=steps, hidden=hidden,
+    lrs = _positive_values(lrs, "lrs", "rates")
+    members, use_bn, members_lr = _bn_and_plain(lrs, _seeds(seed, n_seeds))
+    run = train_ensemble(data, seeds=members, use_bn=use_bn, lr=members_lr, steps=steps, hidden=hidden,
                          act=act, eval_every=eval_every, progress=progress, device=device)
-    acc = np.nan_to_num(run.test_acc).reshape(2, L, n_seeds, -1)
+    acc = np.nan_to_num(run.test_acc).reshape(2, len(lrs), n_seeds, -1)
     return acc[0], acc[1], run.eval_step
 
 
@@ -652,9 +668,7 @@ def lr_sweep_variants(data, lrs, variants, *, seed=0, n_seeds=3, steps=400, hidd
     ``train_ensemble``).
     device: where the models and batches live, e.g. ``ctx.device``.
     """
-    lrs = [float(v) for v in lrs]
-    if not lrs or min(lrs) <= 0:
-        raise ValueError(f"lrs must be a non-empty list of positive rates, got {lrs!r}")
+    lrs = _positive_values(lrs, "lrs", "rates")
     if not variants:
         raise ValueError("variants must name at least one (use_bn, init_scale) pair")
     seeds = _seeds(seed, n_seeds)
@@ -676,17 +690,12 @@ def init_sweep(data, scales, *, seed=0, n_seeds=3, steps=400, lr=0.1, hidden=(10
     saturates the softmax, with or without BN). Each result is (len(scales), n_seeds).
     device: where the models and batches live, e.g. ``ctx.device``.
     """
-    scales = [float(v) for v in scales]
-    if not scales or min(scales) <= 0:
-        raise ValueError(f"scales must be a non-empty list of positive numbers, got {scales!r}")
-    seeds = _seeds(seed, n_seeds)
-    S = len(scales)
-    init = [v for v in scales for _ in seeds] * 2
-    use_bn = [1] * (S * n_seeds) + [0] * (S * n_seeds)
-    run = train_ensemble(data, seeds=seeds * S * 2, use_bn=use_bn, lr=lr, init_scale=init,
+    scales = _positive_values(scales, "scales", "numbers")
+    members, use_bn, init = _bn_and_plain(scales, _seeds(seed, n_seeds))
+    run = train_ensemble(data, seeds=members, use_bn=use_bn, lr=lr, init_scale=init,
                          scale_output=scale_output, steps=steps, hidden=hidden, act=act, eval_every=steps,
                          progress=progress, device=device)
-    acc = np.nan_to_num(run.test_acc[:, -1]).reshape(2, S, n_seeds)
+    acc = np.nan_to_num(run.test_acc[:, -1]).reshape(2, len(scales), n_seeds)
     return acc[0], acc[1]
 
 

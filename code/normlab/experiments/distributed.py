@@ -24,6 +24,7 @@ from torch import nn
 from normlab import nn as normlab_nn
 from normlab.data import Split
 from normlab.experiments import BATCH_ORDER, _check_positive_int, seeds_for
+from normlab.stats import batch_norm_layers
 
 __all__ = [
     "MODES",
@@ -204,8 +205,7 @@ def grad_accumulated(data: Split, seed, idx, k, frozen=False, *, device="cpu"):
 
 
 def _bn_stats(model):
-    return [torch.cat([m.running_mean, m.running_var]).clone() for m in model.modules()
-            if isinstance(m, normlab_nn._BatchNorm)]
+    return [torch.cat([m.running_mean, m.running_var]).clone() for m in batch_norm_layers(model)]
 
 
 def _ddp(model):

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from normlab.distributed import chan_merge
+
 __all__ = ["DEVICES", "anchor_summary", "chan_merge", "limits", "roofline_points", "variance_methods", "welford"]
 
 ANCHOR = (256, 256, 28, 28)
@@ -35,17 +37,6 @@ def welford(x):
         mean += d / n
         m2 += d * (v - mean)
     return n, mean, m2
-
-
-def chan_merge(a, b):
-    """Merge two (count, mean, M2) summaries with Chan's formula, in their dtype."""
-    n_a, mean_a, m2_a = a
-    n_b, mean_b, m2_b = b
-    n = n_a + n_b
-    if n == 0:
-        return a
-    delta = mean_b - mean_a
-    return n, mean_a + delta * (n_b / n), m2_a + m2_b + delta * delta * (n_a * n_b / n)
 
 
 def variance_methods(mean, std, n, seed=0, chunks=256, kernel=None):

@@ -23,6 +23,7 @@ from normlab.data import Split
 from normlab.evidence import paired
 from normlab.experiments import _check_positive_int
 from normlab.fold import fold_model
+from normlab.stats import batch_norm_layers
 from normlab.train import accuracy
 
 __all__ = [
@@ -224,10 +225,6 @@ def placement_experiment(data, seeds, *, steps, lrs, tune_seeds, val_size=300, n
     return result
 
 
-def _batch_norms(model):
-    return [m for m in model.modules() if isinstance(m, (nn.modules.batchnorm._BatchNorm, normlab_nn._BatchNorm))]
-
-
 def recompute_bn_statistics(model, x, batch_size=64):
     """Return an eval-mode copy of ``model`` whose BN layers hold the average statistics of ``x``'s batches.
 
@@ -242,7 +239,7 @@ def recompute_bn_statistics(model, x, batch_size=64):
     if len(x) < 2:
         raise ValueError(f"x must hold at least 2 examples, got {len(x)}")
     model = copy.deepcopy(model).eval()
-    bns = [bn for bn in _batch_norms(model) if bn.track_running_stats]
+    bns = [bn for bn in batch_norm_layers(model) if bn.track_running_stats]
     if not bns:
         raise ValueError("model has no batch norm layer with running statistics")
     momenta = [bn.momentum for bn in bns]

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from normlab._validate import is_number
-from normlab.functional import check_like_torch, empty_batch_norm
+from normlab.functional import affine_grads, check_like_torch, empty_batch_norm
 
 __all__ = ["CONFIG", "INSTALL_HINT", "KernelConfig", "available", "batch_norm", "channel_sums", "dtype_supported",
            "interpreted", "layout_of", "triton_modules"]
@@ -324,11 +324,7 @@ class TrainBatchNorm(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight, mean, invstd = ctx.saved_tensors
         dx, sum_dy, sum_dyxh = _train_backward(x, _like(grad_out, x), mean, invstd, weight, ctx.needs_input_grad[0])
-        dw = sum_dyxh.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
-        db = None
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = sum_dy.to(weight.dtype if weight is not None else grad_out.dtype)
-        return dx, dw, db, None, None, None, None
+        return dx, *affine_grads(ctx, weight, grad_out, sum_dy, sum_dyxh), None, None, None, None
 
 
 class EvalBatchNorm(torch.autograd.Function):
@@ -350,10 +346,7 @@ class EvalBatchNorm(torch.autograd.Function):
         if (weight is not None and ctx.needs_input_grad[1]) or (ctx.has_bias and ctx.needs_input_grad[2]):
             acc = _acc_torch(x)
             _, sum_dy, sum_dyxh = _train_backward(x, dy, rm.to(acc), torch.rsqrt(rv.to(acc) + ctx.eps), None, False)
-            if weight is not None and ctx.needs_input_grad[1]:
-                dw = sum_dyxh.to(weight.dtype)
-            if ctx.has_bias and ctx.needs_input_grad[2]:
-                db = sum_dy.to(weight.dtype if weight is not None else grad_out.dtype)
+            dw, db = affine_grads(ctx, weight, grad_out, sum_dy, sum_dyxh)
         return dx, dw, db, None, None, None
 
 

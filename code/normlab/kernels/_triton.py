@@ -27,6 +27,27 @@ def _chan_combine(mean_a, m2_a, n_a, mean_b, m2_b, n_b):
 
 
 @triton.jit
+def _channel_block(c_start, c_end, BLOCK_C: tl.constexpr):
+    """Return this program's channels c (BLOCK_C,), block program_id(0) after c_start, and c's mask."""
+    c = c_start + tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return c, c < c_end
+
+
+@triton.jit
+def _item_range(items_per_prog, n_items):
+    """Return [start, end): the items (tiles along (n, M)) that program_id(1) owns."""
+    start = tl.program_id(1) * items_per_prog
+    return start, tl.minimum(start + items_per_prog, n_items)
+
+
+@triton.jit
+def _partials(part_ptr, s0, split, C, c, c_mask, BLOCK_S: tl.constexpr):
+    """Return (pointers, mask), (BLOCK_S, BLOCK_C): the first partials plane at programs s0.. and channels c."""
+    s = s0 + tl.arange(0, BLOCK_S)
+    return part_ptr + s[:, None] * C + c[None, :], (s < split)[:, None] & c_mask[None, :]
+
+
+@triton.jit
 def _tile_offsets(i, m_blocks, c, M, s_n, s_c, s_m, c_mask, C_CONTIG: tl.constexpr, BLOCK_M: tl.constexpr):
     """Return (offsets, mask) of item i: sample n = i // m_blocks, positions of its m-block."""
     n = i // m_blocks
@@ -53,16 +74,12 @@ def stats_kernel(
     the program that finishes last for a block of channels merges them (Chan), writes mean and
     invstd, and updates the running statistics in place.
     """
-    pid_c = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    c = c_start + pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < c_end
+    c, c_mask = _channel_block(c_start, c_end, BLOCK_C)
     # 1. Welford per lane over this program's tiles, accumulated in ACC (fp32, or fp64 for fp64 input).
     mean = tl.zeros((BLOCK_C, BLOCK_M), ACC)
     m2 = tl.zeros((BLOCK_C, BLOCK_M), ACC)
     cnt = tl.zeros((BLOCK_C, BLOCK_M), ACC)
-    start = pid_s * items_per_prog
-    end = tl.minimum(start + items_per_prog, n_items)
+    start, end = _item_range(items_per_prog, n_items)
     for i in range(start, end):
         offs, mask = _tile_offsets(i, m_blocks, c, M, s_n, s_c, s_m, c_mask, C_CONTIG, BLOCK_M)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
@@ -73,21 +90,19 @@ def stats_kernel(
     # 2. Merge the lanes of each channel (Chan), store this program's partial summary.
     mean_c, m2_c, cnt_c = tl.reduce((mean, m2, cnt), 1, _chan_combine)
     plane = split_max * C
-    p = part_ptr + pid_s * C + c
+    p = part_ptr + tl.program_id(1) * C + c
     tl.store(p, mean_c, mask=c_mask)
     tl.store(p + plane, m2_c, mask=c_mask)
     tl.store(p + 2 * plane, cnt_c, mask=c_mask)
     # 3. Take a ticket; the last program of this channel block merges all partials.
     tl.debug_barrier()  # every thread's partial stores are issued before the release below
-    ticket = tl.atomic_add(counter_ptr + c_start // BLOCK_C + pid_c, 1, sem="acq_rel", scope="gpu")
+    ticket = tl.atomic_add(counter_ptr + c_start // BLOCK_C + tl.program_id(0), 1, sem="acq_rel", scope="gpu")
     if ticket == split - 1:
         acc_mean = tl.zeros((BLOCK_C,), ACC)
         acc_m2 = tl.zeros((BLOCK_C,), ACC)
         acc_n = tl.zeros((BLOCK_C,), ACC)
         for s0 in range(0, split, BLOCK_S):
-            s = s0 + tl.arange(0, BLOCK_S)
-            q = part_ptr + s[:, None] * C + c[None, :]
-            qm = (s < split)[:, None] & c_mask[None, :]
+            q, qm = _partials(part_ptr, s0, split, C, c, c_mask, BLOCK_S)
             pm = tl.load(q, mask=qm, other=0.0, cache_modifier=".cg")  # .cg: skip L1, read what others wrote
             pm2 = tl.load(q + plane, mask=qm, other=0.0, cache_modifier=".cg")
             pn = tl.load(q + 2 * plane, mask=qm, other=0.0, cache_modifier=".cg")
@@ -117,10 +132,7 @@ def affine_kernel(
     Training forward pass 2 (a = invstd, m = batch mean), eval forward (running statistics) and
     the eval backward's dx (x = dy, no m, no b): one read, one write.
     """
-    pid_c = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    c = c_start + pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < c_end
+    c, c_mask = _channel_block(c_start, c_end, BLOCK_C)
     # 1. Per-channel coefficients, in ACC.
     a = tl.load(a_ptr + c, mask=c_mask, other=1.0).to(ACC)
     if A_IS_VAR:
@@ -134,8 +146,7 @@ def affine_kernel(
     if HAS_B:
         b = tl.load(b_ptr + c, mask=c_mask, other=0.0).to(ACC)
     # 2. One pass over this program's tiles; centring before scaling keeps large offsets exact.
-    start = pid_s * items_per_prog
-    end = tl.minimum(start + items_per_prog, n_items)
+    start, end = _item_range(items_per_prog, n_items)
     for i in range(start, end):
         offs, mask = _tile_offsets(i, m_blocks, c, M, s_n, s_c, s_m, c_mask, C_CONTIG, BLOCK_M)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
@@ -155,17 +166,13 @@ def grad_sums_kernel(
     Split like ``stats_kernel``: partial sums (2, split_max, C), the last program per channel
     block adds them up and writes the two (C,) sums (they are also dbias and dweight).
     """
-    pid_c = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    c = c_start + pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < c_end
+    c, c_mask = _channel_block(c_start, c_end, BLOCK_C)
     mu = tl.load(mean_ptr + c, mask=c_mask, other=0.0).to(ACC)
     rs = tl.load(invstd_ptr + c, mask=c_mask, other=0.0).to(ACC)
     # 1. Per-lane sums over this program's tiles.
     s_dy = tl.zeros((BLOCK_C, BLOCK_M), ACC)
     s_dyxh = tl.zeros((BLOCK_C, BLOCK_M), ACC)
-    start = pid_s * items_per_prog
-    end = tl.minimum(start + items_per_prog, n_items)
+    start, end = _item_range(items_per_prog, n_items)
     for i in range(start, end):
         offs, mask = _tile_offsets(i, m_blocks, c, M, s_n, s_c, s_m, c_mask, C_CONTIG, BLOCK_M)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
@@ -175,19 +182,17 @@ def grad_sums_kernel(
         s_dyxh += dy * x_hat
     # 2. Reduce the lanes, store the partials.
     plane = split_max * C
-    p = part_ptr + pid_s * C + c
+    p = part_ptr + tl.program_id(1) * C + c
     tl.store(p, tl.sum(s_dy, axis=1), mask=c_mask)
     tl.store(p + plane, tl.sum(s_dyxh, axis=1), mask=c_mask)
     # 3. The last program of this channel block adds the partials.
     tl.debug_barrier()
-    ticket = tl.atomic_add(counter_ptr + c_start // BLOCK_C + pid_c, 1, sem="acq_rel", scope="gpu")
+    ticket = tl.atomic_add(counter_ptr + c_start // BLOCK_C + tl.program_id(0), 1, sem="acq_rel", scope="gpu")
     if ticket == split - 1:
         acc_dy = tl.zeros((BLOCK_C,), ACC)
         acc_dyxh = tl.zeros((BLOCK_C,), ACC)
         for s0 in range(0, split, BLOCK_S):
-            s = s0 + tl.arange(0, BLOCK_S)
-            q = part_ptr + s[:, None] * C + c[None, :]
-            qm = (s < split)[:, None] & c_mask[None, :]
+            q, qm = _partials(part_ptr, s0, split, C, c, c_mask, BLOCK_S)
             acc_dy += tl.sum(tl.load(q, mask=qm, other=0.0, cache_modifier=".cg"), axis=0)
             acc_dyxh += tl.sum(tl.load(q + plane, mask=qm, other=0.0, cache_modifier=".cg"), axis=0)
         tl.store(sum_dy_ptr + c, acc_dy, mask=c_mask)
@@ -202,10 +207,7 @@ def dx_kernel(
     BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """Training backward, pass 2: dx = w * invstd * (dy - sum(dy) / n - x_hat * sum(dy x_hat) / n)."""
-    pid_c = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    c = c_start + pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < c_end
+    c, c_mask = _channel_block(c_start, c_end, BLOCK_C)
     # 1. Per-channel coefficients.
     mu = tl.load(mean_ptr + c, mask=c_mask, other=0.0).to(ACC)
     rs = tl.load(invstd_ptr + c, mask=c_mask, other=0.0).to(ACC)
@@ -215,8 +217,7 @@ def dx_kernel(
     mean_dy = tl.load(sum_dy_ptr + c, mask=c_mask, other=0.0).to(ACC) / count
     mean_dyxh = tl.load(sum_dyxh_ptr + c, mask=c_mask, other=0.0).to(ACC) / count
     # 2. One pass: read x and dy, write dx.
-    start = pid_s * items_per_prog
-    end = tl.minimum(start + items_per_prog, n_items)
+    start, end = _item_range(items_per_prog, n_items)
     for i in range(start, end):
         offs, mask = _tile_offsets(i, m_blocks, c, M, s_n, s_c, s_m, c_mask, C_CONTIG, BLOCK_M)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
