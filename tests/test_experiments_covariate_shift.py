@@ -31,7 +31,7 @@ def test_ics_of_each_member_is_the_ics_of_that_network_alone():
     net = cs._build([6, 8, 8, 3], "relu", True, False, torch.ones(2), [0, 1], torch.Generator().manual_seed(0))
     x, y = torch.randn(2, 16, 6), torch.randint(0, 3, (2, 16))
     lr = torch.tensor([0.1, 0.5])
-    out = cs._ics(net, x, y, lr, step_norm=0.3)
+    out = cs.ics(net, x, y, lr, step_norm=0.3)
     got, got_eq = out["rel"], out["rel_eq"]  # (members, layers 2..3)
     for k in range(2):
         alone = ensemble.member(net, k).train()
@@ -153,7 +153,7 @@ def test_smoothness_measures_are_santurkars_along_the_gradient():
     net = cs._build([6, 8, 3], "relu", False, False, torch.ones(1), [2], torch.Generator().manual_seed(0))
     x, y = torch.randn(1, 16, 6), torch.randint(0, 3, (1, 16))
     lr = torch.tensor([0.5])
-    got = cs._smoothness(net, x, y, lr, (1.0, 3.0))
+    got = cs.smoothness(net, x, y, lr, (1.0, 3.0))
     alone = ensemble.member(net, 0)
     params = dict(alone.named_parameters())
 

@@ -36,6 +36,8 @@ __all__ = [
     "Run",
     "time_varying_noise",
     "train_ensemble",
+    "ics",
+    "smoothness",
     "drift_ratio",
     "run_drift",
     "steps_to_target",
@@ -267,8 +269,11 @@ def _leaves(params):
     return {k: t.detach().requires_grad_() for k, t in params.items()}
 
 
-def _ics(net, x, y, lr, step_norm=None):
+def ics(net, x, y, lr, step_norm=None):
     """Return {"rel": (K, L-1), "cos": (K, L-1)}: G vs G' for the weights of layers 2..L.
+
+    For every member of the ensemble ``net`` at once (x (K, N, D), y (K, N), lr (K,)). The lab
+    writes the same measurement for one ``nn.Sequential`` and checks that the two agree.
 
     G' is layer i's gradient after layers 1..i-1 take their SGD step, -lr * g. With ``step_norm``
     also "rel_eq" and "cos_eq": the same after a step along -g of l2 norm ``step_norm`` (over all
@@ -302,8 +307,11 @@ def _ics(net, x, y, lr, step_norm=None):
     return out
 
 
-def _smoothness(net, x, y, lr, multipliers):
+def smoothness(net, x, y, lr, multipliers):
     """Santurkar et al.'s three measures along the gradient g, at steps lr * multipliers from the weights.
+
+    For every member of the ensemble ``net`` at once; the lab writes them for one ``nn.Sequential``
+    and checks that the two agree.
 
     loss_var: the largest minus the smallest loss seen, the start included (variation of the loss);
     grad_change: the largest l2 distance of a moved point's gradient from g (gradient
@@ -360,7 +368,7 @@ def train_ensemble(
     applies to the output layer too (False: it starts at scale 1 in every member). probe_layer: index of the hidden
     layer whose pre-activations (after BN and noise) are recorded, on the test inputs, at each
     evaluation. check_every: measure ICS and smoothness every that many steps (None: never).
-    ics_step_norm: also measure ICS after a step of that l2 norm (see ``_ics``; None: do not).
+    ics_step_norm: also measure ICS after a step of that l2 norm (see ``ics``; None: do not).
     residual: that many pre-activation residual blocks of width hidden[0] (see
     ``_build_residual``; hidden then names one width, act must be "relu", and there is no probe,
     noise or ICS); 0: the plain stack of ``hidden`` layers.
@@ -460,7 +468,7 @@ def _train_ensemble(data, seeds, *, use_bn, use_noise, lr, init_scale, scale_out
     gens = [torch.Generator().manual_seed(s + BATCH_ORDER) for s in seeds]  # mini-batch order per member
     batches = [torch.stack([torch.randperm(n, generator=g)[:batch_size] for g in gens]) for _ in range(steps)]
     eval_step, accs, probe_step, pcts = [], [], [], []
-    ics, smooth = {}, {}
+    ics_at, smooth_at = {}, {}  # {step: measures}
     q = torch.tensor([0.15, 0.5, 0.85], device=device)
 
     @torch.no_grad()
@@ -483,8 +491,8 @@ def _train_ensemble(data, seeds, *, use_bn, use_noise, lr, init_scale, scale_out
         if check_every and (step == 1 or step % check_every == 0):
             idx = batches[step - 1]
             x, y = data.x_train[idx], data.y_train[idx]  # (K, B, D), (K, B)
-            ics[step] = _ics(net, x, y, lr_on_device, ics_step_norm)
-            smooth[step] = _smoothness(net, x, y, lr_on_device, smooth_multipliers)
+            ics_at[step] = ics(net, x, y, lr_on_device, ics_step_norm)
+            smooth_at[step] = smoothness(net, x, y, lr_on_device, smooth_multipliers)
 
     def after_step(step, loss):
         if step % eval_every == 0 or step == steps:
@@ -499,8 +507,8 @@ def _train_ensemble(data, seeds, *, use_bn, use_noise, lr, init_scale, scale_out
         train_loss=losses,
         probe_step=np.array(probe_step),
         pct=np.stack(pcts, 1) if pcts else np.zeros((K, 0, 3, 0)),
-        ics=ics,
-        smooth=smooth,
+        ics=ics_at,
+        smooth=smooth_at,
     )
 
 
@@ -752,7 +760,7 @@ def noisy_bn_experiment(data, *, seed=0, n_seeds=3, steps=600, lr=0.1, hidden=(6
     variants: names from ``NOISY_NETS`` ("plain_he" adds a He-initialized standard network; every
     other network starts at LeCun's scale, N(0, 1 / fan_in)). The probe records the last hidden
     layer (after BN and noise). check_every: also measure ICS and smoothness every that many
-    steps; ics_step_norm: the l2 norm of the equal-length step for ICS (see ``_ics``).
+    steps; ics_step_norm: the l2 norm of the equal-length step for ICS (see ``ics``).
     device: where the models and batches live, e.g. ``ctx.device``.
     """
     unknown = [v for v in variants if v not in NOISY_NETS]
