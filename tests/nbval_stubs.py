@@ -14,19 +14,12 @@ So one execution checks the asserts at a second seed and the student's "Run All"
 
 from __future__ import annotations
 
-import re
-
 import pytest
+from nbval.plugin import IPyNbCell
 
-from normlab.checks import NOT_ATTEMPTED
+from normlab.checks import NOT_ATTEMPTED, STUB, STUB_SUFFIX
 
-_STUB = re.compile(r"raise NotImplementedError\((['\"])(.*?)\1\)")
-_SUFFIX = " (write your solution here)"  # the stub's message ends so; the check's report drops it
 _USES_REFERENCE = "has not passed its self-check yet"
-
-
-def _is_cell(item) -> bool:
-    return type(item).__name__ == "IPyNbCell"  # nbval's item for one code cell
 
 
 def _printed(item) -> str:
@@ -47,8 +40,8 @@ class StubsReport(pytest.Item):
         printed = "\n".join(_printed(c) for c in self.cells)
         problems = []
         for cell in self.cells:
-            for _, message in _STUB.findall(cell.cell.source):
-                said = f"{NOT_ATTEMPTED} {message.removesuffix(_SUFFIX)}"
+            for _, message in STUB.findall(cell.cell.source):
+                said = f"{NOT_ATTEMPTED} {message.removesuffix(STUB_SUFFIX)}"
                 if said not in printed:
                     problems.append(f"no self-check said '{said}' (the stub is in {cell.name})")
             if "solution_or_reference(" in cell.cell.source and _USES_REFERENCE not in _printed(cell):
@@ -62,10 +55,10 @@ class StubsReport(pytest.Item):
 def pytest_collection_modifyitems(session, config, items):
     by_notebook = {}
     for item in items:
-        if _is_cell(item):
+        if isinstance(item, IPyNbCell):  # nbval's item for one code cell
             by_notebook.setdefault(item.parent, []).append(item)
     for notebook, cells in by_notebook.items():
-        if not any(_STUB.search(c.cell.source) for c in cells):
+        if not any(STUB.search(c.cell.source) for c in cells):
             continue
         report = StubsReport.from_parent(notebook, name="stubs", cells=cells)
         items.insert(items.index(cells[-1]) + 1, report)

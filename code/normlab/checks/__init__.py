@@ -29,6 +29,8 @@ passed for all chapters (``passed``, ``solution_or_reference``), ``assert_close`
 
 from normlab.checks._common import NOT_ATTEMPTED as NOT_ATTEMPTED  # read by the grader and nbval_stubs
 from normlab.checks._common import SELF_CHECK as SELF_CHECK  # what a self-check cell calls
+from normlab.checks._common import STUB as STUB  # the student edition's stub, and its message's end
+from normlab.checks._common import STUB_SUFFIX as STUB_SUFFIX
 from normlab.checks._common import assert_close, passed, solution_or_reference
 from normlab.checks.alternatives import (
     check_adain,

@@ -20,6 +20,10 @@ import numpy as np
 # A self-check cell is a code cell that calls a check (``checks.check_forward(my_forward)``): the
 # grader, the student edition and the tests find them with this pattern.
 SELF_CHECK = re.compile(r"\bcheck_\w+\s*\(")
+# The student edition's stub: ``raise NotImplementedError("Exercise N: <title>" + STUB_SUFFIX)`` in
+# place of a solution (coursekit.student writes it; a check reports it without the suffix).
+STUB = re.compile(r"raise NotImplementedError\((['\"])(.*?)\1\)")
+STUB_SUFFIX = " (write your solution here)"
 NOT_ATTEMPTED = "NOT ATTEMPTED"  # the grader (grade.py) and tests/nbval_stubs.py read this marker in the output
 _passed = weakref.WeakSet()  # the functions whose self-check passed in this session
 
@@ -34,7 +38,7 @@ def _self_check(check):
         try:
             checked = check(fn, *args, **kwargs)  # False: the check could not run here (it said why)
         except NotImplementedError as exc:
-            what = str(exc).removesuffix(" (write your solution here)") or fn.__name__
+            what = str(exc).removesuffix(STUB_SUFFIX) or fn.__name__
             print(f"{NOT_ATTEMPTED} {what}: nothing to check yet. The notebook goes on; cells that "
                   "need this function use the course's reference until its check passes.")
             return
@@ -44,7 +48,6 @@ def _self_check(check):
     return run
 
 
-_STUB = re.compile(r"raise NotImplementedError\((['\"])(.*?)\1\)")
 
 
 def _raise_if_stub(fn):
@@ -56,7 +59,7 @@ def _raise_if_stub(fn):
         source = inspect.getsource(getattr(fn, "fn", fn))  # a triton kernel keeps its function in .fn
     except (OSError, TypeError):
         return
-    stub = _STUB.search(source)
+    stub = STUB.search(source)
     if stub:
         raise NotImplementedError(stub.group(2))
 

@@ -34,7 +34,7 @@ import tokenize
 from pathlib import Path
 
 from coursekit.notebooks import cell_source
-from normlab.checks import SELF_CHECK
+from normlab.checks import SELF_CHECK, STUB_SUFFIX
 
 __all__ = ["BEGIN", "END", "HIDE", "strip_solutions", "make_student_notebook", "answers_shown_early",
            "write_student_book", "main"]
@@ -84,7 +84,7 @@ def make_student_notebook(nb: dict) -> dict:
             stubbed = False
         elif cell["cell_type"] == "code" and BEGIN in source:
             number += 1
-            message = f"Exercise {number}: {title} (write your solution here)"
+            message = f"Exercise {number}: {title}{STUB_SUFFIX}"
             cell["source"] = strip_solutions(source, message)
             cell["outputs"], cell["execution_count"] = [], None
             tags = cell.get("metadata", {}).get("tags", [])
