@@ -10,6 +10,11 @@ test after each notebook's last cell, which reads what the cells printed:
 
 So one execution checks the asserts at a second seed and the student's "Run All". Loaded with
 ``-p tests.nbval_stubs`` (the Makefile's ``notebooks`` target).
+
+It also lifts nbval's one short wall-clock limit: after a cell's reply, nbval waits only 5 s for
+each of its outputs, then stops the kernel, so on a busy machine a slow plot failed that cell and
+every later one ("Kernel dead on test start"). Each cell now waits as long as nbval's own cell
+timeout (``--nbval-cell-timeout``, 2000 s unless set).
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ def pytest_collection_modifyitems(session, config, items):
     by_notebook = {}
     for item in items:
         if isinstance(item, IPyNbCell):  # nbval's item for one code cell
+            item.output_timeout = config.option.nbval_cell_timeout  # nbval's own: 5 s
             by_notebook.setdefault(item.parent, []).append(item)
     for notebook, cells in by_notebook.items():
         if not any(STUB.search(c.cell.source) for c in cells):

@@ -139,7 +139,7 @@ def test_lr_sweep_variants_trains_each_variant_from_the_same_seeds(digits):
     variants = {"bn": (True, 1.0), "plain": (False, 1.0), "plain_he": (False, 2**0.5)}
     acc, step = cs.lr_sweep_variants(digits, [0.1], variants, n_seeds=2, steps=20, eval_every=10, progress=False)
     assert list(acc) == list(variants) and all(a.shape == (1, 2, 3) for a in acc.values())
-    alone = cs.train_ensemble(digits, seeds=cs._seeds(0, 2), use_bn=False, lr=0.1, init_scale=2**0.5,
+    alone = cs.train_ensemble(digits, seeds=cs.seeds_for(0, 2), use_bn=False, lr=0.1, init_scale=2**0.5,
                               scale_output=False, steps=20, hidden=(100, 100, 100), act="relu", eval_every=10)
     np.testing.assert_allclose(acc["plain_he"][0], alone.test_acc, atol=1e-6)
 

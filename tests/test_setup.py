@@ -79,3 +79,26 @@ def test_quick_scale_pins_torch_to_one_thread_and_full_scale_leaves_it(monkeypat
     assert torch.get_num_threads() == 2
     normlab.setup(scale="quick", verbose=False)
     assert torch.get_num_threads() == 1
+
+
+def test_set_threads_sets_torch_threads_and_returns_nothing_to_display(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert normlab.set_threads(2) is None  # a lab's last line: no stray "Out[...]"
+    assert torch.get_num_threads() == 2
+    normlab.set_threads(1)
+    assert torch.get_num_threads() == 1
+
+
+def test_set_threads_never_exceeds_omp_num_threads(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    normlab.set_threads(2)
+    assert torch.get_num_threads() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    normlab.set_threads(2)
+    assert torch.get_num_threads() == 2
+
+
+@pytest.mark.parametrize("n", [0, -1, 1.5, True, "2"])
+def test_set_threads_rejects_a_count_that_is_not_a_positive_int(n):
+    with pytest.raises(ValueError, match="positive int"):
+        normlab.set_threads(n)

@@ -9,7 +9,9 @@ generator, reads the course's two environment variables and picks the device.
 
 At quick scale ``setup`` also pins torch to one thread: the quick experiments' tensors are small,
 and on a busy machine several torch threads per process slow a notebook down tenfold or more. A
-lab whose seeds train together as one large ensemble asks for two threads itself, after setup.
+lab whose seeds train together as one large ensemble asks for two threads itself, after setup,
+with ``normlab.set_threads(2)``: never more than ``OMP_NUM_THREADS`` where that is set (``make
+test`` runs two notebooks side by side with ``OMP_NUM_THREADS=1`` each, one per core).
 
 This package is what a student installs (Colab: ``pip install normlab`` from ``code/``), so it holds
 only what the notebooks use. The maintainers' tooling (the course map and timings, the student
@@ -76,6 +78,22 @@ def _read_scale(scale):
     return scale
 
 
+def set_threads(n: int) -> None:
+    """Let torch use ``n`` threads, or ``OMP_NUM_THREADS`` if that is set and smaller.
+
+    ``OMP_NUM_THREADS`` is the standard cap that torch, NumPy's BLAS and OpenMP read at start-up; a
+    later ``torch.set_num_threads`` would override it, so the labs call this instead.
+    """
+    import torch
+
+    if not is_int(n) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    cap = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if cap.isdigit() and int(cap) >= 1:
+        n = min(n, int(cap))
+    torch.set_num_threads(n)
+
+
 def setup(seed: int | None = None, scale: str | None = None, verbose: bool = True) -> Context:
     """Seed python, numpy and torch, read the scale, pick the device, print one line.
 
@@ -93,7 +111,7 @@ def setup(seed: int | None = None, scale: str | None = None, verbose: bool = Tru
     np.random.seed(seed)
     torch.manual_seed(seed)  # seeds the CUDA generators too
     if scale == "quick":
-        torch.set_num_threads(1)  # small tensors: more threads only add contention
+        set_threads(1)  # small tensors: more threads only add contention
     device = "cuda" if torch.cuda.is_available() else "cpu"
     versions = {
         "python": platform.python_version(),
@@ -109,4 +127,4 @@ def setup(seed: int | None = None, scale: str | None = None, verbose: bool = Tru
 
 from normlab.stats import precise_bn  # noqa: E402  (the course's one top-level tool besides setup)
 
-__all__ = ["Context", "SCALES", "precise_bn", "setup", "__version__"]
+__all__ = ["Context", "SCALES", "precise_bn", "set_threads", "setup", "__version__"]

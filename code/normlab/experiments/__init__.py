@@ -5,9 +5,9 @@ Seeds. A notebook run at ``NORMLAB_SEED=seed`` trains its networks at the seeds
 streams, each its own ``torch.Generator``: the initialization at ``s`` itself, the order of the
 mini-batches at ``s + BATCH_ORDER``. Chapter 3's noisy BN draws its injected noise for all the
 networks of a run at the run's first seed ``+ NOISE_STREAM``. Both offsets exceed the spread of
-one run's seeds, so within a run no network's stream replays another's. Chapters 1 to 3 number
-their seeds ``1000 * seed + k``; they were written first, and changing that would change every
-number their pages show.
+one run's seeds, so within a run no network's stream replays another's. Every chapter numbers its
+seeds this way, Chapter 1's lab included (it calls ``seeds_for`` without another experiment); a lab
+that tunes on seeds of its own takes them after its training seeds: ``seeds_for(seed, n + m)[n:]``.
 """
 
 from normlab._validate import is_int

@@ -26,10 +26,11 @@ from torch import nn
 from normlab import ensemble
 from normlab._validate import is_int
 from normlab.data import Split
-from normlab.experiments import BATCH_ORDER, NOISE_STREAM, _check_positive_int
+from normlab.experiments import BATCH_ORDER, NOISE_STREAM, _check_positive_int, seeds_for
 from normlab.stats import batch_norm_layers
 
 __all__ = [
+    "seeds_for",
     "NOISE",
     "block_growth",
     "ACTIVATIONS",
@@ -592,11 +593,6 @@ def budget(scale="quick"):
 # --------------------------------------------------------------------------------------------
 
 
-def _seeds(seed, n):
-    _check_positive_int("n_seeds", n)
-    return [1000 * int(seed) + i for i in range(n)]
-
-
 def _positive_values(values, name, what):
     """Return ``values`` as a list of floats; raise unless there is one at least and all are positive."""
     values = [float(v) for v in values]
@@ -621,7 +617,7 @@ def fig1_experiment(data, *, seed=0, n_seeds=3, steps=1500, lr=0.5, eval_every=2
     Each is a ``Run`` of n_seeds members; the probe records 10 units of the last hidden layer.
     device: where the models and batches live, e.g. ``ctx.device``.
     """
-    seeds = _seeds(seed, n_seeds)
+    seeds = seeds_for(seed, n_seeds)
     common = dict(steps=steps, lr=lr, act="sigmoid", batch_size=60, eval_every=eval_every, probe_layer=2,
                   progress=progress, device=device)
     run = train_ensemble(data, seeds=seeds * 2, use_bn=[1] * n_seeds + [0] * n_seeds, **common)
@@ -658,7 +654,7 @@ def lr_sweep(data, lrs, *, seed=0, n_seeds=3, steps=400, hidden=(100, 100, 100),
     device: where the models and batches live, e.g. ``ctx.device``.
     """
     lrs = _positive_values(lrs, "lrs", "rates")
-    members, use_bn, members_lr = _bn_and_plain(lrs, _seeds(seed, n_seeds))
+    members, use_bn, members_lr = _bn_and_plain(lrs, seeds_for(seed, n_seeds))
     run = train_ensemble(data, seeds=members, use_bn=use_bn, lr=members_lr, steps=steps, hidden=hidden,
                          act=act, eval_every=eval_every, progress=progress, device=device)
     acc = np.nan_to_num(run.test_acc).reshape(2, len(lrs), n_seeds, -1)
@@ -679,7 +675,7 @@ def lr_sweep_variants(data, lrs, variants, *, seed=0, n_seeds=3, steps=400, hidd
     lrs = _positive_values(lrs, "lrs", "rates")
     if not variants:
         raise ValueError("variants must name at least one (use_bn, init_scale) pair")
-    seeds = _seeds(seed, n_seeds)
+    seeds = seeds_for(seed, n_seeds)
     L, V = len(lrs), len(variants)
     cells = [(b, s, v) for b, s in variants.values() for v in lrs for _ in seeds]  # variant, rate, seed
     run = train_ensemble(data, seeds=seeds * L * V, use_bn=[c[0] for c in cells], init_scale=[c[1] for c in cells],
@@ -699,7 +695,7 @@ def init_sweep(data, scales, *, seed=0, n_seeds=3, steps=400, lr=0.1, hidden=(10
     device: where the models and batches live, e.g. ``ctx.device``.
     """
     scales = _positive_values(scales, "scales", "numbers")
-    members, use_bn, init = _bn_and_plain(scales, _seeds(seed, n_seeds))
+    members, use_bn, init = _bn_and_plain(scales, seeds_for(seed, n_seeds))
     run = train_ensemble(data, seeds=members, use_bn=use_bn, lr=lr, init_scale=init,
                          scale_output=scale_output, steps=steps, hidden=hidden, act=act, eval_every=steps,
                          progress=progress, device=device)
@@ -728,7 +724,7 @@ def residual_signal(data, init_scales, *, seed=0, n_seeds=3, blocks=3, width=100
         raise ValueError(f"init_scales must be a non-empty list of positive numbers, got {init_scales!r}")
     _check_positive_int("blocks", blocks)
     _check_positive_int("width", width)
-    seeds = _seeds(seed, n_seeds)
+    seeds = seeds_for(seed, n_seeds)
     init = torch.tensor([v for v in scales for _ in seeds])
     data = data.to(device)
     net = _build_residual([data.num_features, width, data.num_classes], False, init, seeds * len(scales), blocks)
@@ -766,7 +762,7 @@ def noisy_bn_experiment(data, *, seed=0, n_seeds=3, steps=600, lr=0.1, hidden=(6
     unknown = [v for v in variants if v not in NOISY_NETS]
     if unknown or not variants:
         raise ValueError(f"variants must be a non-empty list from {sorted(NOISY_NETS)}, got {list(variants)!r}")
-    seeds = _seeds(seed, n_seeds)
+    seeds = seeds_for(seed, n_seeds)
     nets = [NOISY_NETS[v] for v in variants for _ in seeds]
     run = train_ensemble(
         data, seeds=seeds * len(variants), use_bn=[n[0] for n in nets], use_noise=[n[1] for n in nets],

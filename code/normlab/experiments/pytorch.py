@@ -21,12 +21,13 @@ from normlab import nn as normlab_nn
 from normlab._validate import is_int, is_number
 from normlab.data import Split
 from normlab.evidence import paired
-from normlab.experiments import _check_positive_int
+from normlab.experiments import _check_positive_int, seeds_for
 from normlab.fold import fold_model
 from normlab.stats import batch_norm_layers
 from normlab.train import accuracy
 
 __all__ = [
+    "seeds_for",
     "HEADS",
     "NATURAL_HEAD",
     "PLACEMENTS",

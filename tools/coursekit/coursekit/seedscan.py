@@ -1,8 +1,9 @@
 """The seed scan: run notebooks at many seeds and record, for every assert, the value it tested.
 
 ``python -m coursekit.seedscan --seeds 100-111 chapters/pytorch/lab.ipynb ...`` (``make seed-scan``)
-executes each notebook once per seed (``NORMLAB_SEED``, quick scale, ``OMP_NUM_THREADS=1`` unless
-the notebook sets its own), with every ``assert`` in its code rewritten to report before it checks:
+executes each notebook once per seed (``NORMLAB_SEED``, quick scale, ``OMP_NUM_THREADS=1``, which
+also caps a lab's ``normlab.set_threads(2)``: the thread count of `make test`), with every
+``assert`` in its code rewritten to report before it checks:
 
 - ``assert a <op> b`` records a and b, and the *slack*: how far the assert was from failing
   (a - b for >= and >, b - a for <= and <); ``and`` and chained comparisons are split into their
@@ -189,10 +190,8 @@ def scan(notebooks, seeds, root=".", out=None, jobs=1):
 
     With ``out``, the scan so far is merged into that file after each notebook, so a long scan
     that is stopped keeps every notebook it finished. ``jobs`` seeds of a notebook run at once,
-    each kernel started with ``OMP_NUM_THREADS=1``. That halves the wait on two cores only for
-    notebooks that leave torch's thread count alone: one that calls ``torch.set_num_threads(2)``
-    (the ensemble labs do) then runs 2 x 2 threads on two cores, slower than ``jobs=1``. The result
-    does not depend on ``jobs``.
+    each kernel started with ``OMP_NUM_THREADS=1`` (a lab's ``normlab.set_threads(2)`` then gets
+    one thread), so two jobs halve the wait on two cores. The result does not depend on ``jobs``.
     """
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be an int >= 1, got {jobs!r}")
