@@ -37,7 +37,7 @@ book: $(STAMP)
 test: $(STAMP)
 	@start=$$(date +%s); \
 	$(MAKE) --no-print-directory lint unit || exit 1; \
-	echo "nbval over the student edition and the book build, side by side (12 minutes; each log shows when it ends)"; \
+	echo "nbval over the student edition and the book build, side by side (the longest step; each log shows when it ends)"; \
 	OMP_NUM_THREADS=1 $(MAKE) --no-print-directory -j2 --output-sync=target notebooks book || exit 1; \
 	$(MAKE) --no-print-directory -o book colab student-book site || exit 1; \
 	echo "make test passed in $$(( $$(date +%s) - start )) s"
