@@ -26,7 +26,7 @@ import platform
 import random
 from dataclasses import dataclass, field
 
-from normlab._validate import is_int
+from normlab._validate import check_positive_int, is_int
 
 __version__ = "0.1.0"
 
@@ -86,8 +86,7 @@ def set_threads(n: int) -> None:
     """
     import torch
 
-    if not is_int(n) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
+    check_positive_int("n", n)
     cap = os.environ.get("OMP_NUM_THREADS", "").strip()
     if cap.isdigit() and int(cap) >= 1:
         n = min(n, int(cap))

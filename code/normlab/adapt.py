@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normlab._validate import is_int, is_number
+from normlab._validate import check_positive_int, is_number
 from normlab.stats import _inputs, batch_norm_layers, precise_bn
 
 __all__ = [
@@ -260,8 +260,7 @@ def tent(model: nn.Module, batches, lr: float = 1e-3, steps: int = 1, on_batch=N
     """
     if not lr > 0:
         raise ValueError(f"lr must be positive, got {lr!r}")
-    if not is_int(steps) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    check_positive_int("steps", steps)
     layers = _tracking_layers(model, "adapt")
     params = bn_only_parameters(model)
     chosen = {id(p) for p in params}

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from normlab._validate import is_int, is_number
+from normlab._validate import check_positive_int, is_int, is_number
 
 __all__ = ["IMAGE_SETS", "Split", "affine_shift", "add_noise", "blur", "blur_signals", "contrast", "grouped_batches",
            "load_digits", "load_images", "load_mnist1d", "mnist1d_shifted"]
@@ -147,8 +147,7 @@ def grouped_batches(labels, batch_size: int, classes_per_batch: int, seed: int =
             f"labels must be a non-empty 1-D integer tensor, got {labels.dtype} of shape {tuple(labels.shape)}"
         )
     for name, v in (("batch_size", batch_size), ("classes_per_batch", classes_per_batch)):
-        if not is_int(v) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
+        check_positive_int(name, v)
     if classes_per_batch > batch_size:
         raise ValueError(f"classes_per_batch ({classes_per_batch}) must be <= batch_size ({batch_size})")
     classes = torch.unique(labels).tolist()

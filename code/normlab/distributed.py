@@ -27,7 +27,7 @@ from datetime import timedelta
 
 import torch
 
-from normlab._validate import is_int
+from normlab._validate import check_positive_int
 
 __all__ = ["DistributedError", "chan_merge", "free_port", "launch", "merge_moments"]
 
@@ -131,8 +131,7 @@ def launch(fn, world_size: int, *args, timeout: float = 120.0, threads: int = 1)
     Raises ``DistributedError`` with the traceback of the first rank that raised, or when a
     process dies without reporting or the deadline passes. No process is left running.
     """
-    if not is_int(world_size) or world_size < 1:
-        raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+    check_positive_int("world_size", world_size)
     if not callable(fn):
         raise ValueError(f"fn must be callable, got {fn!r}")
     if getattr(fn, "__module__", None) == "__main__" or "<locals>" in getattr(fn, "__qualname__", ""):
@@ -142,8 +141,7 @@ def launch(fn, world_size: int, *args, timeout: float = 120.0, threads: int = 1)
         )
     if not (isinstance(timeout, (int, float)) and timeout > 0):
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-    if not is_int(threads) or threads < 1:
-        raise ValueError(f"threads must be a positive int, got {threads!r}")
+    check_positive_int("threads", threads)
     context = mp.get_context("spawn")
     results = context.Queue()
     port = free_port()

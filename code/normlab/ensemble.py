@@ -44,7 +44,7 @@ from torch import nn
 from tqdm import tqdm
 
 from normlab import nn as normlab_nn
-from normlab._validate import is_int, is_number
+from normlab._validate import check_positive_int, is_number
 from normlab.data import Split
 from normlab.stats import is_batch_norm, precise_bn
 from normlab.train import device_of, show_progress
@@ -634,8 +634,7 @@ def fit(
         seeds = [int(s) for s in seeds]
         if len(seeds) != K:
             raise ValueError(f"need one seed per member: {K} members, {len(seeds)} seeds")
-        if not is_int(steps) or steps < 1:
-            raise ValueError(f"steps must be a positive int, got {steps!r}")
+        check_positive_int("steps", steps)
         if not 1 <= batch_size <= n:
             raise ValueError(f"batch_size must be in [1, {n}] (the training set size), got {batch_size}")
         draw = member_batches(seeds, n, batch_size)

@@ -10,16 +10,10 @@ seeds this way, Chapter 1's lab included (it calls ``seeds_for`` without another
 that tunes on seeds of its own takes them after its training seeds: ``seeds_for(seed, n + m)[n:]``.
 """
 
-from normlab._validate import is_int
+from normlab._validate import check_positive_int, is_int
 
 BATCH_ORDER = 7919  # the offset of a network's mini-batch order stream from its seed
 NOISE_STREAM = 104729  # the offset of Chapter 3's injected-noise stream from the first seed
-
-
-def _check_positive_int(name, value):
-    """Raise ValueError unless value is a positive int (bools excluded)."""
-    if not is_int(value) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def seeds_for(seed, n):
@@ -27,7 +21,7 @@ def seeds_for(seed, n):
 
     Different notebook seeds give disjoint lists as long as n <= 100.
     """
-    _check_positive_int("n", n)
+    check_positive_int("n", n)
     if not is_int(seed) or seed < 0:
         raise ValueError(f"seed must be an int >= 0, got {seed!r}")
     return [100 * seed + k for k in range(n)]

@@ -27,10 +27,10 @@ from torch import nn
 from tqdm import tqdm
 
 from normlab import ensemble
-from normlab._validate import is_int
+from normlab._validate import check_positive_int, is_int
 from normlab.bench import best_times
 from normlab.data import Split
-from normlab.experiments import _check_positive_int, seeds_for
+from normlab.experiments import seeds_for
 from normlab.nn import LastHidden
 from normlab.train import accuracy, show_progress, train
 
@@ -153,8 +153,8 @@ def train_cnn(kind, images, batch_size=32, epochs=3, lr=0.05, seed=0, device="cp
     ``lr * batch_size / 32`` (as Wu & He did); SGD with momentum 0.9.
     device: where the models and batches live, e.g. ``ctx.device``.
     """
-    _check_positive_int("batch_size", batch_size)
-    _check_positive_int("epochs", epochs)
+    check_positive_int("batch_size", batch_size)
+    check_positive_int("epochs", epochs)
     images = images.to(device)
     torch.manual_seed(seed)
     model = DigitCNN(kind).to(device)
@@ -175,14 +175,14 @@ def cnn_table(images, kinds=CNN_NORMS, batch_sizes=(32, 2), seeds=(0, 1, 2), epo
     device: where the models and batches live, e.g. ``ctx.device``.
     """
     if steps is None:
-        _check_positive_int("epochs", epochs)
+        check_positive_int("epochs", epochs)
     else:
-        _check_positive_int("steps", steps)
+        check_positive_int("steps", steps)
     images = images.to(device)
     table = {}
     for k in kinds:
         for b in batch_sizes:
-            _check_positive_int("batch_size", b)
+            check_positive_int("batch_size", b)
             models = []
             for s in seeds:
                 torch.manual_seed(s)  # as train_cnn
@@ -216,8 +216,8 @@ def time_norms(rows=4096, features=1024, repeat=15):
     """
     from normlab import scratch
 
-    _check_positive_int("rows", rows)
-    _check_positive_int("features", features)
+    check_positive_int("rows", rows)
+    check_positive_int("features", features)
     x = torch.randn(rows, features, generator=torch.Generator().manual_seed(0))
     xn = x.double().numpy()
     fns = {
@@ -311,7 +311,7 @@ def style_transfer(content, style, steps=150, style_weight=10.0, lr=0.05, seed=0
     for name, t in (("content", content), ("style", style)):
         if t.dim() != 4 or t.shape[:2] != (1, 1):
             raise ValueError(f"{name} must be one grey image (1, 1, H, W), got {tuple(t.shape)}")
-    _check_positive_int("steps", steps)
+    check_positive_int("steps", steps)
     content, style = content.to(device), style.to(device)
     net = FeatureNet(seed=seed).to(device)
     fs = net(style)
@@ -386,8 +386,8 @@ def stylization_experiment(contents, style, norms=STYLE_NORMS, seeds=(0,), steps
     first ``n_show`` held-out images restyled, on the CPU}}.
     device: where the models and batches live, e.g. ``ctx.device``.
     """
-    _check_positive_int("steps", steps)
-    _check_positive_int("batch_size", batch_size)
+    check_positive_int("steps", steps)
+    check_positive_int("batch_size", batch_size)
     if style.dim() != 4 or style.shape[:2] != (1, 1):
         raise ValueError(f"style must be one grey image (1, 1, H, W), got {tuple(style.shape)}")
     x_train, x_test = contents.x_train, contents.x_test
@@ -500,8 +500,8 @@ def rnn_experiment(seqs, seeds, steps=300, batch_size=32, lr=0.005, pad=8, eval_
     of 2 instead of the running ones.
     device: where the models and batches live, e.g. ``ctx.device``.
     """
-    _check_positive_int("steps", steps)
-    _check_positive_int("eval_every", eval_every)
+    check_positive_int("steps", steps)
+    check_positive_int("eval_every", eval_every)
     out = {"eval_step": np.array([s for s in range(1, steps + 1) if s % eval_every == 0 or s == steps])}
     seqs = seqs.to(device)
     x_long = pad_front(seqs.x_test, pad)

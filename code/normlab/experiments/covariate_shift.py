@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from normlab import ensemble
-from normlab._validate import is_int
+from normlab._validate import check_positive_int, is_int
 from normlab.data import Split
-from normlab.experiments import BATCH_ORDER, NOISE_STREAM, _check_positive_int, seeds_for
+from normlab.experiments import BATCH_ORDER, NOISE_STREAM, seeds_for
 from normlab.stats import batch_norm_layers
 
 __all__ = [
@@ -379,9 +379,9 @@ def train_ensemble(
     if not seeds:
         raise ValueError("seeds must name at least one member")
     K = len(seeds)
-    _check_positive_int("steps", steps)
-    _check_positive_int("batch_size", batch_size)
-    _check_positive_int("eval_every", eval_every)
+    check_positive_int("steps", steps)
+    check_positive_int("batch_size", batch_size)
+    check_positive_int("eval_every", eval_every)
     if act not in ACTIVATIONS:
         raise ValueError(f"act must be one of {sorted(ACTIVATIONS)}, got {act!r}")
     if not hidden or any(not is_int(h) or h < 1 for h in hidden):
@@ -722,8 +722,8 @@ def residual_signal(data, init_scales, *, seed=0, n_seeds=3, blocks=3, width=100
     scales = [float(v) for v in init_scales]
     if not scales or min(scales) <= 0:
         raise ValueError(f"init_scales must be a non-empty list of positive numbers, got {init_scales!r}")
-    _check_positive_int("blocks", blocks)
-    _check_positive_int("width", width)
+    check_positive_int("blocks", blocks)
+    check_positive_int("width", width)
     seeds = seeds_for(seed, n_seeds)
     init = torch.tensor([v for v in scales for _ in seeds])
     data = data.to(device)

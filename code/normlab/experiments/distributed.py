@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from normlab import nn as normlab_nn
+from normlab._validate import check_positive_int
 from normlab.data import Split
-from normlab.experiments import BATCH_ORDER, _check_positive_int, seeds_for
+from normlab.experiments import BATCH_ORDER, seeds_for
 from normlab.stats import batch_norm_layers
 
 __all__ = [
@@ -98,8 +99,8 @@ def train_single(data: Split, seed, batch_size, steps, ghost=None, *, device="cp
     with the training loss per step, the test accuracy (eval mode) and the final state dict (on ``device``).
     device: where the models and batches live, e.g. ``ctx.device``.
     """
-    _check_positive_int("batch_size", batch_size)
-    _check_positive_int("steps", steps)
+    check_positive_int("batch_size", batch_size)
+    check_positive_int("steps", steps)
     data = data.to(device)
     model = make_model(data.num_features, data.num_classes, seed)
     if ghost is not None:
@@ -149,8 +150,8 @@ def per_device_sweep(data: Split, seeds, per_device_sizes, *, world, steps, prog
     sizes = [int(b) for b in per_device_sizes]
     if not sizes or min(sizes) < 2:
         raise ValueError(f"per_device_sizes must be ints >= 2 (BN needs two values), got {per_device_sizes!r}")
-    _check_positive_int("world", world)
-    _check_positive_int("steps", steps)
+    check_positive_int("world", world)
+    check_positive_int("steps", steps)
     data = data.to(device)
     n, S = len(data.x_train), len(seeds)
     out = {}
@@ -343,8 +344,8 @@ def sync_traffic(channels, num_parameters, world, bytes_per_value=4):
     channels = [int(c) for c in channels]
     if not channels or min(channels) < 1:
         raise ValueError(f"channels must be a non-empty list of positive ints, got {channels!r}")
-    _check_positive_int("world", world)
-    _check_positive_int("num_parameters", num_parameters)
+    check_positive_int("world", world)
+    check_positive_int("num_parameters", num_parameters)
     forward = sum(2 * c + 1 for c in channels)
     backward = sum(2 * c for c in channels)
     return {

@@ -18,10 +18,10 @@ from torch.utils import benchmark
 
 from normlab import ensemble
 from normlab import nn as normlab_nn
-from normlab._validate import is_int, is_number
+from normlab._validate import check_positive_int, is_int, is_number
 from normlab.data import Split
 from normlab.evidence import paired
-from normlab.experiments import _check_positive_int, seeds_for
+from normlab.experiments import seeds_for
 from normlab.fold import fold_model
 from normlab.stats import batch_norm_layers
 from normlab.train import accuracy
@@ -70,8 +70,8 @@ def make_cnn(placement="before", bias=False, channels=(16, 32), norm=nn.BatchNor
     if not isinstance(channels, (tuple, list)) or not channels:
         raise ValueError(f"channels must be a non-empty tuple of positive ints, got {channels!r}")
     for c in channels:
-        _check_positive_int("each entry of channels", c)
-    _check_positive_int("num_classes", num_classes)
+        check_positive_int("each entry of channels", c)
+    check_positive_int("num_classes", num_classes)
     if placement == "after" and head == "plain" and len(channels) == 1:
         raise ValueError("BN after the ReLU with the plain head needs at least 2 blocks: with 1 it has no BN")
     layers = [nn.Unflatten(1, (1, 8, 8))]  # (N, 64) -> (N, 1, 8, 8)
@@ -150,7 +150,7 @@ def validation_split(data, val_size, seed):
     """
     if not isinstance(data, Split):
         raise ValueError(f"data must be a normlab.data.Split, got {type(data).__name__}")
-    _check_positive_int("val_size", val_size)
+    check_positive_int("val_size", val_size)
     n = len(data.x_train)
     if val_size > n - 2:
         raise ValueError(f"val_size must leave at least 2 training examples of {n}, got {val_size}")
@@ -270,7 +270,7 @@ def eval_pitfall(models, x, y, batch_sizes):
     if not batch_sizes:
         raise ValueError("batch_sizes is empty")
     for b in batch_sizes:
-        _check_positive_int("each batch size", b)
+        check_positive_int("each batch size", b)
     eval_acc = np.array([accuracy(m, x, y) for m in models])
     train_acc = np.array([[accuracy(m, x, y, batch_size=b, train_mode=True) for b in batch_sizes] for m in models])
     return eval_acc, train_acc
@@ -285,8 +285,8 @@ def momentum_none_vs_ema(num_batches, *, batch_size=16, num_features=64, momentu
     over features of the running mean's error in units of sigma (``mean_err``) and of the running
     variance's relative error (``var_err``), after each batch.
     """
-    _check_positive_int("num_batches", num_batches)
-    _check_positive_int("num_features", num_features)
+    check_positive_int("num_batches", num_batches)
+    check_positive_int("num_features", num_features)
     if not is_int(batch_size) or batch_size < 2:
         raise ValueError(f"batch_size must be an int >= 2 (a variance needs two values), got {batch_size!r}")
     if not is_number(momentum) or not 0 < momentum <= 1:
@@ -330,8 +330,8 @@ def fold_speedup(model, x, *, rounds=5, min_run_time=0.05, num_threads=1):
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
-    _check_positive_int("rounds", rounds)
-    _check_positive_int("num_threads", num_threads)
+    check_positive_int("rounds", rounds)
+    check_positive_int("num_threads", num_threads)
     if not min_run_time > 0:
         raise ValueError(f"min_run_time must be positive, got {min_run_time!r}")
     unfolded = copy.deepcopy(model).eval()

@@ -23,8 +23,9 @@ from torch import nn
 from tqdm import tqdm
 
 from normlab import ensemble
+from normlab._validate import check_positive_int
 from normlab.data import Split
-from normlab.experiments import _check_positive_int, seeds_for
+from normlab.experiments import seeds_for
 from normlab.nn import GhostBatchNorm1d, PopulationNorm1d
 from normlab.stats import batch_norm_layers, precise_bn
 from normlab.train import device_of, show_progress, train
@@ -112,8 +113,8 @@ def make_mlp(
     (on the CPU, then the model moves to ``device``).
     device: where the models and batches live, e.g. ``ctx.device``.
     """
-    _check_positive_int("width", width)
-    _check_positive_int("depth", depth)
+    check_positive_int("width", width)
+    check_positive_int("depth", depth)
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     if not 0.0 <= dropout < 1.0:
@@ -133,7 +134,7 @@ def make_mlp(
 
 def subset(data: Split, n: int, seed: int = 0) -> Split:
     """Return ``data`` with a random, class-balanced subset of ``n`` training examples (test set unchanged)."""
-    _check_positive_int("n", n)
+    check_positive_int("n", n)
     classes = data.y_train.unique()
     if not len(classes) <= n <= len(data.y_train):
         raise ValueError(f"n must be in [{len(classes)}, {len(data.y_train)}], got {n}")
@@ -241,7 +242,7 @@ def normalized_value_noise(h, batch_sizes, examples, *, trials=2000, seed=0, eps
     for b in batch_sizes:
         if not 2 <= b <= n:
             raise ValueError(f"batch sizes must be in [2, {n}], got {b}")
-    _check_positive_int("trials", trials)
+    check_positive_int("trials", trials)
     gen = torch.Generator().manual_seed(seed)
     cols = torch.arange(units)
     own = h[examples, cols]  # (U,) each unit's followed value
@@ -295,7 +296,7 @@ def gap_vs_batch_size(data, batch_sizes, seeds, *, norms=("bn", "population", "n
     Returns {norm: {metric: (len(batch_sizes), len(seeds)) array}} with the metrics of ``evaluate``.
     device: where the models and batches live, e.g. ``ctx.device``.
     """
-    _check_positive_int("epochs", epochs)
+    check_positive_int("epochs", epochs)
     data = data.to(device)
     results = {norm: {} for norm in norms}
     jobs = [(norm, i) for norm in norms for i in range(len(batch_sizes))]

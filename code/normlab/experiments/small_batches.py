@@ -27,9 +27,9 @@ from tqdm import tqdm
 
 from normlab import ensemble
 from normlab import nn as normlab_nn
-from normlab._validate import is_int
+from normlab._validate import check_positive_int, is_int
 from normlab.data import Split, grouped_batches
-from normlab.experiments import BATCH_ORDER, _check_positive_int, seeds_for
+from normlab.experiments import BATCH_ORDER, seeds_for
 from normlab.train import show_progress
 
 __all__ = [
@@ -87,7 +87,7 @@ def batch_stat_noise(x, batch_sizes, n_batches=2000, seed=0):
     x = torch.as_tensor(x, dtype=torch.float64)
     if x.dim() != 2 or x.shape[0] < 4:
         raise ValueError(f"x must be (N, C) with N >= 4, got shape {tuple(x.shape)}")
-    _check_positive_int("n_batches", n_batches)
+    check_positive_int("n_batches", n_batches)
     sizes = [int(b) for b in batch_sizes]
     if not sizes or min(sizes) < 2 or max(sizes) > x.shape[0]:
         raise ValueError(f"batch_sizes must lie in [2, {x.shape[0]}], got {batch_sizes!r}")
@@ -252,8 +252,8 @@ def train_norms(
     kinds = list(kinds)
     if not kinds or any(k not in NORMS for k in kinds) or len(set(kinds)) != len(kinds):
         raise ValueError(f"kinds must be distinct names from {NORMS}, got {kinds!r}")
-    _check_positive_int("batch_size", batch_size)
-    _check_positive_int("epochs", epochs)
+    check_positive_int("batch_size", batch_size)
+    check_positive_int("epochs", epochs)
     _check_sampler(sampler)
     if not lr > 0:
         raise ValueError(f"lr must be positive, got {lr!r}")
@@ -419,8 +419,8 @@ def group_size_sweep(data: Split, arch, *, seeds, steps, lr, batch_size=32, grou
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise ValueError("seeds must name at least one seed")
-    _check_positive_int("steps", steps)
-    _check_positive_int("batch_size", batch_size)
+    check_positive_int("steps", steps)
+    check_positive_int("batch_size", batch_size)
     if not lr > 0:
         raise ValueError(f"lr must be positive, got {lr!r}")
     bad = [b for b in group_sizes if batch_size % int(b)]
@@ -512,7 +512,7 @@ def grad_accumulation(model, x, y, k):
     does). The model's mode (train/eval) is used as it is; its running statistics are restored
     afterwards, so the call changes nothing but the parameters' .grad.
     """
-    _check_positive_int("k", k)
+    check_positive_int("k", k)
     N = len(x)
     if N % k:
         raise ValueError(f"the batch of {N} does not split into k = {k} equal micro-batches")
@@ -548,8 +548,8 @@ def renorm_trace(data, *, batch_size=4, steps=600, lr=None, warmup=0.1, relax=0.
     """
     from torch import nn
 
-    _check_positive_int("steps", steps)
-    _check_positive_int("batch_size", batch_size)
+    check_positive_int("steps", steps)
+    check_positive_int("batch_size", batch_size)
     if batch_size < 2:
         raise ValueError(f"batch_size must be >= 2 for batch statistics, got {batch_size}")
     lr = 0.1 * batch_size / 32 if lr is None else lr

@@ -34,10 +34,10 @@ from torch import nn
 from tqdm import tqdm
 
 from normlab import ensemble
-from normlab._validate import is_int
+from normlab._validate import check_positive_int, is_int
 from normlab.adapt import adabn, bn_only_parameters, bn_statistics, freeze_bn, prior_adapt, tent
 from normlab.data import Split, add_noise, affine_shift, blur, contrast, load_mnist1d, mnist1d_shifted
-from normlab.experiments import _check_positive_int, seeds_for
+from normlab.experiments import seeds_for
 from normlab.experiments.regularization import make_mlp
 from normlab.stats import batch_norm_layers
 from normlab.train import accuracy, show_progress, train
@@ -122,8 +122,8 @@ def make_cnn(length: int = 40, num_classes: int = 10, *, width: int = 32, norm="
     (GroupNorm with one channel per group: instance norm with a per-channel affine); True and
     False mean 'bn' and 'none'. Kernel sizes 5, 3, 3; strides 1, 2, 2; ``width`` channels throughout.
     """
-    _check_positive_int("width", width)
-    _check_positive_int("num_classes", num_classes)
+    check_positive_int("width", width)
+    check_positive_int("num_classes", num_classes)
     if isinstance(norm, bool):
         norm = "bn" if norm else "none"
     if norm not in NORMS:
@@ -277,7 +277,7 @@ def tent_online(models, targets: dict, *, batch_size=64, passes=10, lr=1e-3, ord
     {'tent': (passes, seeds) online accuracy in each pass, 'norm': (passes, seeds) the baseline's}}.
     device: where the models and batches live, e.g. ``ctx.device``.
     """
-    _check_positive_int("passes", passes)
+    check_positive_int("passes", passes)
     if not is_int(batch_size) or batch_size < 2:
         raise ValueError(f"batch_size must be an int >= 2, got {batch_size!r}")
     stacked = ensemble.stack(models).to(device)
@@ -369,8 +369,8 @@ def labelled_split(data: Split, n: int, n_val: int, seed: int = 0):
     data's test part; validation (x, y)). The draw is made on the CPU; the examples stay on
     ``data``'s device.
     """
-    _check_positive_int("n", n)
-    _check_positive_int("n_val", n_val)
+    check_positive_int("n", n)
+    check_positive_int("n_val", n_val)
     classes = data.y_train.unique()
     if n < len(classes) or n + n_val > len(data.y_train):
         raise ValueError(f"need {len(classes)} <= n and n + n_val <= {len(data.y_train)}, got n={n}, n_val={n_val}")
