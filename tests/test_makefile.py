@@ -1,4 +1,4 @@
-"""`make test`, read from make's dry run: each notebook executes twice, the two runs side by side.
+"""`make test`, read from make's dry run: each notebook executes twice, in two chains side by side.
 
 ``make -n test`` prints every command the target would run (make still descends into the
 recipe's own ``$(MAKE)`` calls, passing ``-n``), so these tests read the real plan without running it.
@@ -38,10 +38,19 @@ def test_nbval_runs_the_student_edition_once_at_another_seed(plan):
     assert re.search(r"NORMLAB_SEED=(\d+)", nbval[0]).group(1) != "0"  # the book runs at seed 0
 
 
-def test_nbval_and_the_book_run_side_by_side_on_one_thread_each(plan):
-    together = [line for line in plan if re.search(r"-j2\b.*\bnotebooks book\b", line)]
-    assert len(together) == 1, "no single make -j2 call runs both `notebooks` and `book`"
+def test_two_chains_run_side_by_side_on_one_thread_each(plan):
+    """Lint first; then, in one make -j2 call, unit tests then nbval beside the book then its editions."""
+    together = [line for line in plan if re.search(r"-j2\b.*\btest-notebooks test-website\b", line)]
+    assert len(together) == 1, "no single make -j2 call runs both chains"
     assert "OMP_NUM_THREADS=1" in together[0]
+    chains = {name: [line for line in plan if line.startswith(f"make --no-print-directory {name}")]
+              for name in ("unit", "book")}
+    assert chains["unit"] == ["make --no-print-directory unit && make --no-print-directory notebooks"]
+    assert chains["book"] == [
+        "make --no-print-directory book && make --no-print-directory -o book colab student-book site"
+    ]
+    lint = [i for i, line in enumerate(plan) if line.startswith("make --no-print-directory lint ||")]
+    assert lint and lint[0] < plan.index(together[0]), "lint runs alone, before the two chains"
 
 
 def test_nbval_waits_for_outputs_as_long_as_for_a_cell():

@@ -475,7 +475,7 @@ def _train_ensemble(data, seeds, *, use_bn, use_noise, lr, init_scale, scale_out
     @torch.no_grad()
     def evaluate(step):
         net.eval()
-        logits = net(data.x_test)  # (K, N_test, C)
+        logits = ensemble.eval_logits(net, data.x_test)  # (K, N_test, C)
         accs.append((logits.argmax(-1) == data.y_test).float().mean(1).cpu().numpy())
         eval_step.append(step)
         if probe_layer is not None:
