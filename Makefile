@@ -90,9 +90,9 @@ serve:
 lab: $(STAMP)
 	$(BIN)/jupyter lab --notebook-dir=.
 
-## bench: on a CUDA GPU, benchmark BN kernels vs PyTorch; writes code/normlab/results/<gpu>.json
+## bench: on a CUDA GPU, benchmark BN kernels vs PyTorch; writes code/normlab/runtime/results/<gpu>.json
 bench: $(STAMP)
-	PYTHONPATH=code $(BIN)/python -m normlab.gpu_bench --out code/normlab/results
+	PYTHONPATH=code $(BIN)/python -m normlab.runtime.gpu_bench --out code/normlab/runtime/results
 
 ## student: write student notebooks (solutions replaced by stubs) into student/
 student: $(STAMP)

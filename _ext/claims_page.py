@@ -1,7 +1,7 @@
 """Sphinx extension: the "Claims, checked" page, rendered from the claims registry and the notebooks.
 
 ``claims-registry`` (directive): a summary table (claim, verdict, where it is tested), then one
-section per claim of :data:`normlab.claims.REGISTRY`, with the registered setup, measurement and
+section per claim of :data:`normlab.runtime.claims.REGISTRY`, with the registered setup, measurement and
 criteria, and what the recording notebook measured: each criterion's result and outcome, the
 verdict and the evidence sentence (glued from the executed notebook), and what the literature
 found at scale. The registry is the one source of the words; the notebooks of the numbers.
@@ -23,7 +23,7 @@ def _where(claim):
 
 def registry_markdown():
     """The page's MyST source for every registered claim."""
-    from normlab.claims import REGISTRY
+    from normlab.runtime.claims import REGISTRY
 
     lines = ["| Claim | Verdict | Tested in |", "|---|---|---|"]
     lines += [f"| {c.text} | {_glue(c, 'verdict')} | {_where(c)} |" for c in REGISTRY.values()]
@@ -45,16 +45,16 @@ def registry_markdown():
 
 class ClaimsRegistry(SphinxDirective):
     def run(self):
-        import normlab.claims
+        import normlab.runtime.claims
 
-        self.env.note_dependency(normlab.claims.__file__)  # rebuild the page when the registry changes
+        self.env.note_dependency(normlab.runtime.claims.__file__)  # rebuild the page when the registry changes
         node = nodes.section()
         node.document = self.state.document
         self.state.nested_parse(self._lines(), self.content_offset, node, match_titles=True)
         return node.children
 
     def _lines(self):
-        return StringList(registry_markdown().splitlines(), source="normlab.claims.REGISTRY")
+        return StringList(registry_markdown().splitlines(), source="normlab.runtime.claims.REGISTRY")
 
 
 def setup(app):

@@ -51,7 +51,7 @@ def blob_split(classes, features, n, n_train):
 
     Example i has class i % classes; the first n_train examples train, the rest test.
     """
-    from normlab.data import Split
+    from normlab.runtime.data import Split
 
     gen = torch.Generator().manual_seed(0)
     centers = torch.randn(classes, features, generator=gen) * 2
@@ -98,7 +98,7 @@ def device_spy(monkeypatch):
     ``device_spy.moved(device)`` says whether some split and some model were both moved there:
     what an experiment that honours its ``device`` argument does.
     """
-    from normlab.data import Split
+    from normlab.runtime.data import Split
 
     split_to, module_to = Split.to, torch.nn.Module.to
 

@@ -20,8 +20,8 @@ from normlab.adapt import (
     tent,
     unfreeze_bn,
 )
-from normlab.data import Split, add_noise, affine_shift, mnist1d_shifted
 from normlab.experiments.transfer import make_cnn
+from normlab.runtime.data import Split, add_noise, affine_shift, mnist1d_shifted
 from normlab.stats import batch_norm_layers, precise_bn
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is faster

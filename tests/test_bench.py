@@ -1,11 +1,11 @@
-"""normlab.bench: the median of rounds, the best of interleaved rounds, and their argument checks."""
+"""normlab.runtime.bench: the median of rounds, the best of interleaved rounds, and their argument checks."""
 
 import functools
 import time
 
 import pytest
 
-from normlab.bench import best_times, median_time
+from normlab.runtime.bench import best_times, median_time
 
 
 def test_median_time_measures_a_known_sleep():

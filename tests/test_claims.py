@@ -1,4 +1,4 @@
-"""normlab.claims: registered claims, verdicts computed from paired results, one recording notebook each."""
+"""normlab.runtime.claims: registered claims, verdicts computed from paired results, one recording notebook each."""
 
 import ast
 import re
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, cell_source, load_notebook, notebook_paths
-from normlab import claims
-from normlab.claims import CLAIMS, REGISTRY, VERDICTS, Criterion, record, verdict
-from normlab.evidence import paired
+from normlab.runtime import claims
+from normlab.runtime.claims import CLAIMS, REGISTRY, VERDICTS, Criterion, record, verdict
+from normlab.runtime.evidence import paired
 
 sys.path.insert(0, str(ROOT / "_ext"))
 from claims_page import registry_markdown  # noqa: E402
@@ -127,7 +127,7 @@ def _results(key, result=GAIN):
     ("ics", {"drift": GAIN}, "Measured.", "registered with criteria"),
     ("ics", {**_results("ics"), "extra": GAIN}, "Measured.", "registered with criteria"),
     ("ics", "supported", "Measured.", "registered with criteria"),
-    ("ics", {**_results("ics"), "gradient": 3.0}, "Measured.", "needs a normlab.evidence.Paired"),
+    ("ics", {**_results("ics"), "gradient": 3.0}, "Measured.", "needs a normlab.runtime.evidence.Paired"),
     ("ics", _results("ics"), "  ", "evidence must be a non-empty sentence"),
 ])
 def test_record_rejects_bad_input(key, results, evidence, match, glued):
@@ -160,7 +160,7 @@ def test_an_untested_part_caps_the_verdict_at_partly(glued):
 def test_every_claim_is_recorded_once_by_the_notebook_the_registry_names():
     calls = record_calls()
     unknown = [f"{c['notebook']} records {c['key']!r}" for c in calls if c["key"] not in REGISTRY]
-    assert not unknown, f"notebooks record claims that normlab.claims.REGISTRY does not have: {unknown}"
+    assert not unknown, f"notebooks record claims that normlab.runtime.claims.REGISTRY does not have: {unknown}"
     for key, claim in REGISTRY.items():
         where = [c["notebook"] for c in calls if c["key"] == key]
         assert where == [claim.notebook], f"claim {key!r} should be recorded once, by {claim.notebook}; found {where}"
@@ -175,7 +175,7 @@ def test_no_notebook_writes_a_verdict_word_into_a_record():
 
 
 def test_no_notebook_code_holds_a_verdict_word():
-    """A verdict is computed by normlab.claims.verdict, never spelled in a notebook's code."""
+    """A verdict is computed by normlab.runtime.claims.verdict, never spelled in a notebook's code."""
     for path in notebook_paths():
         for i, cell in enumerate(load_notebook(path)["cells"]):
             if cell["cell_type"] != "code":

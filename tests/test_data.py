@@ -1,4 +1,4 @@
-"""normlab.data: offline datasets as tensors, reproducible splits, no side effects."""
+"""normlab.runtime.data: offline datasets as tensors, reproducible splits, no side effects."""
 
 import math
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from normlab import data
+from normlab.runtime import data
 
 
 def test_digits_are_real_8x8_images_split_and_standardized_on_train():

@@ -6,11 +6,12 @@ import torch
 from torch import nn
 
 from conftest import blob_split
-from normlab import ensemble, precise_bn
 from normlab import nn as normlab_nn
-from normlab.data import Split
+from normlab import precise_bn
 from normlab.experiments import regularization as rg
-from normlab.train import train
+from normlab.runtime import ensemble
+from normlab.runtime.data import Split
+from normlab.runtime.train import train
 
 SEEDS = [3, 5, 8]
 
@@ -91,7 +92,7 @@ def test_lstm_members_train_with_adam_as_alone(blobs, norm):
         assert got[k] == pytest.approx((m(seqs.x_test).argmax(1) == seqs.y_test).double().mean().item())
     if norm == "batch":  # batch statistics of test batches, and the running ones left as they were
         before = {k: v.clone() for k, v in ens.state_dict().items()}
-        from normlab.train import accuracy
+        from normlab.runtime.train import accuracy
 
         two = ensemble.batch_accuracy(ens, seqs.x_test, seqs.y_test, 2)
         for k in range(3):
@@ -274,7 +275,7 @@ def test_per_member_learning_rates_and_given_batches(blobs):
 
 
 def test_batch_accuracy_is_train_mode_accuracy_and_changes_nothing(blobs):
-    from normlab.train import accuracy
+    from normlab.runtime.train import accuracy
 
     models = [rg.fit(_mlp("bn", s), blobs, steps=20, batch_size=32, lr=0.05, seed=s) for s in SEEDS]
     ens = ensemble.stack(models)

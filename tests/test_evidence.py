@@ -1,4 +1,4 @@
-"""normlab.evidence: paired differences over seeds, their t interval, the three criteria, the summary."""
+"""normlab.runtime.evidence: paired differences over seeds, their t interval, the three criteria, the summary."""
 
 import math
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from normlab.evidence import paired, t_quantile
+from normlab.runtime.evidence import paired, t_quantile
 
 
 def test_interval_is_the_t_interval_of_the_mean_difference():

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import DEVICES
-from normlab.data import Split, load_digits
 from normlab.experiments import alternatives as alt
+from normlab.runtime.data import Split, load_digits
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from conftest import DEVICES
-from normlab import checks, ensemble
-from normlab.data import load_digits
+from normlab import checks
 from normlab.experiments import covariate_shift as cs
-from normlab.train import device_of
+from normlab.runtime import ensemble
+from normlab.runtime.data import load_digits
+from normlab.runtime.train import device_of
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,9 @@ import torch
 
 from conftest import DEVICES
 from normlab import checks
-from normlab.data import load_digits
 from normlab.distributed import launch, merge_moments
 from normlab.experiments import distributed as ed
+from normlab.runtime.data import load_digits
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,9 @@ from torch import nn
 
 from conftest import DEVICES
 from normlab import nn as normlab_nn
-from normlab.data import Split
 from normlab.experiments import pytorch as ex
-from normlab.train import accuracy, train
+from normlab.runtime.data import Split
+from normlab.runtime.train import accuracy, train
 
 
 def tiny_split(n_train=48, n_test=20, seed=0):

@@ -6,9 +6,10 @@ import torch
 from torch import nn
 
 from conftest import DEVICES, blob_split
-from normlab import checks, ensemble
+from normlab import checks
 from normlab.experiments import regularization as rg
 from normlab.nn import GhostBatchNorm1d, PopulationNorm1d
+from normlab.runtime import ensemble
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,11 @@ import torch
 from torch import nn
 
 from conftest import DEVICES
-from normlab import checks, ensemble
+from normlab import checks
 from normlab import nn as normlab_nn
-from normlab.data import Split, load_digits
 from normlab.experiments import small_batches as sb
+from normlab.runtime import ensemble
+from normlab.runtime.data import Split, load_digits
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,9 @@ from torch import nn
 
 from conftest import DEVICES
 from normlab import adapt
-from normlab.data import Split
 from normlab.experiments import transfer as tr
-from normlab.train import accuracy, train
+from normlab.runtime.data import Split
+from normlab.runtime.train import accuracy, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is faster
 
@@ -206,7 +206,7 @@ def test_bn_only_vs_width_counts_parameters_and_trains_only_bn():
     assert res["params"] == [4 * 4, 4 * 8]  # two BN layers, gamma and beta each
     assert ((0 <= res["gamma_small"]) & (res["gamma_small"] <= 1)).all()
     from normlab.experiments.regularization import make_mlp
-    from normlab.train import train
+    from normlab.runtime.train import train
 
     for j, seed in enumerate([0, 1]):  # the ensemble's numbers are those of each seed trained alone
         model = make_mlp(40, 10, width=8, seed=seed)

@@ -1,6 +1,6 @@
-"""normlab.glue: myst_nb's glue in the book; a printed ``name = value`` line elsewhere."""
+"""normlab.runtime.glue: myst_nb's glue in the book; a printed ``name = value`` line elsewhere."""
 
-import normlab.glue as glue_module
+import normlab.runtime.glue as glue_module
 
 
 def test_outside_the_book_glue_prints_the_value_unless_quiet(monkeypatch, capsys):

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from normlab import checks
-from normlab import gpu_bench as gb
 from normlab.experiments import gpu as eg
+from normlab.runtime import gpu_bench as gb
 
 
 def test_ideal_bytes_are_2s_forward_and_eval_3s_backward():
@@ -166,14 +166,15 @@ def test_recorded_results_ship_inside_the_package(tmp_path):
     import zipfile
 
     root = Path(__file__).resolve().parents[1]
-    assert gb.RESULTS_DIR == root / "code" / "normlab" / "results" and (gb.RESULTS_DIR / "README.md").is_file()
+    assert gb.RESULTS_DIR == root / "code" / "normlab" / "runtime" / "results"
+    assert (gb.RESULTS_DIR / "README.md").is_file()
     # build from a copy: a build in place would leave code/build/ behind
     source = shutil.copytree(root / "code", tmp_path / "code", ignore=shutil.ignore_patterns("build", "*.egg-info"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
                     str(tmp_path / "wheel"), str(source)], check=True, capture_output=True)
     (wheel,) = (tmp_path / "wheel").glob("normlab-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert "normlab/results/README.md" in names, names
+    assert "normlab/runtime/results/README.md" in names, names
     # what Colab installs is the library alone: the maintainers' tooling is tools/coursekit's package
     tooling = [n for n in names if n.startswith("coursekit/") or n in {
         f"normlab/{m}.py" for m in ("course", "student", "grade", "colab", "seedscan", "cells")}]

@@ -1,9 +1,9 @@
-"""normlab.data.grouped_batches: the non-i.i.d. batch sampler of Chapter 5."""
+"""normlab.runtime.data.grouped_batches: the non-i.i.d. batch sampler of Chapter 5."""
 
 import pytest
 import torch
 
-from normlab.data import grouped_batches
+from normlab.runtime.data import grouped_batches
 
 LABELS = torch.arange(10).repeat_interleave(torch.tensor([37, 40, 41, 29, 50, 33, 38, 45, 30, 36]))
 

@@ -1,7 +1,8 @@
 """The library's layers: each module of normlab imports only from its own layer or a lower one.
 
 1. the BN library: what the chapters teach and a user's own code would import;
-2. the notebook runtime: data, training loops, plots, timing, evidence and the claims registry;
+2. the notebook runtime (``normlab.runtime``, and ``normlab.setup``): data, training loops, plots,
+   timing, evidence and the claims registry;
 3. the chapters: each chapter's experiments and its self-checks (``normlab.experiments.<chapter>``,
    ``normlab.checks.<chapter>``); the checks may use the experiments, never the reverse.
 
@@ -18,7 +19,7 @@ from conftest import ROOT, assert_no_cycle
 
 PACKAGE = ROOT / "code" / "normlab"
 LIBRARY = {"scratch", "functional", "nn", "kernels", "stats", "fold", "adapt", "distributed", "_validate"}
-RUNTIME = {"normlab", "data", "train", "ensemble", "plotting", "bench", "claims", "evidence", "glue", "gpu_bench"}
+RUNTIME = {"normlab", "runtime"}  # the package itself (setup) and normlab.runtime
 CHAPTERS = {"experiments": 3, "checks": 4}  # two sublayers of the chapters' layer: checks above experiments
 
 
@@ -46,10 +47,11 @@ def imports(path: Path) -> set:
     found = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            if node.module == "normlab":
-                found.update(alias.name for alias in node.names)
-            elif node.module.startswith("normlab."):
-                found.add(node.module.removeprefix("normlab."))
+            if node.module == "normlab" or node.module.startswith("normlab."):
+                package = node.module.removeprefix("normlab").removeprefix(".")
+                for alias in node.names:  # from normlab[.package] import module, or a name of the package
+                    name = f"{package}.{alias.name}" if package else alias.name
+                    found.add(name if name in MODULES or not package else package)
         elif isinstance(node, ast.Import):
             found.update(a.name.removeprefix("normlab.") for a in node.names if a.name.startswith("normlab."))
     return found
@@ -73,9 +75,16 @@ def test_the_import_graph_has_no_cycle():
 
 def test_the_layer_test_sees_an_upward_import(tmp_path):
     bad = tmp_path / "bad.py"
-    bad.write_text("def f():\n    from normlab.experiments import seeds_for\n    from normlab import train\n")
-    assert imports(bad) == {"experiments", "train"}
-    assert layer("nn") < layer("train") < layer("experiments.alternatives") < layer("checks.scratch")
+    bad.write_text("def f():\n    from normlab.experiments import seeds_for\n    from normlab.runtime import train\n")
+    assert imports(bad) == {"experiments", "runtime.train"}
+    assert layer("nn") < layer("runtime.train") < layer("experiments.alternatives") < layer("checks.scratch")
+
+
+def test_the_folder_shows_the_layers():
+    """normlab/ holds the library's modules and three packages: runtime/, experiments/ and checks/."""
+    top = {p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
+    top |= {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists()}
+    assert top == LIBRARY | {"runtime"} | set(CHAPTERS), sorted(top ^ (LIBRARY | {"runtime"} | set(CHAPTERS)))
 
 
 def test_the_cycle_check_names_a_cycle():

@@ -158,7 +158,7 @@ def test_backward_rejects_a_dout_of_the_wrong_shape():
 
 
 def _digits():
-    from normlab.data import load_digits
+    from normlab.runtime.data import load_digits
 
     d = load_digits(seed=0)
     return [t.numpy() for t in (d.x_train, d.y_train, d.x_test, d.y_test)]

@@ -6,7 +6,7 @@ import pytest
 
 from conftest import ROOT, cell_source, load_notebook
 from coursekit.seedscan import _merge, _seeds, asserts_in, interval_check, rewrite_cell
-from normlab.evidence import paired
+from normlab.runtime.evidence import paired
 
 SCAN = ROOT / "seed_scan.json"
 

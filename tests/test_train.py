@@ -1,12 +1,12 @@
-"""normlab.train: a reproducible loop that learns, and an accuracy that can run in either mode."""
+"""normlab.runtime.train: a reproducible loop that learns, and an accuracy that can run in either mode."""
 
 import pytest
 import torch
 from torch import nn
 
-from normlab import data
 from normlab import nn as nl
-from normlab.train import accuracy, train
+from normlab.runtime import data
+from normlab.runtime.train import accuracy, train
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def test_bad_arguments_raise_value_errors(digits, kwargs, message):
 
 
 def test_callback_runs_after_every_step_and_training_mode_is_restored():
-    from normlab.data import Split
+    from normlab.runtime.data import Split
 
     torch.manual_seed(0)
     x, y = torch.randn(40, 4), torch.arange(40) % 2

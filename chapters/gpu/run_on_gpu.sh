@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Chapter 8's device check, in one call on a machine with an NVIDIA GPU (H100 or H200):
 # the kernel tests on the GPU, the lab notebook on the GPU, then the benchmark, which writes
-# code/normlab/results/<gpu-name>.json.
+# code/normlab/runtime/results/<gpu-name>.json.
 #   bash chapters/gpu/run_on_gpu.sh            (from the repository root; about 8 minutes)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -15,4 +15,4 @@ if python -c 'import nbval, ipykernel' 2>/dev/null; then
 else
     python -m coursekit.cells chapters/gpu/lab.ipynb
 fi
-python -m normlab.gpu_bench --out code/normlab/results --shapes "${SHAPES:-default}" --budget-s "${BUDGET_S:-300}"
+python -m normlab.runtime.gpu_bench --out code/normlab/runtime/results --shapes "${SHAPES:-default}" --budget-s "${BUDGET_S:-300}"

@@ -252,7 +252,7 @@ def tent(model: nn.Module, batches, lr: float = 1e-3, steps: int = 1, on_batch=N
     predictions, updating only BN's gamma and beta; BN normalizes with each batch's own statistics,
     as in training mode, and the gradient flows through them. Everything else is left as it was:
     the other parameters (and their ``requires_grad``), and the running statistics. Evaluate the
-    adapted model with test-batch statistics (e.g. ``normlab.train.accuracy(model, x, y,
+    adapted model with test-batch statistics (e.g. ``normlab.runtime.train.accuracy(model, x, y,
     batch_size=B, train_mode=True)``), as TENT does. ``on_batch(logits)``, if given, is called
     with each batch's logits (detached) from the forward pass that the batch's first update uses:
     the predictions TENT makes online, on that batch before adapting to it. Returns the model, in
@@ -283,7 +283,7 @@ def tent(model: nn.Module, batches, lr: float = 1e-3, steps: int = 1, on_batch=N
                 logits = model(x)
                 if step == 0 and on_batch is not None:
                     on_batch(logits.detach())
-                # The mean entropy of the batch; summed over the members of a normlab.ensemble (logits
+                # The mean entropy of the batch; summed over the members of a normlab.runtime.ensemble (logits
                 # (K, N, classes)), so that each member gets the gradient it would get alone.
                 loss = entropy(logits).mean(-1).sum()
                 opt.zero_grad(set_to_none=True)

@@ -565,7 +565,7 @@ class NormLSTMCell(nn.Module):
         """Normalize z (N, width) at one site and step; or (K, N, width) for K stacked cells.
 
         The arithmetic reads the example axis as -2 and the feature axis as -1, so that
-        ``normlab.ensemble`` runs K cells as one, with parameters stacked on a leading member axis
+        ``normlab.runtime.ensemble`` runs K cells as one, with parameters stacked on a leading member axis
         and running statistics (max_steps, K, width).
         """
         if self.norm == "layer":
@@ -608,7 +608,7 @@ class NormLSTMCell(nn.Module):
     def step(self, x, h, c, t):
         """One step without the checks of ``forward``: x (..., N, input_size), h and c (..., N, H).
 
-        Returns (h, c). A leading axis is K stacked cells (``normlab.ensemble``), whose weights are
+        Returns (h, c). A leading axis is K stacked cells (``normlab.runtime.ensemble``), whose weights are
         then (K, 4H, input_size) and (K, 4H, H), and gains and shifts (K, 1, width).
         """
         zx, zh = x @ self.weight_ih.transpose(-1, -2), h @ self.weight_hh.transpose(-1, -2)  # (..., N, 4H) each
@@ -651,7 +651,7 @@ class LastHidden(nn.Module):
     """A ``NormLSTM`` as a layer: (N, T, input_size) -> its final hidden state (N, hidden_size).
 
     For sequence classifiers written as ``nn.Sequential`` (``LastHidden`` then a Linear head),
-    which ``normlab.ensemble`` can stack. Arguments as ``NormLSTMCell``'s.
+    which ``normlab.runtime.ensemble`` can stack. Arguments as ``NormLSTMCell``'s.
     """
 
     def __init__(self, input_size, hidden_size, norm="none", max_steps=64, eps=1e-5, momentum=0.1):

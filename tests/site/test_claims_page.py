@@ -10,7 +10,7 @@ from html.parser import HTMLParser
 import pytest
 
 from conftest import ROOT
-from normlab.claims import CLAIMS, REGISTRY, VERDICTS
+from normlab.runtime.claims import CLAIMS, REGISTRY, VERDICTS
 
 PAGE = ROOT / "_build" / "html" / "claims.html"
 

@@ -90,7 +90,7 @@ def check_blur(fn):
     half-width max(1, ceil(3 sigma)), the ends padded by repeating the end values (``data.blur``)."""
     import torch
 
-    from normlab.data import blur_signals
+    from normlab.runtime.data import blur_signals
 
     gen = torch.Generator().manual_seed(6)
     cases = [("random rows", torch.randn(4, 40, generator=gen, dtype=torch.float64), 1.0),

@@ -26,13 +26,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from normlab import ensemble
 from normlab._validate import check_positive_int, is_int
-from normlab.bench import best_times
-from normlab.data import Split
 from normlab.experiments import seeds_for
 from normlab.nn import LastHidden
-from normlab.train import accuracy, show_progress, train
+from normlab.runtime import ensemble
+from normlab.runtime.bench import best_times
+from normlab.runtime.data import Split
+from normlab.runtime.train import accuracy, show_progress, train
 
 __all__ = [
     "CNN_NORMS",
@@ -126,7 +126,7 @@ class DigitCNN(nn.Sequential):
 
     Input (N, 1, 8, 8); the second convolution gives (N, c2, 4, 4), flattened for the linear layer
     (no global pooling: where a stroke is matters for a digit). An ``nn.Sequential``, so that
-    ``normlab.ensemble`` stacks it.
+    ``normlab.runtime.ensemble`` stacks it.
     """
 
     def __init__(self, norm="bn", c1=16, c2=32, classes=10, groups=4):
@@ -168,7 +168,7 @@ def cnn_table(images, kinds=CNN_NORMS, batch_sizes=(32, 2), seeds=(0, 1, 2), epo
     """Return {(kind, batch_size): (S,) array of test accuracies}, one entry per seed.
 
     Each entry is ``train_cnn(kind, images, batch_size, epochs, lr, seed)`` for every seed, the
-    seeds trained together as one ``normlab.ensemble``: equal epochs at every batch size, so a
+    seeds trained together as one ``normlab.runtime.ensemble``: equal epochs at every batch size, so a
     batch of 2 makes 16 times the updates of a batch of 32. With ``steps``, every batch size makes
     that many updates instead (equal steps; ``epochs`` is then unused); the learning rate is
     ``lr * batch_size / 32`` either way.
@@ -211,7 +211,7 @@ def time_norms(rows=4096, features=1024, repeat=15):
 
     Keys: 'torch_ln', 'torch_rms' (float32, torch's F.layer_norm / F.rms_norm) and 'numpy_ln',
     'numpy_rms' (float64, ``normlab.scratch.norm_forward``). Each is the best of ``repeat``
-    rounds in which the four take turns (``normlab.bench.best_times``), so a busy machine slows
+    rounds in which the four take turns (``normlab.runtime.bench.best_times``), so a busy machine slows
     them alike and its slow spells drop out.
     """
     from normlab import scratch
@@ -337,7 +337,7 @@ class StyleNet(nn.Sequential):
 
     Maps a grey image (N, 1, H, W) to one of the same size (zero padding), as Ulyanov et al.'s
     generators do at a much smaller size; ``norm`` is one of ``STYLE_NORMS`` (``make_norm``'s
-    'none', 'bn', 'in'). An ``nn.Sequential``, so that ``normlab.ensemble`` stacks it.
+    'none', 'bn', 'in'). An ``nn.Sequential``, so that ``normlab.runtime.ensemble`` stacks it.
     """
 
     def __init__(self, norm="in", channels=8):
@@ -379,7 +379,7 @@ def stylization_experiment(contents, style, norms=STYLE_NORMS, seeds=(0,), steps
     (``stylization_losses``) under a fixed random ``FeatureNet`` (``net_channels``, seed ``net_seed``);
     the generator has ``channels`` channels. Then, in eval
     mode (BN with its running statistics), the losses on ``contents.x_test``, images it never saw.
-    The seeds of one norm train together as one ``normlab.ensemble``; seed s fixes the generator's
+    The seeds of one norm train together as one ``normlab.runtime.ensemble``; seed s fixes the generator's
     initial weights (the same for every norm, up to the layers that differ) and its batches.
     Returns {norm: {'style', 'content', 'total': (S,) mean held-out losses per seed,
     'train_style': (S,) style loss on the last training batch, 'images': (S, n_show, 1, H, W) the
@@ -455,7 +455,10 @@ def pad_front(x, steps, value=0.0):
 
 
 class SeqClassifier(nn.Sequential):
-    """A NormLSTM reading (N, T, D), then a linear layer on its last hidden state (``normlab.ensemble`` stacks it)."""
+    """A NormLSTM reading (N, T, D), then a linear layer on its last hidden state.
+
+    ``normlab.runtime.ensemble`` stacks it.
+    """
 
     def __init__(self, norm, input_size=8, hidden_size=64, classes=10, max_steps=8):
         super().__init__(LastHidden(input_size, hidden_size, norm, max_steps=max_steps),
@@ -480,7 +483,7 @@ def seq_accuracy(model, x, y, batch_size=None, train_mode=False):
     """Return accuracy on (x, y) in batches of ``batch_size`` (all at once when None).
 
     train_mode=True normalizes a per-step batch-norm model with the statistics of each test batch
-    (its running statistics are restored afterwards); see ``normlab.train.accuracy``.
+    (its running statistics are restored afterwards); see ``normlab.runtime.train.accuracy``.
     """
     return accuracy(model, x, y, batch_size=batch_size, train_mode=train_mode)
 
@@ -489,7 +492,7 @@ def rnn_experiment(seqs, seeds, steps=300, batch_size=32, lr=0.005, pad=8, eval_
                    progress=None, device="cpu"):
     """Train a SeqClassifier per norm and seed; return what the lab plots and asserts.
 
-    The seeds of one norm train together as one ``normlab.ensemble`` (Adam, each member on the
+    The seeds of one norm train together as one ``normlab.runtime.ensemble`` (Adam, each member on the
     batches ``train_rnn`` would draw for its seed; test accuracy in eval mode every
     ``eval_every`` steps and after the last). Returns a dict: 'eval_step' (E,); for each norm in
     ``RNN_NORMS`` a dict of arrays over seeds: 'curve' (S, E) test accuracy during training;

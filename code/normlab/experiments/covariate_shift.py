@@ -1,13 +1,13 @@
 """Chapter 3's experiments: internal covariate shift, the 2015 evidence and the 2018 rebuttal.
 
 Every experiment trains a small *ensemble* of MLPs at once with the course's ensemble trainer,
-``normlab.ensemble``: K independent networks (members) that share an architecture but differ in
+``normlab.runtime.ensemble``: K independent networks (members) that share an architecture but differ in
 seed, learning rate, initial weight scale, whether they use batch norm (BN) and whether they add
 Santurkar et al.'s time-varying noise after it. One batched matrix product runs all of them; no
 operation mixes members, so a member that diverges never touches the others. This is what makes
 eight seeds and whole learning-rate sweeps fit in the quick budget on two CPU cores.
 
-BN is ``torch.nn.BatchNorm1d`` folded into channels by ``normlab.ensemble.Folded`` (Chapter 2
+BN is ``torch.nn.BatchNorm1d`` folded into channels by ``normlab.runtime.ensemble.Folded`` (Chapter 2
 showed that ``normlab.nn.BatchNorm1d`` computes the same, and torch's fused kernel is faster on a
 CPU). The lab notebook ``chapters/covariate_shift/lab.ipynb`` calls these functions and asserts
 what the chapter claims.
@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normlab import ensemble
 from normlab._validate import check_positive_int, is_int
-from normlab.data import Split
 from normlab.experiments import BATCH_ORDER, NOISE_STREAM, seeds_for
+from normlab.runtime import ensemble
+from normlab.runtime.data import Split
 from normlab.stats import batch_norm_layers
 
 __all__ = [

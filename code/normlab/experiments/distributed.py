@@ -23,8 +23,8 @@ from torch import nn
 
 from normlab import nn as normlab_nn
 from normlab._validate import check_positive_int
-from normlab.data import Split
 from normlab.experiments import BATCH_ORDER, seeds_for
+from normlab.runtime.data import Split
 from normlab.stats import batch_norm_layers
 
 __all__ = [
@@ -142,7 +142,7 @@ def per_device_sweep(data: Split, seeds, per_device_sizes, *, world, steps, prog
     from a rank's: a ghost layer averages its groups' statistics, a rank sees only its own slice.
     device: where the models and batches live, e.g. ``ctx.device``.
     """
-    from normlab import ensemble
+    from normlab.runtime import ensemble
 
     seeds = [int(s) for s in seeds]
     if not seeds:

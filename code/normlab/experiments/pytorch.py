@@ -16,15 +16,15 @@ import torch
 from torch import nn
 from torch.utils import benchmark
 
-from normlab import ensemble
 from normlab import nn as normlab_nn
 from normlab._validate import check_positive_int, is_int, is_number
-from normlab.data import Split
-from normlab.evidence import paired
 from normlab.experiments import seeds_for
 from normlab.fold import fold_model
+from normlab.runtime import ensemble
+from normlab.runtime.data import Split
+from normlab.runtime.evidence import paired
+from normlab.runtime.train import accuracy
 from normlab.stats import batch_norm_layers
-from normlab.train import accuracy
 
 __all__ = [
     "seeds_for",
@@ -149,7 +149,7 @@ def validation_split(data, val_size, seed):
     used, so a choice made on this split never sees the test set.
     """
     if not isinstance(data, Split):
-        raise ValueError(f"data must be a normlab.data.Split, got {type(data).__name__}")
+        raise ValueError(f"data must be a normlab.runtime.data.Split, got {type(data).__name__}")
     check_positive_int("val_size", val_size)
     n = len(data.x_train)
     if val_size > n - 2:
@@ -186,15 +186,15 @@ def placement_experiment(data, seeds, *, steps, lrs, tune_seeds, val_size=300, n
     minus ``val_size`` held-out examples (``validation_split``, seeded by ``tune_seeds[0]``); the rate
     with the highest mean validation accuracy, with recomputed statistics, wins (ties: the smaller
     rate). Then every seed in ``seeds`` trains the net at its rate on the whole training set; the
-    runs of one net train together as one ``normlab.ensemble`` (each member exactly the run
-    ``normlab.train.train(model, data, seed=seed, lr=lr)`` would give). A seed fixes the initial
+    runs of one net train together as one ``normlab.runtime.ensemble`` (each member exactly the run
+    ``normlab.runtime.train.train(model, data, seed=seed, lr=lr)`` would give). A seed fixes the initial
     weights (the same for every net: the layers are created in the same order) and the order of
     the mini-batches, so the nets are compared in pairs. Each trained model is tested twice: with
     the running statistics training left, and with statistics recomputed over the training set.
     device: where the models and batches live, e.g. ``ctx.device`` (the returned models stay there).
     """
     if not isinstance(data, Split):
-        raise ValueError(f"data must be a normlab.data.Split, got {type(data).__name__}")
+        raise ValueError(f"data must be a normlab.runtime.data.Split, got {type(data).__name__}")
     seeds = _check_seeds("seeds", seeds, 2)
     tune_seeds = _check_seeds("tune_seeds", tune_seeds, 1)
     lrs = sorted(float(lr) for lr in lrs)

@@ -1,7 +1,7 @@
 """Chapter 4's experiments: batch norm as a regularizer, its noise, dropout, ghost batches, statistics.
 
 Every experiment trains small MLPs (``make_mlp``), all seeds of one setting at once with the
-course's ensemble trainer (``normlab.ensemble``: member k is exactly the model ``fit`` would train
+course's ensemble trainer (``normlab.runtime.ensemble``: member k is exactly the model ``fit`` would train
 alone from seed k), and returns plain numbers (numpy arrays, dicts) that the lab notebooks plot
 and assert. The BN layers are
 ``torch.nn.BatchNorm1d``: Chapter 2 showed that ``normlab.nn.BatchNorm1d`` computes the same thing,
@@ -22,13 +22,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from normlab import ensemble
 from normlab._validate import check_positive_int
-from normlab.data import Split
 from normlab.experiments import seeds_for
 from normlab.nn import GhostBatchNorm1d, PopulationNorm1d
+from normlab.runtime import ensemble
+from normlab.runtime.data import Split
+from normlab.runtime.train import device_of, show_progress, train
 from normlab.stats import batch_norm_layers, precise_bn
-from normlab.train import device_of, show_progress, train
 
 __all__ = [
     "NORMS",
@@ -62,7 +62,7 @@ DROPOUT_PLACES = ("every", "after_last")
 def budget(scale: str = "quick") -> dict:
     """Seeds and training lengths per experiment at a scale ('quick': the 60 s notebooks; 'full')."""
     if scale == "quick":
-        # 8 seeds, trained together (normlab.ensemble). With 3 seeds one after another, the quick
+        # 8 seeds, trained together (normlab.runtime.ensemble). With 3 seeds one after another, the quick
         # scale trained longer (gap_epochs 10, table_steps 1000, shift_steps 1000, ghost_epochs 5,
         # ghost sizes 4 and 64); more seeds in the same minute cost those steps.
         return {"seeds": 8, "table_seeds": 8, "gap_epochs": 6, "table_steps": 600, "shift_steps": 600,
@@ -206,7 +206,7 @@ def fit_seeds(data: Split, seeds, *, steps: int, batch_size: int, lr: float, wei
     """Train ``make_mlp(..., seed=s, **model_kw)`` for every seed s at once, as ``fit`` trains one; return the Ensemble.
 
     Member k is the model ``fit(make_mlp(..., seed=seeds[k]), data, ..., seed=seeds[k])`` returns
-    (dropout masks aside), in eval mode; ``normlab.ensemble.evaluate`` gives its numbers.
+    (dropout masks aside), in eval mode; ``normlab.runtime.ensemble.evaluate`` gives its numbers.
     device: where the models and batches live, e.g. ``ctx.device``.
     """
     seeds = [int(s) for s in seeds]

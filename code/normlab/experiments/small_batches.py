@@ -6,7 +6,7 @@ in their runs, for B = 2 to 32, against GroupNorm and LayerNorm; once on a small
 statistic averages B * H * W values, as in theirs) and once on an MLP (B values: the extreme
 case). For each seed every member starts from the same weights and sees the same mini-batches,
 so that the normalization is the only difference. They train as one model with the course's
-ensemble trainer, ``normlab.ensemble`` (the norms are the library's own ghost batch norm and
+ensemble trainer, ``normlab.runtime.ensemble`` (the norms are the library's own ghost batch norm and
 batch renormalization, folded into channels, and torch's ``GroupNorm`` and ``LayerNorm`` per
 member), which is what fits five group sizes x four normalizations x eight seeds into the quick
 budget. The lab notebook
@@ -25,12 +25,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from normlab import ensemble
 from normlab import nn as normlab_nn
 from normlab._validate import check_positive_int, is_int
-from normlab.data import Split, grouped_batches
 from normlab.experiments import BATCH_ORDER, seeds_for
-from normlab.train import show_progress
+from normlab.runtime import ensemble
+from normlab.runtime.data import Split, grouped_batches
+from normlab.runtime.train import show_progress
 
 __all__ = [
     "NORMS",
@@ -115,7 +115,7 @@ def fit_slope(batch_sizes, spread):
 
 
 # --------------------------------------------------------------------------------------------
-# The ensemble: one MLP per (norm kind, seed), trained as one model (normlab.ensemble)
+# The ensemble: one MLP per (norm kind, seed), trained as one model (normlab.runtime.ensemble)
 # --------------------------------------------------------------------------------------------
 
 
@@ -481,7 +481,7 @@ def batch_stats_sweep(model, data, batch_sizes, seed=0):
     shuffle of the test set (a last short batch is dropped). The model's running statistics are
     left untouched. Returns an array (len(batch_sizes),).
     """
-    from normlab.train import accuracy
+    from normlab.runtime.train import accuracy
 
     sizes = [int(b) for b in batch_sizes]
     if not sizes or min(sizes) < 1:

@@ -33,14 +33,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from normlab import ensemble
 from normlab._validate import check_positive_int, is_int
 from normlab.adapt import adabn, bn_only_parameters, bn_statistics, freeze_bn, prior_adapt, tent
-from normlab.data import Split, add_noise, affine_shift, blur, contrast, load_mnist1d, mnist1d_shifted
 from normlab.experiments import seeds_for
 from normlab.experiments.regularization import make_mlp
+from normlab.runtime import ensemble
+from normlab.runtime.data import Split, add_noise, affine_shift, blur, contrast, load_mnist1d, mnist1d_shifted
+from normlab.runtime.train import accuracy, show_progress, train
 from normlab.stats import batch_norm_layers
-from normlab.train import accuracy, show_progress, train
 
 __all__ = [
     "DOMAINS",
@@ -182,7 +182,7 @@ def train_source(data: Split, seed: int, *, steps: int = 600, width: int = 32, l
 
 def train_sources(data: Split, seeds, *, steps: int = 600, width: int = 32, lr=None, batch_size=64, norm="bn",
                   progress=None, device="cpu") -> list:
-    """``train_source(data, seed, ...)`` for every seed, the seeds trained together as one ``normlab.ensemble``.
+    """``train_source(data, seed, ...)`` for every seed, the seeds trained together as one ``normlab.runtime.ensemble``.
 
     norm: the CNN's normalization (``make_cnn``); lr: SGD's rate, by default ``SOURCE_LR[norm]``
     (0.05 for BN). Returns one model per seed, in eval mode, each the model ``train_source`` gives
@@ -233,7 +233,7 @@ def adaptation_results(models, targets: dict, *, batch_sizes=(2, 64), priors=(0,
     statistics at that batch size). Batch sizes below 16 are evaluated on the first
     ``small_batch_examples`` test examples only (hundreds of forward passes of two examples are
     slow); ("prior", math.inf, B) is the source model by construction and is copied from "source".
-    The models run together as one ``normlab.ensemble`` (the adaptations act on each member's own
+    The models run together as one ``normlab.runtime.ensemble`` (the adaptations act on each member's own
     BN channels, and TENT's loss is each member's own). Returns {method: {domain: (seeds,) array}}.
     device: where the models and batches live, e.g. ``ctx.device``.
     """
@@ -267,7 +267,7 @@ def adaptation_results(models, targets: dict, *, batch_sizes=(2, 64), priors=(0,
 def tent_online(models, targets: dict, *, batch_size=64, passes=10, lr=1e-3, order_seed=0, device="cpu") -> dict:
     """TENT as Wang et al. run it: online, each test batch predicted *before* the model adapts to it.
 
-    models: one trained model per seed (left unchanged), run together as one ``normlab.ensemble``.
+    models: one trained model per seed (left unchanged), run together as one ``normlab.runtime.ensemble``.
     The target's test set is streamed ``passes`` times in batches of ``batch_size``, in a new
     random order each pass (from ``order_seed``; the same stream for every seed and domain size);
     on each batch TENT predicts with the batch's own statistics, then takes one Adam step
@@ -316,7 +316,7 @@ def baseline_results(sources: dict, targets: dict, *, chunk=500, device="cpu") -
     """Target test accuracy of every network as trained, and of the BN network after AdaBN.
 
     sources: {norm: one trained model per seed} (norms from ``NORMS``; models left unchanged);
-    targets: {name: Split}. Each norm's models run together as one ``normlab.ensemble`` in eval
+    targets: {name: Split}. Each norm's models run together as one ``normlab.runtime.ensemble`` in eval
     mode: BN with its source statistics, GroupNorm and InstanceNorm with each example's own (they
     keep no statistics to adapt). 'bn_adabn' is BN with every layer's statistics replaced by those
     of the target's training inputs (``adabn``, in chunks of ``chunk``). Returns {method: {target:
@@ -338,7 +338,7 @@ def baseline_results(sources: dict, targets: dict, *, chunk=500, device="cpu") -
 def adabn_vs_size(models, targets: dict, sizes, *, chunk=500, device="cpu") -> dict:
     """AdaBN's target test accuracy when it sees only the first n unlabelled target inputs, per size n.
 
-    models: one trained model per seed (left unchanged), run together as one ``normlab.ensemble``.
+    models: one trained model per seed (left unchanged), run together as one ``normlab.runtime.ensemble``.
     For each domain and n in ``sizes``, every BN layer's statistics become those of
     ``target.x_train[:n]`` (``adabn``, in chunks of ``chunk``; the same n inputs for every seed).
     Returns {domain: (len(sizes), seeds) array}.
@@ -457,7 +457,7 @@ def finetune_results(models, targets: dict, seeds, *, labelled=(50,), modes=MODE
     comparison. The labelled examples of seed j are ``labelled_split(target, n, 1, seeds[j])[0]``;
     each model's fine-tuning is ``finetune``'s (the rate chosen on the last ``n_select`` of the n,
     then the model retrained on all n), with nothing outside the n labelled examples. The
-    selection runs of one mode (every rate and seed) train together as one ``normlab.ensemble``
+    selection runs of one mode (every rate and seed) train together as one ``normlab.runtime.ensemble``
     whose member (rate l, seed j) draws seed j's batches from seed j's examples; the final runs
     (every seed at its chosen rate) as another.
     device: where the models and batches live, e.g. ``ctx.device``.
@@ -536,7 +536,7 @@ def bn_only_vs_width(data: Split, widths, seeds, *, steps=800, lr=0.5, batch_siz
     trainable parameter counts per width, "gamma_small": (widths, seeds) fraction of |gamma| < 0.1
     after training}; with ``full_width``, also "full": (seeds,) accuracies of the same MLP at that
     width with every weight trained (lr ``full_lr``), for reference. The seeds of one width train
-    together as one ``normlab.ensemble``.
+    together as one ``normlab.runtime.ensemble``.
     device: where the models and batches live, e.g. ``ctx.device``.
     """
     data = data.to(device)

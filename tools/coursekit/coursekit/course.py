@@ -161,7 +161,7 @@ def course_map(root):
     import matplotlib.pyplot as plt
     from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
 
-    from normlab.plotting import OKABE_ITO
+    from normlab.runtime.plotting import OKABE_ITO
 
     chs = chapters(root)
     parts = list(dict.fromkeys(c.part for c in chs))

@@ -8,7 +8,7 @@ also caps a lab's ``normlab.set_threads(2)``: the thread count of `make test`), 
 - ``assert a <op> b`` records a and b, and the *slack*: how far the assert was from failing
   (a - b for >= and >, b - a for <= and <); ``and`` and chained comparisons are split into their
   parts, each recorded on its own;
-- an interval criterion of ``normlab.evidence`` (``assert cmp.above(2)``, ``.below(m)``,
+- an interval criterion of ``normlab.runtime.evidence`` (``assert cmp.above(2)``, ``.below(m)``,
   ``.within(w)``) records the bound of the 95% interval it tested and the margin, on the scale
   of the paired differences (log-ratios for a ratio): ``lo > m``, ``hi < m``, ``max(-lo, hi) <= w``;
 - any other assert (``assert all(c.above(3) for c in cmps)``) records whether it held.
@@ -62,7 +62,7 @@ _CRITERIA = ("above", "below", "within")
 
 
 def interval_check(obj, method, *args):
-    """Run ``obj.<method>(*args)``, an interval criterion of a ``normlab.evidence.Paired``.
+    """Run ``obj.<method>(*args)``, an interval criterion of a ``normlab.runtime.evidence.Paired``.
 
     Returns (a, op, b, passed): the interval bound the criterion tested, the comparison and the
     margin on the differences' scale, and its result; (None, None, None, passed) for an object

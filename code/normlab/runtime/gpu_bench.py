@@ -2,7 +2,7 @@
 
 Run on a CUDA GPU (``make bench``)::
 
-    PYTHONPATH=code python -m normlab.gpu_bench --out code/normlab/results/
+    PYTHONPATH=code python -m normlab.runtime.gpu_bench --out code/normlab/runtime/results/
 
 It times ``train_fwd``, ``train_bwd`` and ``eval`` on ResNet-50's BN shapes (the anchor
 (256, 256, 28, 28) first), NCHW and channels_last, float32 and bfloat16, with
@@ -111,7 +111,7 @@ def write_results(results, out_dir):
     return path
 
 
-# Recorded results ship inside the package (normlab/results/), so a notebook opened alone, in
+# Recorded results ship inside the package (normlab/runtime/results/), so a notebook opened alone, in
 # Colab or anywhere normlab is installed, finds them.
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 

@@ -3,7 +3,7 @@
 Each claim is registered here, once: its wording in the seed text, the setup that tests it (data,
 model, steps, seeds), what is measured, and one or more criteria with their margins. The notebook
 named in the registry measures; it passes each criterion's paired comparison
-(:func:`normlab.evidence.paired`) to :func:`record`, which decides every criterion from its interval
+(:func:`normlab.runtime.evidence.paired`) to :func:`record`, which decides every criterion from its interval
 and computes the verdict with :func:`verdict`. No notebook writes a verdict word.
 
 A criterion's outcome is one of
@@ -34,8 +34,8 @@ import re
 import textwrap
 from dataclasses import dataclass
 
-from normlab.evidence import Paired
-from normlab.glue import glue
+from normlab.runtime.evidence import Paired
+from normlab.runtime.glue import glue
 
 VERDICTS = ("supported", "partly", "not supported", "contested", "not tested")
 OUTCOMES = ("met", "not shown", "reversed", "not tested")
@@ -50,7 +50,7 @@ class Criterion:
 
     name: str  # the key under which the notebook passes this comparison to record()
     says: str  # the criterion in words, margin included, as the page shows it
-    test: str  # "above", "below" or "within" (see normlab.evidence)
+    test: str  # "above", "below" or "within" (see normlab.runtime.evidence)
     margin: float  # a difference (or a ratio, for a ratio comparison) or an equivalence window
     measures: str = ""  # criteria measuring one thing two ways share this; their disagreement is "contested"
 
@@ -59,7 +59,7 @@ class Criterion:
         if result is None:
             return "not tested"
         if not isinstance(result, Paired):
-            raise ValueError(f"criterion {self.name!r} needs a normlab.evidence.Paired (or None), "
+            raise ValueError(f"criterion {self.name!r} needs a normlab.runtime.evidence.Paired (or None), "
                              f"got {type(result).__name__}")
         if self.test == "above":
             return "met" if result.above(self.margin) else "reversed" if result.below() else "not shown"
@@ -364,7 +364,7 @@ def outcome(key, name, result):
 def record(key, results, evidence):
     """Decide a registered claim's criteria from paired results, glue and print the verdict; return the Record.
 
-    results: criterion name -> normlab.evidence.Paired (or None where not measured at this scale),
+    results: criterion name -> normlab.runtime.evidence.Paired (or None where not measured at this scale),
     one for every criterion the registry declares for the claim. evidence: one sentence with the
     numbers, for the page.
     """

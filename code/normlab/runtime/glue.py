@@ -3,7 +3,7 @@
 In the book build, myst_nb's ``glue`` stores the value, and the page's text shows it where it
 says ``{glue:text}`name```. Outside the book (Colab, Jupyter, a script) there is no page: the
 value is printed as ``name = value``, which is how the Colab edition's text names it. Every lab
-imports this one function in its first cell; ``normlab.claims`` glues its verdicts with it.
+imports this one function in its first cell; ``normlab.runtime.claims`` glues its verdicts with it.
 """
 
 from __future__ import annotations

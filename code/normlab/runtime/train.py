@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from normlab.data import Split
+from normlab.runtime.data import Split
 
 __all__ = ["History", "accuracy", "device_of", "show_progress", "train"]
 

@@ -6,7 +6,7 @@ So the course trains K copies of a model (members: same architecture, different 
 settings) as one model whose tensors carry a leading member axis: activations are (K, N, D), one
 batched matrix product runs every member's Linear layer, and each member draws its own
 mini-batches. No operation mixes members, so member k follows exactly the path it would follow
-alone (``tests/test_ensemble.py`` checks this against ``normlab.train.train``, step by step).
+alone (``tests/test_ensemble.py`` checks this against ``normlab.runtime.train.train``, step by step).
 
 The normalization layers are the library's own modules, used unchanged: K members with D
 features each are one layer with K * D channels. ``Folded`` moves the member axis into the
@@ -45,9 +45,9 @@ from tqdm import tqdm
 
 from normlab import nn as normlab_nn
 from normlab._validate import check_positive_int, is_number
-from normlab.data import Split
+from normlab.runtime.data import Split
+from normlab.runtime.train import device_of, show_progress
 from normlab.stats import is_batch_norm, precise_bn
-from normlab.train import device_of, show_progress
 
 __all__ = ["Linear", "Conv", "Folded", "MemberNorm", "LSTM", "PerExample", "Vmapped", "Grouped", "Ensemble", "stack",
            "member", "member_batches", "member_loss", "SGD", "fit", "eval_logits", "evaluate", "accuracy",
@@ -523,7 +523,7 @@ def member(ens: Ensemble, k: int) -> nn.Sequential:
 
 
 def member_batches(seeds, n: int, batch_size: int):
-    """Yield (K, batch_size) index tensors forever: row k as ``normlab.train.train(seed=seeds[k])`` draws them."""
+    """Yield (K, batch_size) index tensors forever: row k as ``train.train(seed=seeds[k])`` draws them."""
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     while True:
         yield torch.stack([torch.randperm(n, generator=g)[:batch_size] for g in gens])
@@ -621,7 +621,7 @@ def fit(
     """Train every member with SGD on its own mini-batches; return the (K, steps) training losses.
 
     Batches: with ``seeds``, member k draws ``batch_size`` examples per step as
-    ``normlab.train.train(..., seed=seeds[k])`` does, for ``steps`` steps; or ``batches``, a
+    ``normlab.runtime.train.train(..., seed=seeds[k])`` does, for ``steps`` steps; or ``batches``, a
     sequence of (K, B) index tensors (row k: member k's batch), one per step. SGD with momentum
     and weight decay acts on each value alone, so member k's run is the one it would have alone
     (dropout masks aside: they come from torch's global generator, seeded from ``seeds[0]``).
@@ -720,7 +720,7 @@ def evaluate(ens: Ensemble, data: Split) -> dict:
 
 @torch.no_grad()
 def accuracy(ens: Ensemble, x, y, batch_size: int | None = None, train_mode: bool = False) -> np.ndarray:
-    """Return each member's accuracy on x, y: (K,). As ``normlab.train.accuracy``, for every member at once.
+    """Return each member's accuracy on x, y: (K,). As ``normlab.runtime.train.accuracy``, for every member at once.
 
     x, y: one set for every member ((N, ...) and (N,)), or one per member ((K, N, ...) and (K, N)).
     By default in eval mode, in chunks of ``EVAL_CHUNK`` examples (the numbers of one pass over all
