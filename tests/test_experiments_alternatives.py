@@ -151,11 +151,6 @@ def test_cnn_table_equal_steps(digits):
         alt.cnn_table(images, kinds=("bn",), batch_sizes=(4,), seeds=(0,), steps=0)
 
 
-def test_time_norms_returns_positive_times():
-    t = alt.time_norms(rows=64, features=32, repeat=3)
-    assert set(t) == {"torch_ln", "torch_rms", "numpy_ln", "numpy_rms"} and min(t.values()) > 0
-
-
 def test_sequences_and_padding(digits):
     seqs = alt.as_sequences(digits)
     assert seqs.x_train.shape == (200, 8, 8)

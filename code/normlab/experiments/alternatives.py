@@ -3,7 +3,6 @@
 - A small CNN on 8x8 digits with one of six normalizations after each convolution (none, batch,
   layer, instance, group, RMS), trained at a normal and at a tiny batch size, for equal epochs or
   equal steps (``cnn_table``).
-- Timing RMSNorm against LayerNorm on the same shape (``time_norms``).
 - Instance statistics as "style": adaptive instance normalization (Huang & Belongie 2017) and an
   image optimized to carry one input's content with another's statistics (``style_transfer``);
   a feed-forward stylization network with instance, batch or no normalization, judged on content
@@ -17,7 +16,6 @@ claims.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import numpy as np
@@ -30,7 +28,6 @@ from normlab._validate import check_positive_int, is_int
 from normlab.experiments import seeds_for
 from normlab.nn import LastHidden
 from normlab.runtime import ensemble
-from normlab.runtime.bench import best_times
 from normlab.runtime.data import Split
 from normlab.runtime.train import accuracy, show_progress, train
 
@@ -46,7 +43,6 @@ __all__ = [
     "as_images",
     "train_cnn",
     "cnn_table",
-    "time_norms",
     "channel_stats",
     "adain",
     "FeatureNet",
@@ -197,37 +193,6 @@ def cnn_table(images, kinds=CNN_NORMS, batch_sizes=(32, 2), seeds=(0, 1, 2), epo
 # --------------------------------------------------------------------------------------------
 # RMSNorm vs LayerNorm: time
 # --------------------------------------------------------------------------------------------
-
-
-def _rms_norm(x, shape, eps):
-    """torch's F.rms_norm where it exists (torch >= 2.4), else its definition."""
-    if hasattr(F, "rms_norm"):
-        return F.rms_norm(x, shape, None, eps)
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-
-
-def time_norms(rows=4096, features=1024, repeat=15):
-    """Return seconds per forward of layer norm and RMSNorm over the last dim of (rows, features).
-
-    Keys: 'torch_ln', 'torch_rms' (float32, torch's F.layer_norm / F.rms_norm) and 'numpy_ln',
-    'numpy_rms' (float64, ``normlab.scratch.norm_forward``). Each is the best of ``repeat``
-    rounds in which the four take turns (``normlab.runtime.bench.best_times``), so a busy machine slows
-    them alike and its slow spells drop out.
-    """
-    from normlab import scratch
-
-    check_positive_int("rows", rows)
-    check_positive_int("features", features)
-    x = torch.randn(rows, features, generator=torch.Generator().manual_seed(0))
-    xn = x.double().numpy()
-    fns = {
-        "torch_ln": functools.partial(F.layer_norm, x, (features,), None, None, 1e-5),
-        "torch_rms": functools.partial(_rms_norm, x, (features,), 1e-5),
-        "numpy_ln": functools.partial(scratch.norm_forward, xn, 1),
-        "numpy_rms": functools.partial(scratch.norm_forward, xn, 1, rms=True),
-    }
-    with torch.no_grad():
-        return best_times(fns, repeat=repeat, warmup=2)
 
 
 # --------------------------------------------------------------------------------------------
