@@ -57,11 +57,11 @@ class _Moments:
         self.count, self.mean, self.m2 = 0, None, None
 
     def add(self, x):
-        x = x.detach().to(torch.float64).transpose(0, 1).reshape(x.shape[1], -1)  # (C, values)
-        count = x.shape[1]
-        mean = x.mean(dim=1)
-        m2 = ((x - mean.unsqueeze(1)) ** 2).sum(dim=1)
-        summary = (count, mean, m2)
+        x = x.detach().to(torch.float64)  # (N, C, *positions)
+        count = x.numel() // x.shape[1]  # values per channel
+        # each channel's mean and biased variance over every axis but 1, one call, no transposed copy
+        var, mean = torch.var_mean(x, dim=[0, *range(2, x.dim())], correction=0)  # (C,) each
+        summary = (count, mean, var * count)  # M2 = count * biased variance
         if self.mean is not None:  # merge with the batches so far
             summary = chan_merge((self.count, self.mean, self.m2), summary)
         self.count, self.mean, self.m2 = summary
