@@ -43,12 +43,14 @@ test: $(STAMP)
 	OMP_NUM_THREADS=1 $(MAKE) --no-print-directory -j2 --output-sync=target test-notebooks test-website || exit 1; \
 	echo "make test passed in $$(( $$(date +%s) - start )) s"
 
-# make test's two chains (each step in order; -o book: the later targets depend on the book just built)
+# make test's two chains, each step its own make call, so none starts before the one before it ends
+# (the browser tests need both editions built; -o book: the later targets depend on the book just built)
 test-notebooks: $(STAMP)
 	@$(MAKE) --no-print-directory unit && $(MAKE) --no-print-directory notebooks
 
 test-website: $(STAMP)
-	@$(MAKE) --no-print-directory book && $(MAKE) --no-print-directory -o book colab student-book site
+	@$(MAKE) --no-print-directory book && $(MAKE) --no-print-directory -o book colab && \
+	$(MAKE) --no-print-directory -o book student-book && $(MAKE) --no-print-directory site
 
 # ruff on the code; actionlint and zizmor on the publishing workflow (zizmor offline: no API calls)
 lint: $(STAMP)
