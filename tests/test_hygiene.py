@@ -195,3 +195,39 @@ def test_the_tooling_imports_its_own_modules_one_way():
         deps[m] = {n.split(".")[1] for n in imported_modules(tree)
                    if n.startswith("coursekit.") and n.split(".")[1] in modules} - {m}
     assert_no_cycle(deps)
+
+
+def _log_axes_and_tick_setters(tree):
+    """The calls of a cell that put an axis on a log scale, and those that set ticks."""
+    logs, ticks = [], []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+            continue
+        name = node.func.attr
+        literal = [a.value for a in node.args if isinstance(a, ast.Constant)]
+        if name in ("loglog", "semilogx", "semilogy") or (name in ("set_xscale", "set_yscale") and "log" in literal):
+            logs.append(name)
+        if name == "set" and any(k.arg in ("xscale", "yscale") and isinstance(k.value, ast.Constant)
+                                 and k.value.value == "log" for k in node.keywords):
+            logs.append("set(xscale/yscale='log')")
+        if name in ("set_xticks", "set_yticks"):
+            ticks.append(name)
+    return logs, ticks
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_ticks_on_a_log_axis_are_set_with_log_axis(path):
+    """Ticks a lab sets on a log axis by hand share it with matplotlib's minor labels (3x10^1, ...)."""
+    for i, cell in enumerate(load_notebook(path)["cells"]):
+        if cell["cell_type"] != "code":
+            continue
+        logs, ticks = _log_axes_and_tick_setters(parse_cell(cell_source(cell)))
+        assert not (logs and ticks), (
+            f"cell {i} sets ticks ({ticks}) beside a log scale ({logs}): use "
+            "normlab.runtime.plotting.log_axis(ax, axis, ticks=...)")
+
+
+def test_the_log_axis_rule_sees_the_pattern_it_forbids():
+    src = 'ax.set(xscale="log", xlabel="B")\nax.set_xticks(sizes, [str(s) for s in sizes])'
+    assert _log_axes_and_tick_setters(parse_cell(src)) == (["set(xscale/yscale='log')"], ["set_xticks"])
+    assert _log_axes_and_tick_setters(parse_cell('ax.loglog(b, m)\nlog_axis(ax, "x", ticks=b)')) == (["loglog"], [])

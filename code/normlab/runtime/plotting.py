@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import matplotlib as mpl
+from matplotlib import ticker
 
-__all__ = ["OKABE_ITO", "COLORS", "color", "use_style"]
+__all__ = ["OKABE_ITO", "COLORS", "color", "use_style", "log_axis"]
 
 # Okabe & Ito's palette, distinguishable under the common colour-vision deficiencies.
 OKABE_ITO = {
@@ -81,3 +82,22 @@ def use_style() -> None:
             "font.size": 10,
         }
     )
+
+
+def log_axis(ax, axis: str = "x", ticks=None) -> None:
+    """Put one axis of ``ax`` on a log scale, labelled in plain numbers and with no minor ticks.
+
+    ticks: where the labels go, e.g. the batch sizes a sweep ran; by default 1, 2 and 5 times each
+    power of ten. Matplotlib's own log axis labels its minor ticks (as 3x10^1, 6x10^-1) when it
+    spans about a decade, and those labels overprint ticks a lab sets itself.
+    """
+    if axis not in ("x", "y"):
+        raise ValueError(f"axis must be 'x' or 'y', got {axis!r}")
+    getattr(ax, f"set_{axis}scale")("log")
+    which = ax.xaxis if axis == "x" else ax.yaxis
+    if ticks is None:
+        which.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    else:
+        which.set_major_locator(ticker.FixedLocator([float(t) for t in ticks]))
+    which.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    which.set_minor_locator(ticker.NullLocator())
