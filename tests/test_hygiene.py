@@ -243,3 +243,33 @@ def test_no_code_line_is_wider_than_the_page(path):
         if cell["cell_type"] == "code":
             wide = [line for line in cell_source(cell).splitlines() if len(line) > 88]
             assert not wide, f"cell {i} has lines over 88 characters: {wide}"
+
+
+def _bar_axis_floors(tree):
+    """The lower y-limits (ylim=(lo, ...), set_ylim(lo, ...)) of a cell that draws bars; None if it draws none."""
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)]
+    if not any(c.func.attr in ("bar", "barh") for c in calls):
+        return None
+    floors = []
+    for c in calls:
+        if c.func.attr == "set_ylim" and c.args:
+            floors.append(c.args[0])
+        floors += [k.value.elts[0] for k in c.keywords
+                   if k.arg == "ylim" and isinstance(k.value, ast.Tuple) and k.value.elts]
+    return [ast.literal_eval(f) if isinstance(f, ast.Constant) else ast.unparse(f) for f in floors]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_bar_charts_start_at_zero(path):
+    """A bar's length is its value: an axis cut at 0.4 makes a two-point difference look like a doubling."""
+    for i, cell in enumerate(load_notebook(path)["cells"]):
+        if cell["cell_type"] != "code":
+            continue
+        floors = _bar_axis_floors(parse_cell(cell_source(cell))) or []
+        assert all(f in (0, None) for f in floors), f"cell {i} draws bars on an axis cut at {floors}"
+
+
+def test_the_bar_rule_sees_a_cut_axis():
+    src = "ax.bar(0, 0.9)\nax.set(ylim=(0.4, None))\nax2.set_ylim(lo - 5, None)"
+    assert sorted(map(str, _bar_axis_floors(parse_cell(src)))) == ["0.4", "lo - 5"]
+    assert _bar_axis_floors(parse_cell("ax.plot([1], [2])\nax.set(ylim=(0.4, 1))")) is None

@@ -15,6 +15,7 @@ import http.server
 import re
 import shutil
 import threading
+import urllib.request
 from pathlib import Path
 from urllib.parse import unquote, urldefrag, urljoin, urlparse
 
@@ -88,6 +89,7 @@ _COLLECT = """() => ({
     svgLinks: [...document.querySelectorAll('svg a')].map(a => a.getAttribute('xlink:href') || a.getAttribute('href')),
     ids: [...document.querySelectorAll('[id]')].map(e => e.id),
     text: document.body.innerText,
+    icon: (document.querySelector('link[rel~="icon"]') || {}).href || null,
 })"""
 
 
@@ -100,7 +102,7 @@ def observe(site, doc, servers, browser):
     url = servers[site] + doc + ".html"
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     page = context.new_page()
-    seen = {"url": url, "console": [], "offsite": [], "pageerrors": []}
+    seen = {"url": url, "console": [], "offsite": [], "pageerrors": [], "failed": []}
 
     def route(r):
         host = urlparse(r.request.url).hostname
@@ -113,6 +115,7 @@ def observe(site, doc, servers, browser):
     page.route("**/*", route)
     page.on("console", lambda m: seen["console"].append(m.text) if m.type == "error" else None)
     page.on("pageerror", lambda e: seen["pageerrors"].append(str(e)))
+    page.on("response", lambda r: seen["failed"].append(f"{r.status} {r.url}") if r.status >= 400 else None)
     try:
         page.goto(url, wait_until="load")
         page.evaluate("() => (window.MathJax && MathJax.startup) ? MathJax.startup.promise : null")
@@ -134,6 +137,11 @@ def test_page_loads_offline_with_no_console_error(site, doc, servers, browser):
     assert not seen["console"], f"console errors: {seen['console']}"
     assert not seen["pageerrors"], f"page errors: {seen['pageerrors']}"
     assert not seen["offsite"], f"requests that leave 127.0.0.1: {seen['offsite']}"
+    assert not seen["failed"], f"requests the server answered with an error: {seen['failed']}"
+    # without an icon link, a browser asks for /favicon.ico, which the site does not have (404)
+    assert seen["icon"], "no <link rel=icon> on the page"
+    with urllib.request.urlopen(seen["icon"]) as icon:
+        assert icon.status == 200 and icon.read(), seen["icon"]
     broken = [src for src, ok in seen["images"] if not ok]
     assert not broken, f"images that did not load: {broken}"
     if seen["math"]:
