@@ -173,7 +173,7 @@ def course_map(root):
     rows = max(-y for _, y in pos.values()) / dy + 1
     fig, ax = plt.subplots(figsize=(2.9 * len(parts), 1.25 * rows + 1.5))
     for i, part in enumerate(parts):
-        ax.text(i * dx + width / 2, 0.75, part, ha="center", va="bottom", fontsize=11, weight="bold")
+        ax.text(i * dx + width / 2, 0.75, part, ha="center", va="bottom", fontsize=13, weight="bold")
     for ch in chs:
         x, y = pos[ch.folder]
         color = OKABE_ITO[PART_COLORS[parts.index(ch.part) % len(PART_COLORS)]]
@@ -183,10 +183,10 @@ def course_map(root):
         box.set_url(f"{ch.pages[0]}.html")
         ax.add_patch(box)
         words, lines = ch.title.split(), [""]
-        for w in words:  # wrap the title at about 24 characters
-            lines[-1:] = [lines[-1] + " " + w] if len(lines[-1] + w) < 24 else [lines[-1], w]
+        for w in words:  # wrap the title at about 21 characters
+            lines[-1:] = [lines[-1] + " " + w] if len(lines[-1] + w) < 21 else [lines[-1], w]
         label = ax.text(x + width / 2, y - height / 2, f"{ch.number}. " + "\n".join(s.strip() for s in lines),
-                        ha="center", va="center", fontsize=9.5)
+                        ha="center", va="center", fontsize=12)
         label.set_url(f"{ch.pages[0]}.html")
     for a, b in _direct(chs):
         (xa, ya), (xb, yb) = pos[a], pos[b]
