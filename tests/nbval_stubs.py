@@ -22,7 +22,7 @@ from __future__ import annotations
 import pytest
 from nbval.plugin import IPyNbCell
 
-from normlab.checks import NOT_ATTEMPTED, STUB, STUB_SUFFIX
+from normlab.checks import NOT_ATTEMPTED, STUB, STUB_SUFFIX, stub_messages
 
 _USES_REFERENCE = "has not passed its self-check yet"
 
@@ -45,7 +45,7 @@ class StubsReport(pytest.Item):
         printed = "\n".join(_printed(c) for c in self.cells)
         problems = []
         for cell in self.cells:
-            for _, message in STUB.findall(cell.cell.source):
+            for message in stub_messages(cell.cell.source):
                 said = f"{NOT_ATTEMPTED} {message.removesuffix(STUB_SUFFIX)}"
                 if said not in printed:
                     problems.append(f"no self-check said '{said}' (the stub is in {cell.name})")

@@ -227,3 +227,24 @@ def test_student_book_sources_keep_outputs_and_drop_solutions(tmp_path):
     assert (dest / "intro.md").exists() and (dest / "refs.bib").exists() and (dest / "_ext" / "ext.py").exists()
     page = (dest / "intro.md").read_text()
     assert "The key." not in page and "{solution}" not in page and "After." in page, "a page's solutions go"
+
+
+def test_a_stub_too_wide_for_one_line_splits_its_message_and_reads_back_whole():
+    from normlab.checks import STUB_SUFFIX, stub_messages
+
+    message = "Exercise 2: Statistics per time step, or per example" + STUB_SUFFIX
+    src = f"def f(x):\n    if x:\n        {BEGIN}\n        return x\n        {END}\n"
+    out = strip_solutions(src, message)
+    assert max(len(line) for line in out.splitlines()) <= 88
+    assert "' (write your solution here)'" in out  # the suffix stays one phrase
+    assert stub_messages(out) == [message]
+    assert stub_messages(strip_solutions(src, "Exercise 1: f")) == ["Exercise 1: f"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[str(p.relative_to(ROOT)) for p in NOTEBOOKS])
+def test_no_student_code_line_is_wider_than_the_page(path, student_dir):
+    student = load_notebook(student_dir / path.relative_to(ROOT / "chapters"))
+    for i, cell in enumerate(student["cells"]):
+        if cell["cell_type"] == "code":
+            wide = [line for line in cell_source(cell).splitlines() if len(line) > 88]
+            assert not wide, f"cell {i} of the student edition: {wide}"

@@ -32,6 +32,7 @@ from normlab.checks._common import SELF_CHECK as SELF_CHECK  # what a self-check
 from normlab.checks._common import STUB as STUB  # the student edition's stub, and its message's end
 from normlab.checks._common import STUB_SUFFIX as STUB_SUFFIX
 from normlab.checks._common import assert_close, passed, solution_or_reference
+from normlab.checks._common import stub_messages as stub_messages
 from normlab.checks.alternatives import (
     check_adain,
     check_group_norm,

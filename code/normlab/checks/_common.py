@@ -10,6 +10,7 @@ student edition's stub. The functions whose check passed are kept in one set for
 
 from __future__ import annotations
 
+import ast
 import functools
 import inspect
 import re
@@ -21,8 +22,9 @@ import numpy as np
 # grader, the student edition and the tests find them with this pattern.
 SELF_CHECK = re.compile(r"\bcheck_\w+\s*\(")
 # The student edition's stub: ``raise NotImplementedError("Exercise N: <title>" + STUB_SUFFIX)`` in
-# place of a solution (coursekit.student writes it; a check reports it without the suffix).
-STUB = re.compile(r"raise NotImplementedError\((['\"])(.*?)\1\)")
+# place of a solution (coursekit.student writes it, its message split over adjacent string literals
+# where one line would be wider than the page; a check reports it without the suffix).
+STUB = re.compile(r"raise NotImplementedError\(\s*((?:(?:'[^'\n]*'|\"[^\"\n]*\")\s*)+)\)")
 STUB_SUFFIX = " (write your solution here)"
 NOT_ATTEMPTED = "NOT ATTEMPTED"  # the grader (grade.py) and tests/nbval_stubs.py read this marker in the output
 _passed = weakref.WeakSet()  # the functions whose self-check passed in this session
@@ -59,9 +61,14 @@ def _raise_if_stub(fn):
         source = inspect.getsource(getattr(fn, "fn", fn))  # a triton kernel keeps its function in .fn
     except (OSError, TypeError):
         return
-    stub = STUB.search(source)
-    if stub:
-        raise NotImplementedError(stub.group(2))
+    messages = stub_messages(source)
+    if messages:
+        raise NotImplementedError(messages[0])
+
+
+def stub_messages(source: str) -> list:
+    """The messages of the student edition's stubs in ``source``, in order (adjacent literals joined)."""
+    return [ast.literal_eval(f"({m.group(1)})") for m in STUB.finditer(source)]
 
 
 def passed(fn) -> bool:

@@ -47,6 +47,22 @@ _EXERCISE = re.compile(r"^[`:]{3,}\{exercise\}[ \t]*(.*)$", re.MULTILINE)
 _SOLUTION = re.compile(r"^(?P<fence>`{3,}|:{3,})\{solution\}.*?^(?P=fence)[ \t]*$\n?", re.MULTILINE | re.DOTALL)
 
 
+def _stub(indent: str, message: str, width: int = 88) -> str:
+    """``raise NotImplementedError(message)`` at ``indent``: one line where it fits in ``width``
+    characters (ruff's line length for notebooks), else the message split at spaces into adjacent
+    string literals, one per line (the suffix whole: the student website shows it as one phrase)."""
+    line = f"{indent}raise NotImplementedError({message!r})\n"
+    if len(line) <= width + 1:
+        return line
+    room, parts = width - len(indent) - 7, [""]  # 4 spaces of indentation, the quotes and ")"
+    head = message.removesuffix(STUB_SUFFIX)
+    words = re.split(r"(?= )", head) + ([STUB_SUFFIX] if head != message else [])
+    for word in words:  # each word keeps the space before it
+        parts[-1:] = [parts[-1] + word] if len(parts[-1] + word) <= room or not parts[-1] else [parts[-1], word]
+    # the parenthesis closes on the last literal's line: a line of ")" alone could be a solution's
+    return f"{indent}raise NotImplementedError(\n" + "\n".join(f"{indent}    {p!r}" for p in parts) + ")\n"
+
+
 def strip_solutions(source: str, message: str) -> str:
     """Replace each BEGIN/END SOLUTION block of one cell's source with a NotImplementedError stub."""
     out, inside = [], False
@@ -57,7 +73,7 @@ def strip_solutions(source: str, message: str) -> str:
                 raise ValueError(f"line {lineno}: '{BEGIN}' inside another solution block")
             inside = True
             indent = line[: len(line) - len(line.lstrip())]
-            out.append(f"{indent}raise NotImplementedError({message!r})\n")
+            out.append(_stub(indent, message))
         elif stripped == END:
             if not inside:
                 raise ValueError(f"line {lineno}: '{END}' without a '{BEGIN}' before it")
