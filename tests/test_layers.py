@@ -18,7 +18,7 @@ import pytest
 from conftest import ROOT, assert_no_cycle
 
 PACKAGE = ROOT / "code" / "normlab"
-LIBRARY = {"scratch", "functional", "nn", "kernels", "stats", "fold", "adapt", "distributed", "_validate"}
+LIBRARY = {"scratch", "functional", "nn", "kernels", "stats", "fold", "adapt", "distributed", "normfree", "_validate"}
 RUNTIME = {"normlab", "runtime"}  # the package itself (setup) and normlab.runtime
 CHAPTERS = {"experiments": 3, "checks": 4}  # two sublayers of the chapters' layer: checks above experiments
 

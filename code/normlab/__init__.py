@@ -15,9 +15,9 @@ test`` runs two notebooks side by side with ``OMP_NUM_THREADS=1`` each, one per 
 
 Its folders show its layers, each importing only from those before it: the BN library (the
 modules in this folder: ``scratch``, ``functional``, ``nn``, ``kernels``, ``stats``, ``fold``,
-``adapt``, ``distributed``); the notebook runtime (``normlab.runtime``: data, training loops,
-figures, timing, evidence, claims, glue; ``setup`` here is its entry point); the chapters
-(``normlab.experiments``, then ``normlab.checks``). ``code/README.md`` has the table.
+``adapt``, ``distributed``, ``normfree``); the notebook runtime (``normlab.runtime``: data,
+training loops, diagnostics, figures, timing, evidence, claims, glue; ``setup`` here is its entry
+point); the chapters (``normlab.experiments``, then ``normlab.checks``). ``code/README.md`` has the table.
 
 This package is what a student installs (Colab: ``pip install normlab`` from ``code/``), so it holds
 only what the notebooks use. The maintainers' tooling (the course map and timings, the student

@@ -19,7 +19,8 @@ call them from here (``checks.check_forward(...)``), which re-exports them all:
 - ``alternatives``: The alternatives: LayerNorm, InstanceNorm, GroupNorm, RMSNorm;
 - ``transfer``: Batch norm and transfer learning;
 - ``gpu``: Batch norm on the GPU: fused Triton kernels;
-- ``distributed``: Batch norm across devices.
+- ``distributed``: Batch norm across devices;
+- ``beyond``: Beyond batch norm: deep networks without it.
 
 Each module's docstring says which lab calls which check. ``_common`` holds what they share: the
 ``_self_check`` decorator that makes a ``check_*`` a self-check, one record of the functions that
@@ -41,6 +42,7 @@ from normlab.checks.alternatives import (
     check_steps_to_target,
     check_style_loss,
 )
+from normlab.checks.beyond import check_bn_output_std, check_record_outputs
 from normlab.checks.covariate_shift import check_block_growth, check_drift_ratio, check_largest_rate, check_noise
 from normlab.checks.distributed import check_merge_moments, check_sync_backward
 from normlab.checks.gpu import check_chan_merge, check_channel_sums, check_triton_sums
@@ -114,4 +116,6 @@ __all__ = [
     "check_beta_for_fraction",
     "check_freeze_bn",
     "check_set_mode",
+    "check_record_outputs",
+    "check_bn_output_std",
 ]

@@ -2,6 +2,7 @@
 
 ``data`` (datasets as train/test ``Split``s), ``train`` (one network's training loop and
 accuracy), ``ensemble`` (many small networks trained as one, for claims over seeds),
+``diagnostics`` (per-layer activations, gradients and update ratios, recorded through hooks),
 ``plotting`` (the course's figure style and palette), ``bench`` (timing that holds on a busy
 machine), ``evidence`` (paired comparisons with intervals), ``claims`` (the registry of the
 course's claims), ``glue`` (values the pages show) and ``gpu_bench`` (Chapter 8's recorded GPU

@@ -56,6 +56,8 @@ COLORS = {
     # Chapter 9: per-device BN under data parallelism, synchronized BN.
     "local": OKABE_ITO["vermillion"],
     "sync": OKABE_ITO["blue"],
+    # Chapter 10: a plain network at its activation's gain (at torch's default init it is "plain").
+    "gain": OKABE_ITO["orange"],
 }
 
 
