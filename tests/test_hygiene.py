@@ -273,3 +273,26 @@ def test_the_bar_rule_sees_a_cut_axis():
     src = "ax.bar(0, 0.9)\nax.set(ylim=(0.4, None))\nax2.set_ylim(lo - 5, None)"
     assert sorted(map(str, _bar_axis_floors(parse_cell(src)))) == ["0.4", "lo - 5"]
     assert _bar_axis_floors(parse_cell("ax.plot([1], [2])\nax.set(ylim=(0.4, 1))")) is None
+
+
+FIGURE = re.compile(r"\bplt\.(subplots|figure)\(")  # a cell that draws a figure
+FILLER = re.compile(r"^(a |an |the )?(plot|figure|image|graph|chart) (of|showing)\b", re.IGNORECASE)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_every_figure_has_a_text_alternative_that_says_what_it_shows(path):
+    """The website's <img> of a figure takes its alt text from the cell's ``mystnb.image.alt`` (myst-nb);
+    without it, the alt is the image's file path. The text says what the figure shows, not "a plot"."""
+    for cell in load_notebook(path)["cells"]:
+        if cell["cell_type"] != "code" or not FIGURE.search(cell_source(cell)):
+            continue
+        alt = cell.get("metadata", {}).get("mystnb", {}).get("image", {}).get("alt", "")
+        assert len(alt) >= 60, f"cell {cell['id']} draws a figure without a text alternative (mystnb.image.alt)"
+        assert len(alt) <= 300, f"cell {cell['id']}: the alt text runs to {len(alt)} characters (at most 300)"
+        assert not FILLER.match(alt), f"cell {cell['id']}: the alt text opens with filler: {alt[:40]!r}"
+
+
+def test_the_alt_text_rule_sees_filler_and_figures():
+    assert FILLER.match("A plot of accuracy") and FILLER.match("Image showing bars")
+    assert not FILLER.match("Test accuracy against step") and not FILLER.match("Image grid of digits")
+    assert FIGURE.search("fig, ax = plt.subplots(1, 2)") and not FIGURE.search("ax.plot(x, y)")

@@ -51,3 +51,63 @@ def test_log_axis_rejects_an_unknown_axis_and_color_an_unknown_method():
     plt.close(fig)
     with pytest.raises(ValueError, match="no colour"):
         color("dropconnect")
+
+
+# Colour-vision deficiencies: the palette under Machado et al.'s simulation.
+
+from itertools import combinations  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from normlab.runtime.plotting import COLORS, CVD, OKABE_ITO, delta_e, hex_to_rgb, simulate_cvd  # noqa: E402
+
+APART = 15.0  # CIE76 units; 2.3 is just noticeable, and thin lines and small markers need far more
+
+
+def test_the_simulation_keeps_greys_and_maps_red_and_green_together_for_a_deuteranope():
+    grey = np.array([0.5, 0.5, 0.5])
+    for kind in CVD:
+        np.testing.assert_allclose(simulate_cvd(grey, kind), grey, atol=2e-3)
+    red, green = hex_to_rgb("#d62728"), hex_to_rgb("#2ca02c")  # matplotlib's default red and green
+    assert delta_e(red, green) > 60
+    assert delta_e(simulate_cvd(red, "deuteranopia"), simulate_cvd(green, "deuteranopia")) < APART
+
+
+def _rendered_line_colours(hexes):
+    """Draw one thick line per colour, render the figure, and read each line's pixel colour back."""
+    fig, ax = plt.subplots(figsize=(2, 2), dpi=50)
+    for i, h in enumerate(hexes):
+        ax.plot([0, 1], [i, i], color=h, lw=8, solid_capstyle="butt")
+    ax.set(xlim=(0, 1), ylim=(-1, len(hexes)))
+    ax.axis("off")
+    fig.canvas.draw()
+    image = np.asarray(fig.canvas.buffer_rgba())[..., :3] / 255  # (H, W, 3)
+    to_pixel = ax.transData.transform
+    height = image.shape[0]
+    pixels = []
+    for i in range(len(hexes)):
+        x, y = to_pixel((0.5, i))
+        pixels.append(image[int(round(height - y)), int(round(x))])
+    plt.close(fig)
+    return np.array(pixels)
+
+
+@pytest.mark.parametrize("kind", sorted(CVD))
+def test_every_pair_of_the_books_colours_stays_apart_in_a_rendered_figure(kind):
+    hexes = sorted(set(COLORS.values()))
+    pixels = _rendered_line_colours(hexes)
+    np.testing.assert_allclose(pixels, [hex_to_rgb(h) for h in hexes], atol=2 / 255)  # the render is faithful
+    seen = simulate_cvd(pixels, kind)
+    names = {v: k for k, v in OKABE_ITO.items()}
+    close = [(names[hexes[a]], names[hexes[b]], round(float(delta_e(seen[a], seen[b])), 1))
+             for a, b in combinations(range(len(hexes)), 2) if delta_e(seen[a], seen[b]) < APART]
+    assert not close, f"under {kind}, these colours of the book come within {APART} of each other: {close}"
+
+
+def test_bad_cvd_arguments_are_named():
+    with pytest.raises(ValueError, match="kind"):
+        simulate_cvd([0.1, 0.2, 0.3], "monochromacy")
+    with pytest.raises(ValueError, match="axis of 3"):
+        simulate_cvd([0.1, 0.2], "protanopia")
+    with pytest.raises(ValueError, match="rrggbb"):
+        hex_to_rgb("#fff")

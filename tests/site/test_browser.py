@@ -8,6 +8,10 @@ site the Colab buttons open the notebook in the repository named in _config.yml;
 edition has none (they would open the solutions) and shows no solution. The preface's course map
 has a box, linking to its page, for every chapter. Each page is visited once per site; the tests
 read what that visit recorded.
+
+Accessibility: on every page of both editions, axe-core (the copy that the pinned
+axe-playwright-python bundles, injected into the page; no download) runs its WCAG 2.0 and 2.1 level
+A and AA rules, and any violation fails, naming the page, the rule and the elements.
 """
 
 import functools
@@ -20,6 +24,7 @@ from pathlib import Path
 from urllib.parse import unquote, urldefrag, urljoin, urlparse
 
 import pytest
+from axe_playwright_python.base import AXE_SCRIPT
 
 from conftest import ROOT, cell_source, load_notebook, toc_files
 from coursekit.course import chapters
@@ -41,6 +46,9 @@ PAGES = toc_files()
 NOTEBOOK_PAGES = [d for d in PAGES if (ROOT / f"{d}.ipynb").exists()]
 CASES = [(site, doc) for site in SITES for doc in PAGES]
 IDS = [f"{site}:{doc}" for site, doc in CASES]
+WCAG = ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa"]  # axe-core's tags for WCAG 2.0/2.1, levels A and AA
+_AXE = """(tags) => axe.run(document, {runOnly: {type: 'tag', values: tags}, resultTypes: ['violations']})
+    .then(r => r.violations.map(v => ({id: v.id, help: v.help, targets: v.nodes.map(n => n.target.join(' '))})))"""
 
 
 class Quiet(http.server.SimpleHTTPRequestHandler):
@@ -90,7 +98,17 @@ _COLLECT = """() => ({
     ids: [...document.querySelectorAll('[id]')].map(e => e.id),
     text: document.body.innerText,
     icon: (document.querySelector('link[rel~="icon"]') || {}).href || null,
+    alts: [...document.images].map(i => [i.getAttribute('src'), i.getAttribute('alt')]),
+    svgs: [...document.querySelectorAll('svg[role="img"]:not([aria-hidden="true"])')].map(s =>
+        s.getAttribute('aria-label') || (s.querySelector('title') || {}).textContent
+        || (document.getElementById(s.getAttribute('aria-labelledby')) || {}).textContent || ''),
 })"""
+
+
+def axe_violations(page):
+    """Run axe-core's WCAG 2.1 A/AA rules on the loaded page; return its violations (id, help, targets)."""
+    page.evaluate(AXE_SCRIPT)
+    return page.evaluate(_AXE, WCAG)
 
 
 def observe(site, doc, servers, browser):
@@ -113,9 +131,14 @@ def observe(site, doc, servers, browser):
             r.abort()
 
     page.route("**/*", route)
-    page.on("console", lambda m: seen["console"].append(m.text) if m.type == "error" else None)
-    page.on("pageerror", lambda e: seen["pageerrors"].append(str(e)))
-    page.on("response", lambda r: seen["failed"].append(f"{r.status} {r.url}") if r.status >= 400 else None)
+    # What axe does once the page is recorded is not the page's: its CSSOM preload resolves the
+    # theme's `@import "../basic.css"` against the site's root and asks for a /basic.css that no
+    # page links. So the logs stop at `seen["done"]`.
+    seen["done"] = False
+    page.on("console", lambda m: seen["console"].append(m.text) if m.type == "error" and not seen["done"] else None)
+    page.on("pageerror", lambda e: None if seen["done"] else seen["pageerrors"].append(str(e)))
+    page.on("response", lambda r: seen["failed"].append(f"{r.status} {r.url}")
+            if r.status >= 400 and not seen["done"] else None)
     try:
         page.goto(url, wait_until="load")
         page.evaluate("() => (window.MathJax && MathJax.startup) ? MathJax.startup.promise : null")
@@ -124,6 +147,8 @@ def observe(site, doc, servers, browser):
         shot.parent.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(shot), full_page=False)
         seen.update(page.evaluate(_COLLECT))
+        seen["done"] = True
+        seen["axe"] = axe_violations(page)
     finally:
         context.close()
     _SEEN[site, doc] = seen
@@ -146,6 +171,113 @@ def test_page_loads_offline_with_no_console_error(site, doc, servers, browser):
     assert not broken, f"images that did not load: {broken}"
     if seen["math"]:
         assert seen["typeset"] >= seen["math"], f"{seen['math']} math elements but {seen['typeset']} typeset"
+
+
+@pytest.mark.parametrize("site, doc", CASES, ids=IDS)
+def test_every_image_has_a_text_alternative(site, doc, servers, browser):
+    """axe accepts any alt; a file name read aloud tells a reader nothing, so it counts as none."""
+    seen = observe(site, doc, servers, browser)
+    bare = [src for src, alt in seen["alts"] if not (alt or "").strip() or alt.strip() == src
+            or re.search(r"_images/|\.(png|svg|jpe?g|gif)$", alt.strip(), re.IGNORECASE)]
+    assert not bare, f"{site}:{doc}: images whose alt text is missing or a file name: {bare}"
+    assert all(label.strip() for label in seen["svgs"]), f"{site}:{doc}: an SVG image without a name"
+
+
+@pytest.mark.parametrize("site, doc", CASES, ids=IDS)
+def test_page_meets_wcag_21_aa_by_axe(site, doc, servers, browser):
+    seen = observe(site, doc, servers, browser)
+    found = [f"{v['id']} ({v['help']}): {'; '.join(v['targets'][:5])}" for v in seen["axe"]]
+    assert not found, f"{site}:{doc} breaks axe-core's WCAG 2.1 A/AA rules:\n" + "\n".join(found)
+
+
+def test_axe_finds_what_it_should(browser):
+    """The accessibility check can fail: an image with no text alternative, a nameless button and
+    light grey text are each reported."""
+    page = browser.new_page()
+    try:
+        page.set_content(
+            '<html lang="en"><head><title>t</title></head><body><main><h1>t</h1><img src="data:,">'
+            '<button></button><p style="color:#bbb;background:#fff">faint</p></main></body></html>'
+        )
+        rules = {v["id"] for v in axe_violations(page)}
+    finally:
+        page.close()
+    assert {"image-alt", "button-name", "color-contrast"} <= rules, rules
+
+
+# Keyboard: the controls a reader can see (links, buttons, disclosure toggles, fields) are marked,
+# then the test presses Tab until every one has had the focus, noting any whose focus shows no
+# outline or shadow (on itself or inside it: the sidebar's toggles outline their chevron).
+_CONTROLS = """() => {
+    const els = [...document.querySelectorAll('a[href], button, summary, input, select, textarea, [tabindex]')]
+        .filter(e => !e.disabled && e.getAttribute('tabindex') !== '-1' && !e.closest('[inert]')
+                 && e.checkVisibility({checkOpacity: true, checkVisibilityCSS: true}));
+    els.forEach((e, i) => { e.dataset.kb = i; });
+    return els.map(e => e.tagName.toLowerCase() + ' '
+                        + (e.getAttribute('aria-label') || e.textContent.trim().slice(0, 40)));
+}"""
+_FOCUSED = """() => {
+    const e = document.activeElement;
+    if (!e || e === document.body || e.dataset.kb === undefined) return null;
+    const shows = x => { const c = getComputedStyle(x);
+        return (c.outlineStyle !== 'none' && parseFloat(c.outlineWidth) > 0) || c.boxShadow !== 'none'; };
+    return [Number(e.dataset.kb), shows(e) || [...e.querySelectorAll('*')].some(shows)];
+}"""
+KEYBOARD_PAGES = ["chapters/beyond/index", "chapters/beyond/lab_diagnostics"]
+
+
+@pytest.mark.parametrize("doc", KEYBOARD_PAGES)
+def test_keyboard_reaches_every_control_with_a_visible_focus(doc, servers, browser):
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    try:
+        page.goto(servers["main"] + doc + ".html", wait_until="load")
+        page.wait_for_load_state("networkidle")
+        controls = page.evaluate(_CONTROLS)
+        reached, unseen = set(), set()
+        for _ in range(2 * len(controls) + 20):
+            page.keyboard.press("Tab")
+            focused = page.evaluate(_FOCUSED)
+            if focused is not None:
+                reached.add(focused[0])
+                if not focused[1]:
+                    unseen.add(focused[0])
+    finally:
+        page.close()
+    assert len(controls) > 50, f"{doc}: only {len(controls)} controls found"
+    missing = [controls[i] for i in range(len(controls)) if i not in reached]
+    assert not missing, f"{doc}: Tab never reaches {missing}"
+    assert not unseen, f"{doc}: no visible focus on {[controls[i] for i in sorted(unseen)]}"
+
+
+@pytest.mark.parametrize("doc", KEYBOARD_PAGES)
+def test_keyboard_opens_a_solution_the_sidebar_and_the_launch_menu(doc, servers, browser):
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    try:
+        page.goto(servers["main"] + doc + ".html", wait_until="load")
+        page.wait_for_load_state("networkidle")
+        # a solution (sphinx-togglebutton): Enter on its toggle shows the hidden body
+        toggle = page.locator(".solution button.toggle-button").first
+        body = page.locator(".solution").first.locator("section, p").last
+        assert not body.is_visible()
+        toggle.focus()
+        page.keyboard.press("Enter")
+        page.wait_for_timeout(300)
+        assert body.is_visible(), "Enter on a solution's toggle does not open it"
+        # the sidebar: Enter on a chapter's fold toggle opens its list of pages
+        # (a handle, not a locator: once open, the locator would find the next closed one)
+        summary = page.locator(".bd-sidenav details:not([open]) > summary").first.element_handle()
+        summary.focus()
+        page.keyboard.press("Enter")
+        page.wait_for_timeout(100)
+        assert summary.evaluate("s => s.parentElement.open"), "Enter on a sidebar toggle does not unfold it"
+        if page.locator(".dropdown-launch-buttons").count():  # a lab page: the launch menu opens by keyboard
+            launch = page.locator(".dropdown-launch-buttons button.dropdown-toggle")
+            launch.focus()
+            page.keyboard.press("Enter")
+            page.wait_for_timeout(300)
+            assert page.locator(".dropdown-launch-buttons .dropdown-menu a").first.is_visible()
+    finally:
+        page.close()
 
 
 @pytest.mark.parametrize("site", SITES)
