@@ -689,7 +689,6 @@ def fit(
 
 
 @torch.no_grad()
-@torch.no_grad()
 def eval_logits(model: nn.Module, x) -> torch.Tensor:
     """``model(x)`` for a model in eval mode, run in chunks of ``EVAL_CHUNK`` examples.
 
