@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils import benchmark
 
 from normlab import nn as normlab_nn
 from normlab._validate import check_positive_int, is_int, is_number
@@ -318,15 +318,29 @@ def momentum_none_vs_ema(num_batches, *, batch_size=16, num_features=64, momentu
     return out
 
 
+def _cpu_seconds_per_call(fn, min_run_time):
+    """Return the CPU seconds of this process per call of ``fn``, over calls that use ``min_run_time`` of it."""
+    fn()  # warm-up: first-call allocations are not the steady cost
+    calls, start = 0, time.process_time()
+    while True:
+        fn()
+        calls += 1
+        used = time.process_time() - start
+        if used >= min_run_time:
+            return used / calls
+
+
 def fold_speedup(model, x, *, rounds=5, min_run_time=0.05, num_threads=1):
     """Time ``model`` and its folded copy on ``x`` in alternating rounds; return both times per round.
 
-    Each round measures each model with ``torch.utils.benchmark.Timer.blocked_autorange`` (the median
-    over blocks of calls) on ``num_threads`` threads, under ``torch.no_grad()``. Alternating the two
-    spreads a slow spell of the machine over both. Returns a dict of arrays of length ``rounds``:
-    ``"unfolded"`` and ``"folded"`` seconds per call, and ``"ratio"`` (unfolded / folded); and
-    ``"best_ratio"``, the ratio of the two best rounds: a busy machine only ever adds time, so the
-    fastest round of each is the least disturbed estimate of its cost.
+    Each round measures each model's CPU time per call (``time.process_time``: the processor time
+    this process uses, over enough calls to use ``min_run_time`` of it) on ``num_threads`` threads,
+    under ``torch.no_grad()``. CPU time leaves out the time the process waits while other programs
+    run, which wall-clock time counts: on a 2-core machine shared with two busy processes, the
+    fastest wall-clock round of a 100-microsecond forward pass was still off by 30%. Alternating
+    the two spreads what is left (caches shared with the other programs) over both. Returns a dict
+    of arrays of length ``rounds``: ``"unfolded"`` and ``"folded"`` seconds per call, and
+    ``"ratio"`` (unfolded / folded); and ``"best_ratio"``, the ratio of the two best rounds.
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -337,14 +351,15 @@ def fold_speedup(model, x, *, rounds=5, min_run_time=0.05, num_threads=1):
     unfolded = copy.deepcopy(model).eval()
     folded = fold_model(model)
     times = {"unfolded": [], "folded": []}
-    for _ in range(rounds):
-        for name, m in (("unfolded", unfolded), ("folded", folded)):
-            timer = benchmark.Timer(
-                stmt="with torch.no_grad(): m(x)",
-                globals={"torch": torch, "m": m, "x": x},
-                num_threads=num_threads,
-            )
-            times[name].append(timer.blocked_autorange(min_run_time=min_run_time).median)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        with torch.no_grad():
+            for _ in range(rounds):
+                for name, m in (("unfolded", unfolded), ("folded", folded)):
+                    times[name].append(_cpu_seconds_per_call(lambda m=m: m(x), min_run_time))
+    finally:
+        torch.set_num_threads(threads)
     out = {name: np.array(t) for name, t in times.items()}
     out["ratio"] = out["unfolded"] / out["folded"]
     out["best_ratio"] = float(out["unfolded"].min() / out["folded"].min())
