@@ -117,3 +117,115 @@ def test_check_bn_output_std_passes_the_reference_and_catches_a_missing_eps(caps
     assert "PASS" in capsys.readouterr().out
     with pytest.raises(AssertionError):
         checks.check_bn_output_std(lambda s, f, q, eps: np.sqrt(s**2 * f * q / (s**2 * f * q)))
+
+
+# lab_normfree: the residual network, its ensemble, AGC per member, De & Smith's prediction
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", list(by.METHODS))
+def test_the_stacked_resnets_compute_each_member_as_its_own_model(method):
+    models = [by.make_resnet(64, 10, method=method, blocks=3, width=16, seed=s) for s in (0, 1, 2)]
+    ens = by.stack_resnets(models).train()
+    x = torch.randn(20, 64, generator=torch.Generator().manual_seed(0))
+    out = ens(x).detach()
+    for k, m in enumerate(models):
+        ref = m.train()(x).detach()
+        torch.testing.assert_close(out[k], ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+
+
+def test_every_method_has_the_same_layout_and_the_depth_it_names():
+    for method in by.METHODS:
+        net = by.make_resnet(64, 10, method=method, blocks=5, width=16)
+        n_weights = sum(isinstance(m, nn.Linear) for m in net.modules())
+        assert n_weights == 2 * 5 + 2, method
+    with pytest.raises(ValueError, match="method"):
+        by.make_resnet(64, 10, method="layernorm")
+
+
+def test_skipinit_and_fixup_start_every_block_as_the_identity():
+    x = torch.randn(16, 64, generator=torch.Generator().manual_seed(1))
+    for method in ("skipinit", "fixup"):
+        net = by.make_resnet(64, 10, method=method, blocks=4, width=16, seed=3)
+        h = net.stem(x)
+        for block in net.blocks:
+            torch.testing.assert_close(block(h), h)
+    fixup = by.make_resnet(64, 10, method="fixup", blocks=4, width=16, seed=3)
+    assert float(fixup.head[-1].weight.detach().abs().max()) == 0.0  # Fixup's classifier starts at zero
+    inner = fixup.blocks[0].branch[3].weight  # the branch's first layer: He's scale times L^(-1/2)
+    assert abs(float(inner.detach().std()) / (math.sqrt(2 / 16) * 4**-0.5) - 1) < 0.25
+
+
+def test_nf_blocks_divide_by_the_expected_std_and_scale_by_alpha():
+    net = by.make_resnet(64, 10, method="nf", blocks=4, width=16)
+    assert [round(b.beta**2, 6) for b in net.blocks] == [round(1 + i * by.NF_ALPHA**2, 6) for i in range(4)]
+    assert all(b.scale == by.NF_ALPHA for b in net.blocks)
+
+
+def test_clip_members_clips_each_member_as_agc_clips_its_model_alone():
+    from normlab.normfree import adaptive_grad_clip_
+
+    models = [by.make_resnet(64, 10, method="nf", blocks=2, width=8, seed=s) for s in (0, 1)]
+    ens = by.stack_resnets(models).train()
+    x = torch.randn(12, 64, generator=torch.Generator().manual_seed(2))
+    y = torch.randint(0, 10, (12,), generator=torch.Generator().manual_seed(3))
+    (ens(x) * 50).logsumexp(-1).sum().backward()  # large gradients: many units get clipped
+    by.clip_members_(ens, clipping=0.01)
+    clipped = False
+    for k, m in enumerate(models):
+        (m.train()(x) * 50).logsumexp(-1).sum().backward()
+        before = [p.grad.clone() for p in m.parameters()]
+        adaptive_grad_clip_([p for name, p in m.named_parameters() if not name.startswith("head")], 0.01)
+        clipped |= any(not torch.equal(b, p.grad) for b, p in zip(before, m.parameters()))
+        member = ensemble_member_grads(ens, k)
+        torch.testing.assert_close(member["stem.weight"], m.stem.weight.grad, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(member["branch.weight"], m.blocks[1].branch[3].weight.grad, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(member["branch.gain"], m.blocks[1].branch[3].gain.grad, rtol=1e-4, atol=1e-7)
+    assert clipped  # the case clips something, so the comparison means something
+    del y
+
+
+def ensemble_member_grads(ens, k):
+    """Member k's gradients of the stem's weight and of block 1's second linear layer, in nn.Linear's layout."""
+    branch = ens[2].branch[3]  # block 1 (ens[0] is the stem): ReLU, layer, ReLU, layer
+    return {"stem.weight": ens[0].weight.grad[k].T, "branch.weight": branch.weight.grad[k].T,
+            "branch.gain": branch.gain.grad[k, 0]}
+
+
+def test_bn_share_follows_the_mean_square_that_each_block_adds():
+    share = by.bn_share(2.0, 3)
+    np.testing.assert_allclose(share, [1 / 3, 1 / 4, 1 / 5])
+    assert by.bn_share(np.array([1.0, 2.0]), 2).shape == (2, 2)
+
+
+def test_a_bn_resnet_at_initialization_follows_de_and_smiths_prediction(digits):
+    r = by.residual_signal(digits, ["bn", "none", "skipinit"], [0, 1], blocks=6, width=32)
+    bn = r["bn"]
+    ratio = np.median(bn["share"] / by.bn_share(bn["skip"][:, 0], 6), axis=0)
+    assert np.all(abs(ratio - 1) < 0.3)
+    assert abs(np.median(r["none"]["share"]) - 0.5) < 0.1  # He init without BN: g = 2 per block, half each
+    assert np.all(r["skipinit"]["share"] == 0)
+    np.testing.assert_allclose(r["skipinit"]["skip"], r["skipinit"]["skip"][:, :1].repeat(7, 1), rtol=1e-6)
+
+
+def test_fit_resnets_returns_one_result_per_rate_and_seed(digits):
+    r = by.fit_resnets(digits, "nf", [0, 1], lrs=[0.05, 0.1], blocks=2, width=8, steps=5, progress=False)
+    assert r["test_acc"].shape == r["train_loss"].shape == (2, 2)
+    assert np.all(np.isfinite(r["train_loss"]))
+
+
+def test_check_bn_share_and_check_agc_pass_the_references_and_catch_mistakes(capsys):
+    checks.check_bn_share(by.bn_share)
+    checks.check_agc(reference_agc)
+    assert capsys.readouterr().out.count("PASS") == 2
+    with pytest.raises(AssertionError):
+        checks.check_bn_share(lambda q0, blocks: 1.0 / (q0 + np.arange(blocks)))  # off by one block
+    with pytest.raises(AssertionError):
+        checks.check_agc(lambda w, g, c, eps: g * torch.clamp(c * w.norm() / g.norm(), max=1.0))  # whole layer
+
+
+def reference_agc(weight, grad, clipping, eps):
+    w_norm = weight.norm(dim=1, keepdim=True).clamp_min(eps)
+    g_norm = grad.norm(dim=1, keepdim=True)
+    limit = clipping * w_norm
+    return torch.where(g_norm > limit, grad * limit / g_norm.clamp_min(1e-6), grad)

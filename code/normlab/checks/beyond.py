@@ -1,6 +1,7 @@
 """Self-checks of "Beyond batch norm: deep networks without it" (``chapters/beyond``).
 
 - ``lab_diagnostics.ipynb``: ``check_record_outputs``, ``check_bn_output_std``.
+- ``lab_normfree.ipynb``: ``check_bn_share``, ``check_agc``.
 """
 
 from __future__ import annotations
@@ -57,3 +58,51 @@ def check_bn_output_std(fn):
                      np.asarray(fn(scale, fan_in, q, eps), dtype=np.float64), bn_output_std(scale, fan_in, q, eps),
                      rtol=1e-9)
     _pass("BN output std", len(cases))
+
+
+@_self_check
+def check_bn_share(fn):
+    """Check ``fn(x0_mean_square, blocks) -> (blocks,)``: De & Smith's branch share of each BN block at init."""
+    from normlab.experiments.beyond import bn_share
+
+    cases = [(1.0, 4), (1.85, 12), (0.3, 1), (7.5, 30)]
+    for q0, blocks in cases:
+        got = np.asarray(fn(q0, blocks), dtype=np.float64)
+        if got.shape != (blocks,):
+            raise AssertionError(f"x_0 of mean square {q0}, {blocks} blocks: expected shape ({blocks},), got "
+                                 f"{got.shape}")
+        assert_close(f"branch shares for x_0 of mean square {q0}, {blocks} blocks", got, bn_share(q0, blocks),
+                     rtol=1e-9)
+    _pass("branch shares", len(cases))
+
+
+@_self_check
+def check_agc(fn):
+    """Check ``fn(weight, grad, clipping, eps) -> clipped grad``: adaptive gradient clipping of one (out, in) layer.
+
+    Compared with ``normlab.normfree.adaptive_grad_clip_`` on cases where no unit, some units and
+    every unit is clipped, and on a layer whose weights start at zero (eps decides). The inputs
+    may not change.
+    """
+    from normlab.normfree import adaptive_grad_clip_
+
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    grad = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    grad[:3] *= 0.001  # three units well under any threshold below
+    cases = [("no unit clipped", w, grad * 1e-3, 0.1, 1e-3), ("some units clipped", w, grad, 0.01, 1e-3),
+             ("every unit clipped", w, grad * 100, 0.01, 1e-3), ("zero weights: eps sets the limit",
+                                                                 torch.zeros(4, 3, dtype=torch.float64),
+                                                                 torch.ones(4, 3, dtype=torch.float64), 0.05, 1e-2)]
+    for desc, weight, gr, clipping, eps in cases:
+        expected = weight.clone()
+        expected.grad = gr.clone()
+        adaptive_grad_clip_([expected], clipping, eps)
+        w_in, g_in = weight.clone(), gr.clone()
+        got = fn(w_in, g_in, clipping, eps)
+        if not (torch.equal(w_in, weight) and torch.equal(g_in, gr)):
+            raise AssertionError(f"{desc}: your function changed its inputs; return a new tensor instead")
+        if not isinstance(got, torch.Tensor) or got.shape != gr.shape:
+            raise AssertionError(f"{desc}: expected a tensor of shape {tuple(gr.shape)}, got {got!r:.80}")
+        assert_close(f"{desc}: clipped gradient", got.detach().numpy(), expected.grad.numpy(), rtol=1e-9)
+    _pass("clipped gradients", len(cases))

@@ -335,6 +335,30 @@ REGISTRY = {c.key: c for c in [
                   "re-estimating BN statistics cut ResNet-50's ImageNet-C error from 76.7 to 62.2 mCE "
                   "{cite}`schneider2020improving`."),
     ),
+    Claim(
+        "future", "Batch normalization is likely to remain a fundamental component of deep networks.",
+        "chapters/beyond/lab_normfree.ipynb", "nf-train",
+        setup=("8x8 digits (1,347 train / 450 test, split by the seed). One pre-activation residual MLP of 12 blocks "
+               "(26 weight layers, width 32), kept trainable six ways: BN, no normalization, SkipInit, Fixup, weight "
+               "standardization with GroupNorm, and NF-ResNets' scaled weight standardization with adaptive gradient "
+               "clipping (0.1). SGD with momentum 0.9, batch 64, 150 steps, at each of the rates 0.03, 0.1 and 0.3; "
+               "each method at the rate with the lowest median final training loss; " + _SEEDS + "."),
+        measurement=("Test accuracy per seed: BN's minus each normalizer-free method's, each at its own rate. BN "
+                     "remains fundamental here if no method that drops it trains the network to a clearly higher "
+                     "accuracy: a non-inferiority test with a margin of 1 point, fixed before the run."),
+        criteria=(
+            _c("vs_fixup", "BN minus Fixup, 95% CI above -1 point", "above", -1.0),
+            _c("vs_skipinit", "BN minus SkipInit, 95% CI above -1 point", "above", -1.0),
+            _c("vs_ws_gn", "BN minus weight standardization with GroupNorm, 95% CI above -1 point", "above", -1.0),
+            _c("vs_nf", "BN minus NF with AGC, 95% CI above -1 point", "above", -1.0),
+        ),
+        at_scale=("Fixup trained residual networks of 10,000 layers without normalization {cite}`zhang2019fixup`; "
+                  "NFNets matched EfficientNet-B7's ImageNet accuracy while training up to 8.7 times faster, "
+                  "without BN {cite}`brock2021high`; transformers use LayerNorm {cite}`ba2016layer` or none "
+                  "{cite}`zhu2025transformers`."),
+        untested=("the future itself, and the models where BN was replaced: transformers, large-batch image "
+                  "models, small batches (Chapter 5)"),
+    ),
 ]}
 CLAIMS = {key: c.text for key, c in REGISTRY.items()}  # key -> the claim, in the order the seed text makes them
 

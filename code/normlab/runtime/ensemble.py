@@ -616,6 +616,7 @@ def fit(
     refresh_every: int | None = None,
     before_step=None,
     after_step=None,
+    before_update=None,
     progress: bool | None = None,
 ) -> np.ndarray:
     """Train every member with SGD on its own mini-batches; return the (K, steps) training losses.
@@ -631,7 +632,8 @@ def fit(
     population norm layers with ``precise_bn`` on the whole training set before the first step
     and every that many steps (default: every epoch, ``regularization.fit``'s schedule).
     before_step(step) and after_step(step, loss) run around each step (loss: (K,)), e.g. for a
-    schedule or a measurement. Leaves the ensemble in eval mode.
+    schedule or a measurement. before_update(ens) runs between the backward pass and the
+    optimizer's update (e.g. gradient clipping). Leaves the ensemble in eval mode.
     """
     K, n = ens.members, len(data.x_train)
     if batches is None:
@@ -678,6 +680,8 @@ def fit(
         loss = member_loss(ens(x), y)  # (K,)
         opt.zero_grad()
         loss.sum().backward()  # members share no weights: each gets the gradient of its own loss
+        if before_update is not None:
+            before_update(ens)
         opt.step()
         if populations and step % refresh_every == 0:
             refresh()

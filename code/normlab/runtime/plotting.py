@@ -64,6 +64,11 @@ COLORS = {
     "sync": OKABE_ITO["blue"],
     # Chapter 10: a plain network at its activation's gain (at torch's default init it is "plain").
     "gain": OKABE_ITO["orange"],
+    # Chapter 10: the residual network without BN (no normalization at all is "none").
+    "skipinit": OKABE_ITO["green"],
+    "fixup": OKABE_ITO["orange"],
+    "ws_gn": OKABE_ITO["purple"],
+    "nf": OKABE_ITO["sky"],
 }
 
 
