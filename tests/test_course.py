@@ -135,7 +135,9 @@ def test_recorded_quick_timings_cover_every_notebook_within_budget():
     assert sorted(record["seconds"]) == sorted(notebooks), "timings/quick.json is stale: run `make timings`"
     slow = {k: v for k, v in record["seconds"].items() if v > 60}
     assert not slow, f"notebooks over the 60 s budget: {slow}"
-    assert sum(record["seconds"].values()) <= 8 * 60, "all notebooks together exceed the 8-minute budget"
+    # COURSE.md's 8 minutes were set for nine chapters; Chapter 10's three labs (issue 23) need about
+    # 75 s, and no chapter's evidence was cut to make room: 9 minutes, as the README says.
+    assert sum(record["seconds"].values()) <= 9 * 60, "all notebooks together exceed the 9-minute budget"
 
 
 def test_the_instructor_guide_times_only_notebooks_that_exist():

@@ -229,3 +229,93 @@ def reference_agc(weight, grad, clipping, eps):
     g_norm = grad.norm(dim=1, keepdim=True)
     limit = clipping * w_norm
     return torch.where(g_norm > limit, grad * limit / g_norm.clamp_min(1e-6), grad)
+
+
+# lab_transformer: the tiny transformer, its norms and placements, stacked
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rows():
+    from normlab.experiments.alternatives import as_sequences
+
+    return as_sequences(load_digits(seed=0))
+
+
+@pytest.mark.parametrize("norm", list(by.TOKEN_NORMS))
+@pytest.mark.parametrize("place", by.PLACES)
+def test_the_stacked_transformer_computes_each_member_as_its_own_model(norm, place):
+    models = [by.TinyTransformer(8, 8, 10, norm=norm, place=place, width=16, layers=2, seed=s) for s in (0, 1, 2)]
+    ens = by.StackedTransformer(models)
+    x = torch.randn(6, 8, 8, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        out = ens(x)
+        for k, m in enumerate(models):
+            torch.testing.assert_close(out[k], m(x), rtol=1e-5, atol=1e-6)
+
+
+def test_rms_norm_is_torchs_and_layer_norm_without_the_mean():
+    x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(5)) + 2.0
+    ours = by.RMSNorm(16)
+    if hasattr(nn, "RMSNorm"):  # torch >= 2.4
+        torch.testing.assert_close(ours(x), nn.RMSNorm(16, eps=1e-5)(x))
+    centred = x - x.mean(-1, keepdim=True)
+    torch.testing.assert_close(by.RMSNorm(16)(centred), nn.LayerNorm(16)(x), rtol=1e-4, atol=1e-5)
+
+
+def test_post_ln_blocks_end_normalized_and_pre_ln_blocks_do_not():
+    x = 3 * torch.randn(4, 6, 16, generator=torch.Generator().manual_seed(6)) + 1
+    post = by.TransformerBlock(16, 2, "ln", "post")
+    pre = by.TransformerBlock(16, 2, "ln", "pre")
+    with torch.no_grad():
+        y = post(x)
+        torch.testing.assert_close(y.mean(-1), torch.zeros(4, 6), atol=1e-5, rtol=0)
+        assert float(pre(x).std(-1).mean()) > 2  # the residual stream keeps the input's scale
+    with pytest.raises(ValueError, match="place"):
+        by.TransformerBlock(16, 2, "ln", "middle")
+    with pytest.raises(ValueError, match="kind"):
+        by.make_token_norm("bn", 16)
+
+
+def test_init_gradients_gives_one_norm_per_block_and_seed(rows):
+    g = by.init_gradients(rows, [("ln", "pre"), ("dyt", "post")], [0, 1], layers=3)
+    assert set(g) == {("ln", "pre"), ("dyt", "post")}
+    assert all(v.shape == (2, 3) and np.all(v >= 0) for v in g.values())
+
+
+def test_fit_transformers_trains_every_seed_on_its_own_batches(rows):
+    r = by.fit_transformers(rows, [("rms", "pre")], [0, 1], steps=5, lr=3e-3, layers=1, width=16, progress=False)
+    res = r[("rms", "pre")]
+    assert res["test_acc"].shape == (2,) and res["loss"].shape == (2, 5)
+    assert not np.allclose(res["loss"][0], res["loss"][1])  # different seeds, different batches
+
+
+def test_check_block_placement_and_check_dyt_catch_mistakes(capsys):
+    with pytest.raises(AssertionError):  # every block treated as pre-LN
+        checks.check_block_placement(lambda x, b: x + b.attn(b.norm1(x)) + b.mlp(b.norm2(x + b.attn(b.norm1(x)))))
+    with pytest.raises(AssertionError):  # alpha left out
+        checks.check_dyt(lambda x, a, w, b: w * torch.tanh(x) + b)
+
+
+def test_frn_cnns_stack_into_an_ensemble_whose_members_are_the_models():
+    from normlab.experiments.alternatives import DigitCNN
+    from normlab.normfree import FilterResponseNorm2d
+    from normlab.runtime import ensemble
+
+    models = []
+    for s in (0, 1, 2):
+        torch.manual_seed(s)
+        models.append(DigitCNN("frn"))
+        with torch.no_grad():  # move tau and the affine off their initial values
+            for m in models[-1].modules():
+                if isinstance(m, FilterResponseNorm2d):
+                    m.tau.uniform_(-0.5, 0.5)
+                    m.weight.uniform_(0.5, 1.5)
+    assert not any(isinstance(m, nn.ReLU) for m in models[0])  # FRN's threshold replaces the ReLU
+    ens = ensemble.stack(models)
+    x = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        out = ens(x)
+        for k, m in enumerate(models):
+            torch.testing.assert_close(out[k], m(x), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(ensemble.member(ens, k)(x), m(x), rtol=1e-5, atol=1e-6)

@@ -42,7 +42,14 @@ from normlab.checks.alternatives import (
     check_steps_to_target,
     check_style_loss,
 )
-from normlab.checks.beyond import check_agc, check_bn_output_std, check_bn_share, check_record_outputs
+from normlab.checks.beyond import (
+    check_agc,
+    check_block_placement,
+    check_bn_output_std,
+    check_bn_share,
+    check_dyt,
+    check_record_outputs,
+)
 from normlab.checks.covariate_shift import check_block_growth, check_drift_ratio, check_largest_rate, check_noise
 from normlab.checks.distributed import check_merge_moments, check_sync_backward
 from normlab.checks.gpu import check_chan_merge, check_channel_sums, check_triton_sums
@@ -120,4 +127,6 @@ __all__ = [
     "check_bn_output_std",
     "check_bn_share",
     "check_agc",
+    "check_block_placement",
+    "check_dyt",
 ]

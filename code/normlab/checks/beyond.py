@@ -2,6 +2,7 @@
 
 - ``lab_diagnostics.ipynb``: ``check_record_outputs``, ``check_bn_output_std``.
 - ``lab_normfree.ipynb``: ``check_bn_share``, ``check_agc``.
+- ``lab_transformer.ipynb``: ``check_block_placement``, ``check_dyt``.
 """
 
 from __future__ import annotations
@@ -106,3 +107,50 @@ def check_agc(fn):
             raise AssertionError(f"{desc}: expected a tensor of shape {tuple(gr.shape)}, got {got!r:.80}")
         assert_close(f"{desc}: clipped gradient", got.detach().numpy(), expected.grad.numpy(), rtol=1e-9)
     _pass("clipped gradients", len(cases))
+
+
+@_self_check
+def check_block_placement(fn):
+    """Check ``fn(x, block) -> output``: a ``TransformerBlock``'s forward pass, pre-LN or post-LN, from its parts.
+
+    fn gets the block's input (N, T, D) and the block, and must use ``block.attn``, ``block.mlp``,
+    ``block.norm1``, ``block.norm2`` and ``block.place``; compared with the block's own forward.
+    """
+    from normlab.experiments.beyond import TransformerBlock
+
+    x = torch.randn(4, 5, 8, generator=torch.Generator().manual_seed(3))
+    cases = 0
+    for norm in ("ln", "dyt"):
+        for place in ("pre", "post"):
+            torch.manual_seed(cases)
+            block = TransformerBlock(8, 2, norm, place)
+            with torch.no_grad():
+                got = fn(x.clone(), block)
+                expected = block(x)
+            if not isinstance(got, torch.Tensor) or got.shape != expected.shape:
+                raise AssertionError(f"{norm}, {place}-LN: expected a tensor of shape {tuple(expected.shape)}")
+            assert_close(f"{norm} block, {place}-LN", got.numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
+            cases += 1
+    _pass("transformer blocks", cases)
+
+
+@_self_check
+def check_dyt(fn):
+    """Check ``fn(x, alpha, weight, bias) -> y``: Dynamic Tanh, against ``normlab.normfree.DyT``."""
+    from normlab.normfree import DyT
+
+    g = torch.Generator().manual_seed(7)
+    cases = [(torch.randn(3, 4, 6, generator=g), 0.5), (10 * torch.randn(2, 6, generator=g), 0.05),
+             (torch.randn(5, 6, generator=g), 2.0)]
+    for x, alpha in cases:
+        layer = DyT(6, alpha_init=alpha)
+        with torch.no_grad():
+            layer.weight.copy_(torch.linspace(0.5, 1.5, 6))
+            layer.bias.copy_(torch.linspace(-0.2, 0.3, 6))
+            expected = layer(x)
+            got = fn(x, layer.alpha.clone(), layer.weight.clone(), layer.bias.clone())
+        if not isinstance(got, torch.Tensor) or got.shape != x.shape:
+            raise AssertionError(f"input {tuple(x.shape)}, alpha {alpha}: expected a tensor of the input's shape")
+        assert_close(f"DyT of an input {tuple(x.shape)}, alpha {alpha}", got.numpy(), expected.numpy(), rtol=1e-6,
+                     atol=1e-7)
+    _pass("DyT outputs", len(cases))

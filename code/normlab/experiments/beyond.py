@@ -11,6 +11,12 @@ kept trainable six ways (``make_resnet``, ``METHODS``), measures what each block
 initialization (``residual_signal``, against De & Smith's prediction ``bn_share``), and trains
 every method's seeds and rates as one ensemble (``stack_resnets``, ``clip_members_``,
 ``fit_resnets``).
+
+The transformer lab (``chapters/beyond/lab_transformer.ipynb``) reads the digits row by row with a
+tiny transformer (``TinyTransformer``) whose per-token norm is LayerNorm, ``RMSNorm`` or DyT,
+placed before each sublayer or after it (``TransformerBlock``); ``init_gradients`` measures Xiong
+et al.'s gradients at initialization and ``fit_transformers`` trains the seeds as one
+``StackedTransformer``.
 """
 
 from __future__ import annotations
@@ -30,7 +36,9 @@ from normlab.runtime.diagnostics import Diagnostics, UpdateRatios
 
 __all__ = ["ACTIVATIONS", "GAINS", "INITS", "NETS", "METHODS", "NF_ALPHA", "GN_GROUPS", "budget", "seeds_for",
            "make_deep_mlp", "propagation", "update_ratios", "init_sweep", "bn_output_std", "Block", "ResidualMLP",
-           "make_resnet", "stack_resnets", "clip_members_", "fit_resnets", "residual_signal", "bn_share"]
+           "make_resnet", "stack_resnets", "clip_members_", "fit_resnets", "residual_signal", "bn_share",
+           "TOKEN_NORMS", "PLACES", "RMSNorm", "make_token_norm", "SelfAttention", "TransformerBlock",
+           "TinyTransformer", "StackedTransformer", "fit_transformers", "init_gradients"]
 
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU}
 # the gain that keeps a layer's output variance at its input's (torch.nn.init.calculate_gain)
@@ -44,10 +52,12 @@ def budget(scale: str) -> dict:
     """Return the lab's sizes at ``scale`` ("quick" or "full")."""
     if scale == "quick":
         return {"seeds": 8, "depth": 10, "width": 64, "train_steps": 150, "sweep_depth": 7, "sweep_width": 50,
-                "sweep_steps": 150, "res_blocks": 12, "res_width": 32, "res_steps": 150}
+                "sweep_steps": 150, "res_blocks": 12, "res_width": 32, "res_steps": 150, "tr_layers": 2,
+                "tr_width": 32, "tr_steps": 300, "tr_init_layers": 6}
     if scale == "full":
         return {"seeds": 20, "depth": 20, "width": 128, "train_steps": 1000, "sweep_depth": 7, "sweep_width": 100,
-                "sweep_steps": 1000, "res_blocks": 24, "res_width": 64, "res_steps": 1000}
+                "sweep_steps": 1000, "res_blocks": 24, "res_width": 64, "res_steps": 1000, "tr_layers": 4,
+                "tr_width": 64, "tr_steps": 2000, "tr_init_layers": 12}
     raise ValueError(f"scale must be 'quick' or 'full', got {scale!r}")
 
 
@@ -503,14 +513,31 @@ TOKEN_NORMS = {"ln": "LayerNorm", "rms": "RMSNorm", "dyt": "DyT"}
 PLACES = ("pre", "post")
 
 
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight over the last dim (Zhang & Sennrich 2019): LayerNorm without the mean.
+
+    ``torch.nn.RMSNorm`` computes the same from torch 2.4 on; the course keeps its own so that the
+    library runs on its torch floor (2.2). weight (width,) ones.
+    """
+
+    def __init__(self, width: int, eps: float = 1e-5):
+        super().__init__()
+        check_positive_int("width", width)
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(width))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
 def make_token_norm(kind: str, width: int) -> nn.Module:
-    """A per-token normalization of ``width`` features: ``nn.LayerNorm``, ``nn.RMSNorm`` or ``normfree.DyT``."""
+    """A per-token normalization of ``width`` features: ``nn.LayerNorm``, ``RMSNorm`` or ``normfree.DyT``."""
     from normlab import normfree
 
     if kind == "ln":
         return nn.LayerNorm(width)
     if kind == "rms":
-        return nn.RMSNorm(width, eps=1e-5)
+        return RMSNorm(width)
     if kind == "dyt":
         return normfree.DyT(width, alpha_init=0.5)
     raise ValueError(f"kind must be one of {tuple(TOKEN_NORMS)}, got {kind!r}")
@@ -587,7 +614,7 @@ class _StackedTokenNorm(nn.Module):
         from normlab import normfree
 
         first = norms[0]
-        self.kind = "dyt" if isinstance(first, normfree.DyT) else "rms" if isinstance(first, nn.RMSNorm) else "ln"
+        self.kind = "dyt" if isinstance(first, normfree.DyT) else "rms" if isinstance(first, RMSNorm) else "ln"
         self.eps = getattr(first, "eps", None)
         K = len(norms)
         self.weight = nn.Parameter(torch.stack([n.weight.detach() for n in norms]).reshape(K, 1, 1, -1).clone())
@@ -689,4 +716,29 @@ def fit_transformers(seqs: Split, configs, seeds, *, steps: int, lr: float, batc
         loss = ensemble.fit(ens, seqs, lr=lr, seeds=seeds, steps=steps, batch_size=batch_size, optimizer="adam",
                             progress=progress)
         out[(norm, place)] = {"test_acc": ensemble.accuracy(ens, seqs.x_test, seqs.y_test), "loss": loss}
+    return out
+
+
+def init_gradients(seqs: Split, configs, seeds, *, layers: int, width: int = 32, heads: int = 2,
+                   batch_size: int = 128, device="cpu") -> dict:
+    """Xiong et al.'s measurement at initialization: the gradient norm of each block's last MLP weight.
+
+    For each (norm, place) of ``configs`` and seed: a ``TinyTransformer`` of ``layers`` blocks, one
+    forward and backward pass of the cross-entropy on ``batch_size`` training sequences drawn by
+    the seed. Returns config -> (seeds, layers), the Frobenius norm of the gradient of every block's
+    second MLP layer (``mlp[2].weight``), first block first.
+    """
+    seqs = seqs.to(device)
+    _, tokens, features = seqs.x_train.shape
+    n = len(seqs.x_train)
+    out = {}
+    for norm, place in configs:
+        rows = []
+        for seed in seeds:
+            idx = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))[:batch_size]
+            model = TinyTransformer(features, tokens, seqs.num_classes, norm=norm, place=place, width=width,
+                                    heads=heads, layers=layers, seed=int(seed)).to(device)
+            F.cross_entropy(model(seqs.x_train[idx]), seqs.y_train[idx]).backward()
+            rows.append([float(b.mlp[2].weight.grad.norm()) for b in model.blocks])
+        out[(norm, place)] = np.array(rows)
     return out

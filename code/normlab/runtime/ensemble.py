@@ -45,6 +45,7 @@ from tqdm import tqdm
 
 from normlab import nn as normlab_nn
 from normlab._validate import check_positive_int, is_number
+from normlab.normfree import FilterResponseNorm2d
 from normlab.runtime.data import Split
 from normlab.runtime.train import device_of, show_progress
 from normlab.stats import is_batch_norm, precise_bn
@@ -353,7 +354,7 @@ def _stack_layer(layers, i):
         weight = torch.stack([layer.weight.detach().T for layer in layers]).contiguous()  # (K, in, out)
         bias = torch.stack([layer.bias.detach() for layer in layers]).unsqueeze(1).clone()  # (K, 1, out)
         return Linear(weight, bias)
-    if is_batch_norm(first):
+    if is_batch_norm(first) or isinstance(first, FilterResponseNorm2d):  # per-channel: members fold into channels
         if any(layer.num_features != first.num_features for layer in layers):
             raise ValueError(f"layer {i}: norm sizes differ between models")
         return Folded(_stack_norm(layers), K)
@@ -424,7 +425,8 @@ def stack(models) -> Ensemble:
 
     The models must have the same depth and the same layer sizes. Supported layers: ``nn.Linear``;
     batch norm modules of ``torch.nn`` and ``normlab.nn`` (1d: BatchNorm, GhostBatchNorm,
-    PopulationNorm, BatchRenorm; torch's 2d too), folded into channels; ``nn.LayerNorm`` and
+    PopulationNorm, BatchRenorm; torch's 2d too) and ``normlab.normfree.FilterResponseNorm2d``,
+    folded into channels; ``nn.LayerNorm`` and
     ``nn.GroupNorm``; element-wise layers (ReLU, Sigmoid, Tanh, GELU, Identity, Dropout);
     ``nn.Conv1d`` / ``nn.Conv2d`` (zero padding, no groups or dilation), ``nn.Flatten``,
     ``nn.Unflatten`` and pooling; ``normlab.nn.LastHidden`` (an LSTM reading (N, T, D)); any

@@ -69,6 +69,9 @@ COLORS = {
     "fixup": OKABE_ITO["orange"],
     "ws_gn": OKABE_ITO["purple"],
     "nf": OKABE_ITO["sky"],
+    # Chapter 10's transformer: RMSNorm and DyT beside LayerNorm ("ln").
+    "rms": OKABE_ITO["green"],
+    "dyt": OKABE_ITO["orange"],
 }
 
 
