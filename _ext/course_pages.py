@@ -14,6 +14,7 @@
 """
 
 import json
+import math
 import re
 
 from docutils import nodes
@@ -45,10 +46,15 @@ class CourseMap(SphinxDirective):
         self.env.note_dependency(str(root / "_toc.yml"))
         for ch in chapters(root):  # redraw when a chapter's links or title change
             self.env.note_dependency(str(root / f"{ch.pages[0]}.md"))
-        svg = course_map_svg(root).replace(
+        svg = course_map_svg(root)
+        # The SVG's user unit is matplotlib's point, and its labels are 12 units: drawn narrower than
+        # its own width in CSS pixels they fall below 12 px (about 8 px in the text column). So the
+        # map never shrinks below that width; a narrower column scrolls it sideways instead.
+        width = float(re.search(r'<svg[^>]*\bwidth="([\d.]+)pt"', svg).group(1))
+        svg = svg.replace(
             "<svg ",
-            '<svg style="max-width: 100%; height: auto" role="img" aria-label="The course map: chapters '
-            'by part, arrows from a chapter to those that build on it" ',
+            f'<svg style="max-width: 100%; min-width: {math.ceil(width)}px; height: auto" role="img" '
+            'aria-label="The course map: chapters by part, arrows from a chapter to those that build on it" ',
             1,
         )
         figure = nodes.container(classes=["course-map"])

@@ -319,3 +319,37 @@ def test_frn_cnns_stack_into_an_ensemble_whose_members_are_the_models():
         for k, m in enumerate(models):
             torch.testing.assert_close(out[k], m(x), rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(ensemble.member(ens, k)(x), m(x), rtol=1e-5, atol=1e-6)
+
+
+def test_weight_standardized_layers_stack_with_their_standardization():
+    """WSLinear and WSConv2d subclass torch's layers: stacked as those they would lose the standardization."""
+    from normlab.experiments.alternatives import DigitCNN
+    from normlab.normfree import ScaledWSLinear, WSConv2d, WSLinear
+    from normlab.runtime import ensemble
+
+    models = []
+    for s in (0, 1):
+        torch.manual_seed(s)
+        models.append(DigitCNN("ws_gn"))
+    assert isinstance(models[0][0], WSConv2d)
+    ens = ensemble.stack(models)
+    assert isinstance(ens[0], ensemble.StandardizedConv)
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        for k, m in enumerate(models):
+            torch.testing.assert_close(ens(x)[k], m(x), rtol=1e-5, atol=1e-6)
+            back = ensemble.member(ens, k)
+            assert isinstance(back[0], WSConv2d)
+            torch.testing.assert_close(back(x), m(x), rtol=1e-5, atol=1e-6)
+    for cls in (WSLinear, ScaledWSLinear):
+        mlps = []
+        for s in (0, 1):
+            torch.manual_seed(s)
+            mlps.append(nn.Sequential(cls(6, 5), nn.ReLU(), nn.Linear(5, 3)))
+        ens = ensemble.stack(mlps)
+        x = torch.randn(7, 6, generator=torch.Generator().manual_seed(10))
+        with torch.no_grad():
+            for k, m in enumerate(mlps):
+                torch.testing.assert_close(ens(x)[k], m(x), rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(ensemble.member(ens, k)(x), m(x), rtol=1e-5, atol=1e-6)
+                assert type(ensemble.member(ens, k)[0]) is cls

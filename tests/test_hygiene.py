@@ -110,6 +110,19 @@ def test_every_citation_key_exists_in_references_bib():
     assert keys <= bib, f"cited but not in references.bib: {sorted(keys - bib)}"
 
 
+def markdown_texts():
+    texts = [(p.name, p.read_text(encoding="utf-8")) for p in ROOT.glob("*.md")]
+    texts += [(str(p.relative_to(ROOT)), p.read_text(encoding="utf-8")) for p in (ROOT / "chapters").rglob("*.md")]
+    return texts
+
+
+def test_every_glue_from_another_page_names_a_format():
+    """myst-nb splits "nb.ipynb::key" at its last colon when no format follows, and finds no key."""
+    bare = [(name, m.group(0)) for name, text in markdown_texts()
+            for m in re.finditer(r"\{glue(?::\w+)?\}`[^`:]+::[^`:]+`", text)]
+    assert not bare, f"cross-page glue without a format (add :d, :s, :.1f ...): {bare}"
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
 def test_every_solution_block_is_closed_and_followed_by_a_self_check(path):
     cells = [c for c in load_notebook(path)["cells"]]

@@ -360,3 +360,21 @@ def test_course_map_has_every_chapter_and_links_to_it(servers, browser):
         assert f"{ch.pages[0]}.html" in seen["svgLinks"], f"the box of {ch.folder} does not link to its page"
     arrows = [i for i in seen["ids"] if i.startswith("builds-on-")]
     assert arrows, "the course map has no arrows"
+
+
+# Every label's rendered size: its font size in the SVG's user units times the units' scale on screen.
+_MAP_FONT_PX = """() => Array.from(document.querySelectorAll('.course-map-svg svg text'))
+    .map(t => parseFloat(getComputedStyle(t).fontSize) * t.getScreenCTM().a)"""
+
+
+@pytest.mark.parametrize("width", [1280, 390])
+def test_course_map_labels_render_at_12_px_at_least(width, servers, browser):
+    """At a desktop and a phone width the map's labels stay readable (it scrolls sideways instead)."""
+    page = browser.new_page(viewport={"width": width, "height": 900})
+    try:
+        page.goto(servers["main"] + "intro.html", wait_until="load")
+        sizes = page.evaluate(_MAP_FONT_PX)
+    finally:
+        page.close()
+    assert len(sizes) > len(chapters(ROOT)), f"found {len(sizes)} labels in the course map"
+    assert min(sizes) >= 11.9, f"the smallest course-map label renders at {min(sizes):.1f} px (at least 12 px)"

@@ -100,7 +100,8 @@ def make_norm(kind, channels, groups=4):
     'ln' is GroupNorm with one group (layer norm over (C, H, W), per-channel affine, as Wu & He
     define it for CNNs); 'in' is GroupNorm with C groups (instance norm with an affine). Chapter 10
     also takes 'frn': ``normlab.normfree.FilterResponseNorm2d``, whose learned threshold replaces
-    the ReLU (``DigitCNN`` leaves the ReLU out after it).
+    the ReLU (``DigitCNN`` leaves the ReLU out after it), and 'ws_gn': GroupNorm, to follow the
+    weight-standardized convolutions ``DigitCNN`` then uses (Qiao et al. 2019).
     """
     if kind == "none":
         return nn.Identity()
@@ -120,13 +121,16 @@ def make_norm(kind, channels, groups=4):
         from normlab.normfree import FilterResponseNorm2d
 
         return FilterResponseNorm2d(channels)
-    raise ValueError(f"kind must be one of {CNN_NORMS} or 'frn', got {kind!r}")
+    if kind == "ws_gn":  # the GroupNorm half; DigitCNN standardizes the convolutions' weights
+        return make_norm("gn", channels, groups)
+    raise ValueError(f"kind must be one of {CNN_NORMS}, 'frn' or 'ws_gn', got {kind!r}")
 
 
 class DigitCNN(nn.Sequential):
     """conv3x3(1->c1) - norm - ReLU - conv3x3 stride 2 (c1->c2) - norm - ReLU - flatten - linear.
 
     With norm "frn" each ReLU is left out: the FRN layer's thresholded linear unit takes its place.
+    With norm "ws_gn" the convolutions are ``normlab.normfree.WSConv2d``, followed by GroupNorm.
 
     Input (N, 1, 8, 8); the second convolution gives (N, c2, 4, 4), flattened for the linear layer
     (no global pooling: where a stroke is matters for a digit). An ``nn.Sequential``, so that
@@ -136,9 +140,13 @@ class DigitCNN(nn.Sequential):
     def __init__(self, norm="bn", c1=16, c2=32, classes=10, groups=4):
         bias = norm == "none"  # a shift before a mean-subtracting norm is cancelled by it
         act = nn.Identity if norm == "frn" else nn.ReLU  # FRN ends in its own thresholded unit
+        if norm == "ws_gn":
+            from normlab.normfree import WSConv2d as conv
+        else:
+            conv = nn.Conv2d
         super().__init__(
-            nn.Conv2d(1, c1, 3, padding=1, bias=bias), make_norm(norm, c1, groups), act(),
-            nn.Conv2d(c1, c2, 3, stride=2, padding=1, bias=bias), make_norm(norm, c2, groups), act(),
+            conv(1, c1, 3, padding=1, bias=bias), make_norm(norm, c1, groups), act(),
+            conv(c1, c2, 3, stride=2, padding=1, bias=bias), make_norm(norm, c2, groups), act(),
             nn.Flatten(), nn.Linear(c2 * 16, classes),  # (N, c2, 4, 4) -> (N, c2 * 16) -> (N, classes)
         )
 

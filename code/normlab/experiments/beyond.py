@@ -321,30 +321,6 @@ class _MemberScalar(nn.Module):
         return x + self.value if self.add else x * self.value
 
 
-class _StandardizedLinear(ensemble.Linear):
-    """K stacked ``normfree.WSLinear`` (gain None) or ``normfree.ScaledWSLinear`` layers.
-
-    weight (K, in, out) as ``ensemble.Linear`` stores it; each member's units are standardized by
-    the library's own functions, on the (K * out, in) matrix of all members' units.
-    """
-
-    def __init__(self, weight, bias, eps, gain=None, gamma=1.0):
-        super().__init__(weight, bias)
-        self.eps, self.gamma = eps, gamma
-        self.gain = None if gain is None else nn.Parameter(gain.clone())  # (K, 1, out)
-
-    def forward(self, x):
-        from normlab import normfree
-
-        K, d_in, d_out = self.weight.shape
-        rows = self.weight.transpose(1, 2).reshape(K * d_out, d_in)  # one row per unit of every member
-        if self.gain is None:
-            w = normfree.standardize_weight(rows, self.eps)
-        else:
-            w = normfree.scaled_standardize_weight(rows, self.gain.reshape(-1), self.gamma, self.eps)
-        return torch.baddbmm(self.bias, x, w.reshape(K, d_out, d_in).transpose(1, 2))
-
-
 class _StackedBlock(nn.Module):
     """K stacked ``Block`` modules: x + scale * branch(x / beta) on (K, N, D)."""
 
@@ -371,9 +347,9 @@ def _stack_leaf(layers):
             bias = torch.stack([m.bias.detach() for m in layers]).unsqueeze(1).clone()
         if isinstance(first, normfree.ScaledWSLinear):
             gain = torch.stack([m.gain.detach() for m in layers]).unsqueeze(1)  # (K, 1, out)
-            layer = _StandardizedLinear(weight, bias, first.eps, gain, first.gamma)
+            layer = ensemble.StandardizedLinear(weight, bias, first.eps, gain, first.gamma)
         elif isinstance(first, normfree.WSLinear):
-            layer = _StandardizedLinear(weight, bias, first.eps)
+            layer = ensemble.StandardizedLinear(weight, bias, first.eps)
         else:
             layer = ensemble.Linear(weight, bias)
         layer.bias.requires_grad_(first.bias is not None)  # Fixup's layers have no bias: it stays 0

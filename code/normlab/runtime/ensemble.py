@@ -45,14 +45,22 @@ from tqdm import tqdm
 
 from normlab import nn as normlab_nn
 from normlab._validate import check_positive_int, is_number
-from normlab.normfree import FilterResponseNorm2d
+from normlab.normfree import (
+    FilterResponseNorm2d,
+    ScaledWSConv2d,
+    ScaledWSLinear,
+    WSConv2d,
+    WSLinear,
+    scaled_standardize_weight,
+    standardize_weight,
+)
 from normlab.runtime.data import Split
 from normlab.runtime.train import device_of, show_progress
 from normlab.stats import is_batch_norm, precise_bn
 
-__all__ = ["Linear", "Conv", "Folded", "MemberNorm", "LSTM", "PerExample", "Vmapped", "Grouped", "Ensemble", "stack",
-           "member", "member_batches", "member_loss", "SGD", "fit", "eval_logits", "evaluate", "accuracy",
-           "batch_accuracy"]
+__all__ = ["Linear", "Conv", "StandardizedLinear", "StandardizedConv", "Folded", "MemberNorm", "LSTM", "PerExample",
+           "Vmapped", "Grouped", "Ensemble", "stack", "member", "member_batches", "member_loss", "SGD", "fit",
+           "eval_logits", "evaluate", "accuracy", "batch_accuracy"]
 
 # Eval-mode passes over a whole set run in chunks of this many examples. In eval mode every example
 # is on its own, so the numbers are those of one pass; on a CPU a single pass over hundreds of
@@ -129,6 +137,10 @@ class Conv(nn.Module):
     def kernel_size(self):
         return tuple(self.weight.shape[3:])
 
+    def kernel(self):
+        """The weight the convolution uses, (K, out, C, *kernel): the stored one."""
+        return self.weight
+
     def forward(self, x):
         K, N, C, *S = x.shape
         dims = self.weight.dim() - 3
@@ -139,7 +151,7 @@ class Conv(nn.Module):
         if dims == 2:  # members as groups of channels
             folded = x.transpose(0, 1).reshape(N, K * C, *S)
             bias = None if self.bias is None else self.bias.reshape(-1)
-            y = F.conv2d(folded, self.weight.reshape(K * out_channels, C, *self.kernel_size), bias,
+            y = F.conv2d(folded, self.kernel().reshape(K * out_channels, C, *self.kernel_size), bias,
                          stride=self.stride, padding=self.padding, groups=K)
             return y.reshape(N, K, out_channels, *y.shape[2:]).transpose(0, 1)
         pads = [q for p in reversed(self.padding) for q in (p, p)]
@@ -149,7 +161,7 @@ class Conv(nn.Module):
         out = cols.shape[3 : 3 + dims]
         order = [0, 1, *range(3, 3 + dims), 2, *range(3 + dims, 3 + 2 * dims)]  # (K, N, *out, C, *kernel)
         cols = cols.permute(order).reshape(K, N * math.prod(out), -1)  # (K, N * positions, C * kernel)
-        kernels = self.weight.reshape(K, out_channels, -1).transpose(1, 2)  # (K, C * kernel, out)
+        kernels = self.kernel().reshape(K, out_channels, -1).transpose(1, 2)  # (K, C * kernel, out)
         y = cols @ kernels if self.bias is None else torch.baddbmm(self.bias.unsqueeze(1), cols, kernels)
         return y.reshape(K, N, *out, -1).movedim(-1, 2)  # (K, N, out channels, *out positions)
 
@@ -157,6 +169,39 @@ class Conv(nn.Module):
         K, out, C = self.weight.shape[:3]
         return (f"members={K}, in_channels={C}, out_channels={out}, kernel={self.kernel_size}, "
                 f"stride={self.stride}, padding={self.padding}")
+
+
+class StandardizedLinear(Linear):
+    """K stacked ``normlab.normfree.WSLinear`` (gain None) or ``ScaledWSLinear`` layers.
+
+    weight (K, in, out) as ``Linear`` stores it; each member's units are standardized by the
+    library's own functions, on the (K * out, in) matrix of all members' units. gain: (K, 1, out).
+    """
+
+    def __init__(self, weight, bias, eps, gain=None, gamma=1.0):
+        super().__init__(weight, bias)
+        self.eps, self.gamma = eps, gamma
+        self.gain = None if gain is None else nn.Parameter(gain.clone())
+
+    def forward(self, x):
+        K, d_in, d_out = self.weight.shape
+        rows = self.weight.transpose(1, 2).reshape(K * d_out, d_in)  # one row per unit of every member
+        if self.gain is None:
+            w = standardize_weight(rows, self.eps)
+        else:
+            w = scaled_standardize_weight(rows, self.gain.reshape(-1), self.gamma, self.eps)
+        return torch.baddbmm(self.bias, x, w.reshape(K, d_out, d_in).transpose(1, 2))
+
+
+class StandardizedConv(Conv):
+    """K stacked ``normlab.normfree.WSConv2d`` layers: each member's output channels standardized."""
+
+    def __init__(self, weight, bias, *, stride, padding, dilation, eps):
+        super().__init__(weight, bias, stride=stride, padding=padding, dilation=dilation)
+        self.eps = eps
+
+    def kernel(self):
+        return standardize_weight(self.weight.flatten(0, 1), self.eps).reshape(self.weight.shape)
 
 
 class MemberNorm(nn.Module):
@@ -346,6 +391,8 @@ def _stack_layers(layers, i):
 
 def _stack_layer(layers, i):
     K, first = len(layers), layers[0]
+    if isinstance(first, ScaledWSConv2d):
+        raise ValueError(f"layer {i}: ScaledWSConv2d has no stacked version")
     if isinstance(first, nn.Linear):
         if any(layer.weight.shape != first.weight.shape for layer in layers):
             raise ValueError(f"layer {i}: Linear sizes differ between models")
@@ -353,6 +400,11 @@ def _stack_layer(layers, i):
             raise ValueError(f"layer {i}: a Linear layer without bias is not supported")
         weight = torch.stack([layer.weight.detach().T for layer in layers]).contiguous()  # (K, in, out)
         bias = torch.stack([layer.bias.detach() for layer in layers]).unsqueeze(1).clone()  # (K, 1, out)
+        if isinstance(first, ScaledWSLinear):
+            gain = torch.stack([layer.gain.detach() for layer in layers]).unsqueeze(1)  # (K, 1, out)
+            return StandardizedLinear(weight, bias, first.eps, gain, first.gamma)
+        if isinstance(first, WSLinear):  # a subclass of nn.Linear: stacked as one it would lose its standardization
+            return StandardizedLinear(weight, bias, first.eps)
         return Linear(weight, bias)
     if is_batch_norm(first) or isinstance(first, FilterResponseNorm2d):  # per-channel: members fold into channels
         if any(layer.num_features != first.num_features for layer in layers):
@@ -373,6 +425,9 @@ def _stack_layer(layers, i):
             raise ValueError(f"layer {i}: convolution sizes differ between models")
         weight = torch.stack([layer.weight.detach() for layer in layers])  # (K, out, C, *kernel)
         bias = None if first.bias is None else torch.stack([layer.bias.detach() for layer in layers])
+        if isinstance(first, WSConv2d):
+            return StandardizedConv(weight, bias, stride=first.stride, padding=first.padding,
+                                    dilation=first.dilation, eps=first.eps)
         return Conv(weight, bias, stride=first.stride, padding=first.padding, dilation=first.dilation)
     if isinstance(first, normlab_nn.LastHidden):
         return LSTM(_stack_cell([layer.lstm.cell for layer in layers], i), K)
@@ -457,7 +512,8 @@ def stack(models) -> Ensemble:
             raise ValueError(f"layer {i} differs between models: {sorted({type(x).__name__ for x in layers})}")
         out.append(Grouped([_stack_layers(layers[a:b], i) for a, b in runs], [b - a for a, b in runs]))
     first = models[0][0]
-    example_dims = {nn.Conv2d: 3, nn.Conv1d: 2, normlab_nn.LastHidden: 2}.get(type(first), 1)  # axes of one example
+    kinds = {nn.Conv2d: 3, nn.Conv1d: 2, normlab_nn.LastHidden: 2}  # axes of one example (subclasses too)
+    example_dims = next((d for kind, d in kinds.items() if isinstance(first, kind)), 1)
     return Ensemble(*out, members=K, example_dims=example_dims)
 
 
@@ -465,7 +521,14 @@ def _member_layer(layer, k, K):
     """Member k of one ensemble layer of K members, as an ordinary module (a copy)."""
     if isinstance(layer, Linear):
         _, d_in, d_out = layer.weight.shape
-        lin = nn.Linear(d_in, d_out)
+        if isinstance(layer, StandardizedLinear) and layer.gain is not None:
+            lin = ScaledWSLinear(d_in, d_out, gamma=layer.gamma, eps=layer.eps)
+            with torch.no_grad():
+                lin.gain.copy_(layer.gain[k, 0])
+        elif isinstance(layer, StandardizedLinear):
+            lin = WSLinear(d_in, d_out, eps=layer.eps)
+        else:
+            lin = nn.Linear(d_in, d_out)
         with torch.no_grad():
             lin.weight.copy_(layer.weight[k].T)
             lin.bias.copy_(layer.bias[k, 0])
@@ -493,8 +556,11 @@ def _member_layer(layer, k, K):
     if isinstance(layer, Conv):
         out, C = layer.weight.shape[1:3]
         cls = nn.Conv1d if len(layer.kernel_size) == 1 else nn.Conv2d
+        extra = {}
+        if isinstance(layer, StandardizedConv):
+            cls, extra = WSConv2d, {"eps": layer.eps}
         conv = cls(C, out, layer.kernel_size, stride=layer.stride, padding=layer.padding,
-                   bias=layer.bias is not None)
+                   bias=layer.bias is not None, **extra)
         with torch.no_grad():
             conv.weight.copy_(layer.weight[k])
             if layer.bias is not None:
