@@ -58,7 +58,9 @@ class CourseMap(SphinxDirective):
             1,
         )
         figure = nodes.container(classes=["course-map"])
-        figure += nodes.raw("", f'<div class="course-map-svg">{svg}</div>', format="html")
+        # a region that may scroll sideways must be reachable by keyboard (axe: scrollable-region-focusable)
+        figure += nodes.raw("", '<div class="course-map-svg" tabindex="0" role="region" '
+                            f'aria-label="Course map, scrolls sideways on a narrow screen">{svg}</div>', format="html")
         if self.content:
             caption = nodes.container(classes=["caption"])
             self.state.nested_parse(self.content, self.content_offset, caption)
