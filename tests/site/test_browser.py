@@ -14,6 +14,7 @@ axe-playwright-python bundles, injected into the page; no download) runs its WCA
 A and AA rules, and any violation fails, naming the page, the rule and the elements.
 """
 
+import contextlib
 import functools
 import http.server
 import re
@@ -226,12 +227,22 @@ _FOCUSED = """() => {
 KEYBOARD_PAGES = ["chapters/beyond/index", "chapters/beyond/lab_diagnostics"]
 
 
+@contextlib.contextmanager
+def opened(browser, url, width=1280, idle=True):
+    """A page of the given width at url, loaded (and with the network idle, unless idle=False), closed afterwards."""
+    page = browser.new_page(viewport={"width": width, "height": 900})
+    try:
+        page.goto(url, wait_until="load")
+        if idle:
+            page.wait_for_load_state("networkidle")
+        yield page
+    finally:
+        page.close()
+
+
 @pytest.mark.parametrize("doc", KEYBOARD_PAGES)
 def test_keyboard_reaches_every_control_with_a_visible_focus(doc, servers, browser):
-    page = browser.new_page(viewport={"width": 1280, "height": 900})
-    try:
-        page.goto(servers["main"] + doc + ".html", wait_until="load")
-        page.wait_for_load_state("networkidle")
+    with opened(browser, servers["main"] + doc + ".html") as page:
         controls = page.evaluate(_CONTROLS)
         reached, unseen = set(), set()
         for _ in range(2 * len(controls) + 20):
@@ -241,8 +252,6 @@ def test_keyboard_reaches_every_control_with_a_visible_focus(doc, servers, brows
                 reached.add(focused[0])
                 if not focused[1]:
                     unseen.add(focused[0])
-    finally:
-        page.close()
     assert len(controls) > 50, f"{doc}: only {len(controls)} controls found"
     missing = [controls[i] for i in range(len(controls)) if i not in reached]
     assert not missing, f"{doc}: Tab never reaches {missing}"
@@ -251,10 +260,7 @@ def test_keyboard_reaches_every_control_with_a_visible_focus(doc, servers, brows
 
 @pytest.mark.parametrize("doc", KEYBOARD_PAGES)
 def test_keyboard_opens_a_solution_the_sidebar_and_the_launch_menu(doc, servers, browser):
-    page = browser.new_page(viewport={"width": 1280, "height": 900})
-    try:
-        page.goto(servers["main"] + doc + ".html", wait_until="load")
-        page.wait_for_load_state("networkidle")
+    with opened(browser, servers["main"] + doc + ".html") as page:
         # a solution (sphinx-togglebutton): Enter on its toggle shows the hidden body
         toggle = page.locator(".solution button.toggle-button").first
         body = page.locator(".solution").first.locator("section, p").last
@@ -276,8 +282,6 @@ def test_keyboard_opens_a_solution_the_sidebar_and_the_launch_menu(doc, servers,
             page.keyboard.press("Enter")
             page.wait_for_timeout(300)
             assert page.locator(".dropdown-launch-buttons .dropdown-menu a").first.is_visible()
-    finally:
-        page.close()
 
 
 @pytest.mark.parametrize("site", SITES)
@@ -370,11 +374,7 @@ _MAP_FONT_PX = """() => Array.from(document.querySelectorAll('.course-map-svg sv
 @pytest.mark.parametrize("width", [1280, 390])
 def test_course_map_labels_render_at_12_px_at_least(width, servers, browser):
     """At a desktop and a phone width the map's labels stay readable (it scrolls sideways instead)."""
-    page = browser.new_page(viewport={"width": width, "height": 900})
-    try:
-        page.goto(servers["main"] + "intro.html", wait_until="load")
+    with opened(browser, servers["main"] + "intro.html", width=width, idle=False) as page:
         sizes = page.evaluate(_MAP_FONT_PX)
-    finally:
-        page.close()
     assert len(sizes) > len(chapters(ROOT)), f"found {len(sizes)} labels in the course map"
     assert min(sizes) >= 11.9, f"the smallest course-map label renders at {min(sizes):.1f} px (at least 12 px)"

@@ -530,10 +530,24 @@ class SelfAttention(nn.Module):
         self.qkv, self.out = nn.Linear(width, 3 * width), nn.Linear(width, width)
 
     def forward(self, x):
-        N, T, D = x.shape
-        q, k, v = self.qkv(x).reshape(N, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (N, h, T, d)
-        weights = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(D // self.heads), dim=-1)  # (N, h, T, T)
-        return self.out((weights @ v).transpose(1, 2).reshape(N, T, D))
+        return self.out(_attend(self.qkv(x), self.heads))
+
+
+def _attend(qkv, heads):
+    """Scaled dot-product attention from the projections qkv (N, T, 3 D) = [q | k | v]; returns (N, T, D)."""
+    N, T, D = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+    q, k, v = qkv.reshape(N, T, 3, heads, D // heads).permute(2, 0, 3, 1, 4)  # (N, h, T, d) each
+    weights = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(D // heads), dim=-1)  # (N, h, T, T)
+    return (weights @ v).transpose(1, 2).reshape(N, T, D)
+
+
+def _sublayers(block, x):
+    """A transformer block's two residual sublayers, its norms placed as ``block.place`` says."""
+    if block.place == "pre":
+        x = x + block.attn(block.norm1(x))
+        return x + block.mlp(block.norm2(x))
+    x = block.norm1(x + block.attn(x))
+    return block.norm2(x + block.mlp(x))
 
 
 class TransformerBlock(nn.Module):
@@ -553,11 +567,7 @@ class TransformerBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
 
     def forward(self, x):
-        if self.place == "pre":
-            x = x + self.attn(self.norm1(x))
-            return x + self.mlp(self.norm2(x))
-        x = self.norm1(x + self.attn(x))
-        return self.norm2(x + self.mlp(x))
+        return _sublayers(self, x)
 
 
 class TinyTransformer(nn.Module):
@@ -628,20 +638,14 @@ class _StackedTransformerBlock(nn.Module):
 
     def attn(self, x):
         K, N, T, D = x.shape
-        h = self.heads
-        q, k, v = _tokens(self.qkv, x).reshape(K * N, T, 3, h, D // h).permute(2, 0, 3, 1, 4)
-        weights = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(D // h), dim=-1)
-        return _tokens(self.out, (weights @ v).transpose(1, 2).reshape(K, N, T, D))
+        qkv = _tokens(self.qkv, x).reshape(K * N, T, 3 * D)  # the members' examples as one batch
+        return _tokens(self.out, _attend(qkv, self.heads).reshape(K, N, T, D))
 
     def mlp(self, x):
         return _tokens(self.fc2, F.gelu(_tokens(self.fc1, x)))
 
     def forward(self, x):
-        if self.place == "pre":
-            x = x + self.attn(self.norm1(x))
-            return x + self.mlp(self.norm2(x))
-        x = self.norm1(x + self.attn(x))
-        return self.norm2(x + self.mlp(x))
+        return _sublayers(self, x)
 
 
 class StackedTransformer(nn.Module):
