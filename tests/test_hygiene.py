@@ -227,6 +227,10 @@ def _log_axes_and_tick_setters(tree):
             logs.append("set(xscale/yscale='log')")
         if name in ("set_xticks", "set_yticks"):
             ticks.append(name)
+        if name == "set":  # ticks and a log scale for the same axis in one call
+            kw = {k.arg: k.value for k in node.keywords}
+            ticks += [f"set({a}ticks)" for a in "xy" if f"{a}ticks" in kw
+                      and isinstance(kw.get(f"{a}scale"), ast.Constant) and kw[f"{a}scale"].value == "log"]
     return logs, ticks
 
 
@@ -246,6 +250,10 @@ def test_the_log_axis_rule_sees_the_pattern_it_forbids():
     src = 'ax.set(xscale="log", xlabel="B")\nax.set_xticks(sizes, [str(s) for s in sizes])'
     assert _log_axes_and_tick_setters(parse_cell(src)) == (["set(xscale/yscale='log')"], ["set_xticks"])
     assert _log_axes_and_tick_setters(parse_cell('ax.loglog(b, m)\nlog_axis(ax, "x", ticks=b)')) == (["loglog"], [])
+    one_call = 'ax.set(xscale="log", xticks=sizes, xticklabels=sizes)'
+    assert _log_axes_and_tick_setters(parse_cell(one_call)) == (["set(xscale/yscale='log')"], ["set(xticks)"])
+    other_axis = 'ax.set(yscale="log", xticks=range(5))'
+    assert _log_axes_and_tick_setters(parse_cell(other_axis)) == (["set(xscale/yscale='log')"], [])
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)

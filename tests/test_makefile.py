@@ -4,9 +4,11 @@
 recipe's own ``$(MAKE)`` calls, passing ``-n``), so these tests read the real plan without running it.
 """
 
+import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -56,7 +58,7 @@ def test_two_chains_run_side_by_side_on_one_thread_each(plan):
     assert lint and lint[0] < plan.index(together[0]), "lint runs alone, before the two chains"
 
 
-def test_nbval_waits_for_outputs_as_long_as_for_a_cell():
+def test_nbval_waits_for_outputs_as_long_as_for_a_cell(monkeypatch):
     """nbval stops the kernel after 5 s without an output; tests/nbval_stubs.py lifts that limit."""
     from nbval.plugin import IPyNbCell
 
@@ -72,5 +74,37 @@ def test_nbval_waits_for_outputs_as_long_as_for_a_cell():
     cell.output_timeout = 5
     cell.cell = type("Cell", (), {"source": "x = 1"})()
     cell.parent = object()
-    stubs.pytest_collection_modifyitems(None, Config(), [cell])
+    monkeypatch.setattr(stubs.FiguresReport, "from_parent", lambda parent, **kw: "figures report")
+    items = [cell]
+    stubs.pytest_collection_modifyitems(None, Config(), items)
     assert cell.output_timeout == 2000
+    assert items == [cell, "figures report"]
+
+
+def _notebook(path, figure_code):
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    setup = "import matplotlib.pyplot as plt\nfrom normlab.runtime.plotting import use_style\nuse_style()"
+    nb.cells = [nbformat.v4.new_code_cell(setup), nbformat.v4.new_code_cell(figure_code)]
+    nbformat.write(nb, path)
+
+
+def test_the_notebook_test_fails_on_a_figure_a_reader_cannot_read(tmp_path):
+    """`make notebooks` runs nbval with tests/nbval_stubs.py: a figure whose audit finds a problem
+    fails the notebook's "figures" test, and a figure without one passes it."""
+    two_lines = "fig, ax = plt.subplots()\nax.plot([1, 2], 'o-', label='BN')\n"
+    two_lines += "ax.plot([2, 1], {}, label='GN')\nax.legend()"
+    _notebook(tmp_path / "colour_only.ipynb", two_lines.format("'o-'"))
+    _notebook(tmp_path / "told_apart.ipynb", two_lines.format("'s--'"))
+    paths = [str(ROOT), str(ROOT / "code"), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "--nbval-lax", "--nbval-current-env", "-p", "no:cacheprovider",
+         "-p", "tests.nbval_stubs", "-q", str(tmp_path)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 1, run.stdout[-3000:]
+    assert "colour_only.ipynb::figures FAILED" in run.stdout or "FAILED colour_only.ipynb::figures" in run.stdout
+    assert "'BN' and 'GN' differ by colour only" in run.stdout
+    assert "1 failed, 5 passed" in run.stdout, run.stdout[-3000:]

@@ -111,3 +111,87 @@ def test_bad_cvd_arguments_are_named():
         simulate_cvd([0.1, 0.2], "protanopia")
     with pytest.raises(ValueError, match="rrggbb"):
         hex_to_rgb("#fff")
+
+
+# The figure audit: what a reader of the website would find wrong with a figure.
+
+from normlab.runtime.plotting import COLUMN_PX, MIN_TEXT_PX, audit, use_style  # noqa: E402
+
+
+@pytest.fixture
+def styled():
+    with matplotlib.rc_context():
+        use_style()
+        yield
+    plt.close("all")
+
+
+def test_a_figure_with_told_apart_series_readable_text_and_spaced_ticks_passes(styled):
+    fig, ax = plt.subplots()
+    ax.plot([1, 2], [1, 2], "o-", label="BN")
+    ax.plot([1, 2], [2, 1], "s--", label="no BN")
+    ax.bar([3, 4], [1, 2], label="ghost", hatch="//")
+    ax.bar([3, 4], [1, 2], label="dropout")
+    ax.legend()
+    assert audit(fig) == []
+
+
+def test_legend_entries_that_differ_by_colour_alone_are_named(styled):
+    fig, ax = plt.subplots()
+    ax.plot([1, 2], [1, 2], label="BN")
+    ax.plot([1, 2], [2, 1], label="no BN")
+    ax.legend()
+    (problem,) = audit(fig)
+    assert "'BN' and 'no BN' differ by colour only" in problem
+    fig, ax = plt.subplots()
+    ax.bar([1], [1], label="BN")
+    ax.bar([2], [1], label="GN")
+    fig.legend()
+    assert "'BN' and 'GN' differ by colour only" in audit(fig)[0]
+
+
+def test_a_wide_figure_shrunk_into_the_column_has_text_too_small_to_read(styled):
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
+    (problem,) = audit(fig)
+    assert f"below {MIN_TEXT_PX:g} px" in problem and f"shrinks to {COLUMN_PX} px" in problem
+    assert audit(fig, column_px=10_000) == []  # shown at full size (Colab), the same text is large enough
+    fig, ax = plt.subplots()
+    ax.set_title("small print", fontsize=6)
+    assert "'small print'" in audit(fig)[0]
+
+
+def test_overlapping_tick_labels_are_named(styled):
+    fig, ax = plt.subplots(figsize=(3, 2))
+    ax.set_xticks(range(12), [f"label {i}" for i in range(12)])
+    (problem,) = audit(fig)
+    assert "of an x axis overlap, first 'label 0' and 'label 1'" in problem
+
+
+def test_in_ipython_every_figure_is_shown_with_its_audit(styled):
+    from IPython.core.interactiveshell import InteractiveShell
+    from IPython.core.pylabtools import select_figure_formats
+
+    from normlab.runtime.plotting import AUDIT_MIME
+
+    shell = InteractiveShell.instance()
+    try:
+        use_style()
+        select_figure_formats(shell, {"png"})  # what the inline backend does: it clears every Figure printer
+        fig, ax = plt.subplots()
+        ax.plot([1, 2], [1, 2], label="BN")
+        ax.plot([1, 2], [2, 1], label="no BN")
+        ax.legend()
+        data, _ = shell.display_formatter.format(fig)
+        assert "image/png" in data and "differ by colour only" in data[AUDIT_MIME]["problems"][0]
+        assert AUDIT_MIME not in shell.display_formatter.format(ax)[0]  # only figures carry one
+    finally:
+        InteractiveShell.clear_instance()
+
+
+def test_series_coloured_by_an_array_are_audited_like_named_colours(styled):
+    fig, ax = plt.subplots()
+    shades = plt.cm.viridis(np.linspace(0, 0.9, 2))  # RGBA rows, not names
+    ax.plot([1, 2], [1, 2], color=shades[0], label="layer 1")
+    ax.plot([1, 2], [2, 1], color=shades[1], lw=2.2, label="classifier")
+    ax.legend()
+    assert audit(fig) == []  # told apart by their widths

@@ -378,3 +378,19 @@ def test_course_map_labels_render_at_12_px_at_least(width, servers, browser):
         sizes = page.evaluate(_MAP_FONT_PX)
     assert len(sizes) > len(chapters(ROOT)), f"found {len(sizes)} labels in the course map"
     assert min(sizes) >= 11.9, f"the smallest course-map label renders at {min(sizes):.1f} px (at least 12 px)"
+
+
+_FIGURE_WIDTHS = """() => Array.from(document.querySelectorAll('.cell_output img'))
+    .map(i => [i.getBoundingClientRect().width, i.naturalWidth])"""
+
+
+def test_the_text_column_is_as_wide_as_the_figure_audit_assumes(servers, browser):
+    """normlab.runtime.plotting.audit judges figures' text at COLUMN_PX wide: a figure that wide or wider
+    must render at least that wide in a 1280 px window, or the audit passes text that the page shrinks."""
+    from normlab.runtime.plotting import COLUMN_PX
+
+    with opened(browser, servers["main"] + "chapters/scratch/lab.html", idle=False) as page:
+        widths = page.evaluate(_FIGURE_WIDTHS)
+    assert widths, "no figure in the scratch lab's outputs"
+    narrow = [(round(shown), natural) for shown, natural in widths if shown < min(natural, COLUMN_PX) - 1]
+    assert not narrow, f"figures shown narrower than the audit assumes ({COLUMN_PX} px): {narrow}"

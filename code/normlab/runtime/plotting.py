@@ -3,6 +3,11 @@
 ``simulate_cvd`` shows a colour (or a rendered figure) as a reader with a colour-vision deficiency
 sees it, and ``delta_e`` measures how far apart two colours look; the tests check with both that
 the palette's colours stay apart under the three dichromacies.
+
+``audit`` lists what a reader of the website would find wrong with a figure: text that the page
+shrinks below a readable size, legend entries told apart by colour alone, tick labels that overlap.
+In a notebook, ``use_style`` shows every figure with its audit beside the image (a JSON output no
+page or notebook displays), and the notebook test (``tests/nbval_stubs.py``) fails on any finding.
 """
 
 from __future__ import annotations
@@ -10,8 +15,15 @@ from __future__ import annotations
 import matplotlib as mpl
 import numpy as np
 from matplotlib import ticker
+from matplotlib.collections import Collection
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 
-__all__ = ["OKABE_ITO", "COLORS", "CVD", "color", "use_style", "log_axis", "hex_to_rgb", "simulate_cvd", "delta_e"]
+__all__ = [
+    "OKABE_ITO", "COLORS", "CVD", "COLUMN_PX", "MIN_TEXT_PX", "AUDIT_MIME",
+    "color", "use_style", "log_axis", "audit", "hex_to_rgb", "simulate_cvd", "delta_e",
+]
 
 # Okabe & Ito's palette, distinguishable under the common colour-vision deficiencies.
 OKABE_ITO = {
@@ -98,6 +110,7 @@ def use_style() -> None:
             "font.size": 10,
         }
     )
+    _show_audits()
 
 
 def log_axis(ax, axis: str = "x", ticks=None) -> None:
@@ -117,6 +130,119 @@ def log_axis(ax, axis: str = "x", ticks=None) -> None:
         which.set_major_locator(ticker.FixedLocator([float(t) for t in ticks]))
     which.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     which.set_minor_locator(ticker.NullLocator())
+
+
+# How wide the website shows a figure in a 1280 px window (sphinx-book-theme's text column, measured;
+# tests/site/test_browser.py checks it): a wider image is shrunk to fit, and its text with it.
+# Colab and Jupyter show figures at full size.
+COLUMN_PX = 684
+# The smallest text a figure may show on the page, in CSS pixels (the body text is 16 px).
+MIN_TEXT_PX = 11.0
+AUDIT_MIME = "application/vnd.normlab.figure-audit+json"
+
+
+def _texts(fig):
+    """Every piece of text a reader sees in ``fig``: titles, labels, tick labels, legends, notes."""
+    texts = list(fig.texts)
+    for name in ("_suptitle", "_supxlabel", "_supylabel"):
+        texts.append(getattr(fig, name, None))
+    legends = list(fig.legends)
+    for ax in fig.axes:
+        texts += [ax.title, ax._left_title, ax._right_title, ax.xaxis.label, ax.yaxis.label, *ax.texts]
+        for axis in (ax.xaxis, ax.yaxis):
+            texts += axis.get_ticklabels(which="both")
+        legends.append(ax.get_legend())
+    for legend in filter(None, legends):
+        texts += [*legend.get_texts(), legend.get_title()]
+    return [t for t in texts if t is not None and t.get_visible() and t.get_text().strip()]
+
+
+def _style(handle):
+    """What, besides its colour, tells a legend entry apart: marker, line style, width, hatch."""
+    if isinstance(handle, Line2D):
+        face = handle.get_markerfacecolor()
+        filled = not (isinstance(face, str) and face.lower() == "none")
+        return ("line", handle.get_marker(), handle.get_linestyle(), round(handle.get_linewidth(), 1), filled)
+    if isinstance(handle, Patch):
+        return ("patch", handle.get_hatch(), handle.get_linestyle(), handle.get_fill())
+    if isinstance(handle, Collection):
+        paths = handle.get_paths()
+        shape = paths[0].vertices.round(3).tobytes() if paths else b""
+        return ("collection", type(handle).__name__, shape, str(handle.get_linestyle()), handle.get_hatch())
+    return ("other", id(handle))  # an unknown kind of entry: assume it is told apart
+
+
+def audit(fig, column_px: float = COLUMN_PX) -> list[str]:
+    """What a reader of the website would find wrong with ``fig``, one sentence each; [] when nothing.
+
+    - text smaller than ``MIN_TEXT_PX`` once the page fits the image into a column ``column_px`` wide;
+    - two entries of one legend that differ by colour only (no marker, line style, width or hatch);
+    - tick labels of one axis that overlap.
+    """
+    renderer = fig.canvas.get_renderer()
+    fig.draw(renderer)
+    width_px = fig.get_tightbbox(renderer).width * fig.dpi + 2 * 0.1 * fig.dpi  # the saved image, tight
+    shrink = min(1.0, column_px / width_px)
+    problems = []
+    small = sorted(
+        {(round(t.get_fontsize() * fig.dpi / 72 * shrink, 1), t.get_text()) for t in _texts(fig)}
+    )
+    small = [(px, text) for px, text in small if px < MIN_TEXT_PX]
+    if small:
+        shown = ", ".join(f"{text!r}" for _, text in small[:3]) + (" ..." if len(small) > 3 else "")
+        problems.append(
+            f"text renders at {small[0][0]} px on the page, below {MIN_TEXT_PX:g} px ({shown}); the "
+            f"image is {width_px:.0f} px wide and shrinks to {column_px} px: make it narrower or the text larger"
+        )
+    legends = list(fig.legends) + [ax.get_legend() for ax in fig.axes]
+    for legend in filter(None, legends):
+        seen = {}
+        for handle, text in zip(legend.legend_handles, legend.get_texts()):
+            key = _style(handle)
+            if key in seen:
+                problems.append(
+                    f"legend entries {seen[key]!r} and {text.get_text()!r} differ by colour only: "
+                    "give each a marker or line style of its own"
+                )
+            seen.setdefault(key, text.get_text())
+    for ax in fig.axes:
+        for name, axis in (("x", ax.xaxis), ("y", ax.yaxis)):
+            labels = [t for t in axis.get_ticklabels(which="both") if t.get_visible() and t.get_text().strip()]
+            boxes = [(t.get_window_extent(renderer), t.get_text()) for t in labels]
+            clashes = [(a, b) for i, (box, a) in enumerate(boxes) for other, b in boxes[i + 1 :] if box.overlaps(other)]
+            if clashes:
+                problems.append(
+                    f"{len(clashes)} pairs of tick labels of an {name} axis overlap, "
+                    f"first {clashes[0][0]!r} and {clashes[0][1]!r}"
+                )
+    return problems
+
+
+def _show_audits() -> None:
+    """In IPython, display every figure with its ``audit`` under ``AUDIT_MIME`` (once per session)."""
+    try:
+        from IPython import get_ipython
+        from IPython.core.formatters import JSONFormatter
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is None or AUDIT_MIME in shell.display_formatter.formatters:
+        return
+
+    class AuditFormatter(JSONFormatter):
+        # It answers for figures itself: IPython clears every formatter's Figure entry whenever
+        # matplotlib's inline backend chooses its image formats, so for_type(Figure) would not last.
+        format_type = AUDIT_MIME
+
+        def __call__(self, obj):
+            if not isinstance(obj, Figure):
+                return None
+            try:
+                return {"problems": audit(obj)}
+            except Exception as error:  # never a traceback under a reader's figure; the test reports it
+                return {"problems": [f"the audit itself failed: {error!r}"]}
+
+    shell.display_formatter.formatters[AUDIT_MIME] = AuditFormatter(parent=shell.display_formatter)
 
 
 # Machado, Oliveira & Fernandes (2009), "A physiologically-based model for simulation of color vision
