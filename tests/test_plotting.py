@@ -195,3 +195,17 @@ def test_series_coloured_by_an_array_are_audited_like_named_colours(styled):
     ax.plot([1, 2], [2, 1], color=shades[1], lw=2.2, label="classifier")
     ax.legend()
     assert audit(fig) == []  # told apart by their widths
+
+
+def test_step_histograms_told_apart_by_line_style_pass_and_by_colour_alone_fail(styled):
+    values = np.linspace(-2, 2, 50)
+    fig, ax = plt.subplots()
+    for ls, label in [(":", "B = 8"), ("-", "B = 128")]:
+        ax.hist(values, histtype="step", ls=ls, label=label)
+    ax.legend()
+    assert audit(fig) == []
+    fig, ax = plt.subplots()
+    for label in ["B = 8", "B = 128"]:
+        ax.hist(values, histtype="step", label=label)
+    ax.legend()
+    assert "differ by colour only" in audit(fig)[0]

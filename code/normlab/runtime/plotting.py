@@ -157,14 +157,22 @@ def _texts(fig):
     return [t for t in texts if t is not None and t.get_visible() and t.get_text().strip()]
 
 
+def _dashes(artist):
+    # The drawn dash pattern: a legend's patch copies it from the artist it stands for, but its
+    # get_linestyle() then still says "solid"; custom dashes read as "--" there too.
+    offset, dashes = getattr(artist, "_dash_pattern", (0, None))
+    return None if dashes is None else tuple(round(float(d), 2) for d in dashes)
+
+
 def _style(handle):
     """What, besides its colour, tells a legend entry apart: marker, line style, width, hatch."""
     if isinstance(handle, Line2D):
         face = handle.get_markerfacecolor()
         filled = not (isinstance(face, str) and face.lower() == "none")
-        return ("line", handle.get_marker(), handle.get_linestyle(), round(handle.get_linewidth(), 1), filled)
+        ls = handle.get_linestyle() if handle.get_linestyle() in ("None", " ", "") else _dashes(handle)
+        return ("line", handle.get_marker(), ls, round(handle.get_linewidth(), 1), filled)
     if isinstance(handle, Patch):
-        return ("patch", handle.get_hatch(), handle.get_linestyle(), handle.get_fill())
+        return ("patch", handle.get_hatch(), _dashes(handle), handle.get_fill())
     if isinstance(handle, Collection):
         paths = handle.get_paths()
         shape = paths[0].vertices.round(3).tobytes() if paths else b""
@@ -179,8 +187,8 @@ def audit(fig, column_px: float = COLUMN_PX) -> list[str]:
     - two entries of one legend that differ by colour only (no marker, line style, width or hatch);
     - tick labels of one axis that overlap.
     """
+    fig.draw_without_rendering()  # lays out ticks and text as a draw would, without the pixels
     renderer = fig.canvas.get_renderer()
-    fig.draw(renderer)
     width_px = fig.get_tightbbox(renderer).width * fig.dpi + 2 * 0.1 * fig.dpi  # the saved image, tight
     shrink = min(1.0, column_px / width_px)
     problems = []
