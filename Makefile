@@ -69,14 +69,17 @@ unit: $(STAMP)
 # nbval runs the student edition (solutions stubbed: what a student runs before any exercise) at
 # another seed than the book build (NORMLAB_SEED=0): every cell must run, and tests/nbval_stubs.py
 # adds a test after each notebook that every stub said NOT ATTEMPTED and every later use fell back to
-# the course's reference. So each notebook executes twice per `make test`: here, and in the book,
-# whose executed solutions the student website shows. The notebooks' code cells are those of the
-# student Colab edition (tests/site/test_colab_edition.py), written here without the book.
+# the course's reference. With NORMLAB_AUDIT_FIGURES=1 each figure is shown with its audit
+# (normlab.runtime.plotting.audit), and the plugin's "figures" test after each notebook fails on any
+# finding; the book's build leaves the audits out. So each notebook executes twice per `make test`:
+# here, and in the book, whose executed solutions the student website shows. The notebooks' code
+# cells are those of the student Colab edition (tests/site/test_colab_edition.py), written here
+# without the book.
 NBVAL_SEED ?= 1
 notebooks: $(STAMP)
 	rm -rf _build/student-notebooks
 	$(BIN)/python -m coursekit.student chapters _build/student-notebooks > /dev/null
-	NORMLAB_SEED=$(NBVAL_SEED) $(BIN)/python -m pytest --nbval-lax --nbval-current-env -p no:cacheprovider \
+	NORMLAB_SEED=$(NBVAL_SEED) NORMLAB_AUDIT_FIGURES=1 $(BIN)/python -m pytest --nbval-lax --nbval-current-env -p no:cacheprovider \
 		-p tests.nbval_stubs _build/student-notebooks
 
 ## colab: the Colab editions (markdown in plain CommonMark) into _build/colab and _build/colab-student

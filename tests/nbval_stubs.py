@@ -12,9 +12,9 @@ So one execution checks the asserts at a second seed and the student's "Run All"
 ``-p tests.nbval_stubs`` (the Makefile's ``notebooks`` target).
 
 A second test after each notebook with figures reads each figure's audit, which
-``normlab.runtime.plotting.use_style`` displays beside the image: it fails on text the website
-shrinks below a readable size, legend entries told apart by colour alone, and overlapping tick
-labels, naming the cell.
+``normlab.runtime.plotting.use_style`` displays beside the image when ``NORMLAB_AUDIT_FIGURES=1``
+(the Makefile sets it): it fails on text the website shrinks below a readable size, legend entries
+told apart by colour alone, and overlapping tick labels, naming the cell.
 
 It also lifts nbval's one short wall-clock limit: after a cell's reply, nbval waits only 5 s for
 each of its outputs, then stops the kernel, so on a busy machine a slow plot failed that cell and
@@ -80,7 +80,8 @@ class FiguresReport(pytest.Item):
             for data in _figures(cell):
                 shown += 1
                 if AUDIT_MIME not in data:
-                    problems.append(f"{cell.name}: a figure without its audit (did the notebook call use_style()?)")
+                    problems.append(f"{cell.name}: a figure without its audit (is NORMLAB_AUDIT_FIGURES=1 "
+                                    "set, and does the notebook call use_style()?)")
                 problems += [f"{cell.name}: {p}" for p in data.get(AUDIT_MIME, {}).get("problems", [])]
         if not shown:
             pytest.skip("this notebook showed no figure")

@@ -38,6 +38,9 @@ def test_nbval_runs_the_student_edition_once_at_another_seed(plan):
     assert len(nbval) == 1, "\n".join(nbval)
     assert any(line.strip() == "-p tests.nbval_stubs _build/student-notebooks" for line in plan)
     assert re.search(r"NORMLAB_SEED=(\d+)", nbval[0]).group(1) != "0"  # the book runs at seed 0
+    assert "NORMLAB_AUDIT_FIGURES=1" in nbval[0]  # each figure's audit, for the "figures" test
+    books = [line for line in plan if "jupyter-book build" in line]
+    assert not any("NORMLAB_AUDIT_FIGURES" in line for line in books)  # the website shows figures alone
 
 
 def test_two_chains_run_side_by_side_on_one_thread_each(plan):
@@ -98,7 +101,7 @@ def test_the_notebook_test_fails_on_a_figure_a_reader_cannot_read(tmp_path):
     _notebook(tmp_path / "colour_only.ipynb", two_lines.format("'o-'"))
     _notebook(tmp_path / "told_apart.ipynb", two_lines.format("'s--'"))
     paths = [str(ROOT), str(ROOT / "code"), os.environ.get("PYTHONPATH", "")]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "NORMLAB_AUDIT_FIGURES": "1"}
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "--nbval-lax", "--nbval-current-env", "-p", "no:cacheprovider",
          "-p", "tests.nbval_stubs", "-q", str(tmp_path)],

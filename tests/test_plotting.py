@@ -167,12 +167,28 @@ def test_overlapping_tick_labels_are_named(styled):
     assert "of an x axis overlap, first 'label 0' and 'label 1'" in problem
 
 
-def test_in_ipython_every_figure_is_shown_with_its_audit(styled):
+def test_in_ipython_the_audit_is_shown_only_when_asked_for(styled, monkeypatch):
+    from IPython.core.interactiveshell import InteractiveShell
+
+    from normlab.runtime.plotting import AUDIT_ENV, AUDIT_MIME
+
+    monkeypatch.delenv(AUDIT_ENV, raising=False)
+    shell = InteractiveShell.instance()
+    try:
+        use_style()  # a reader's run, and the book's: the figures alone
+        fig, ax = plt.subplots()
+        assert AUDIT_MIME not in shell.display_formatter.format(fig)[0]
+    finally:
+        InteractiveShell.clear_instance()
+
+
+def test_in_ipython_every_figure_is_shown_with_its_audit(styled, monkeypatch):
     from IPython.core.interactiveshell import InteractiveShell
     from IPython.core.pylabtools import select_figure_formats
 
-    from normlab.runtime.plotting import AUDIT_MIME
+    from normlab.runtime.plotting import AUDIT_ENV, AUDIT_MIME
 
+    monkeypatch.setenv(AUDIT_ENV, "1")  # as make notebooks sets it
     shell = InteractiveShell.instance()
     try:
         use_style()

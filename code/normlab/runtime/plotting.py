@@ -6,11 +6,15 @@ the palette's colours stay apart under the three dichromacies.
 
 ``audit`` lists what a reader of the website would find wrong with a figure: text that the page
 shrinks below a readable size, legend entries told apart by colour alone, tick labels that overlap.
-In a notebook, ``use_style`` shows every figure with its audit beside the image (a JSON output no
-page or notebook displays), and the notebook test (``tests/nbval_stubs.py``) fails on any finding.
+With ``NORMLAB_AUDIT_FIGURES=1`` (``make notebooks`` sets it), ``use_style`` makes IPython show every
+figure with its audit beside the image, as a JSON output that no page or notebook displays, and the
+notebook test (``tests/nbval_stubs.py``) fails on any finding. The book's build and a reader's run
+leave it out: their outputs stay the figures alone.
 """
 
 from __future__ import annotations
+
+import os
 
 import matplotlib as mpl
 import numpy as np
@@ -21,7 +25,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 __all__ = [
-    "OKABE_ITO", "COLORS", "CVD", "COLUMN_PX", "MIN_TEXT_PX", "AUDIT_MIME",
+    "OKABE_ITO", "COLORS", "CVD", "COLUMN_PX", "MIN_TEXT_PX", "AUDIT_MIME", "AUDIT_ENV",
     "color", "use_style", "log_axis", "audit", "hex_to_rgb", "simulate_cvd", "delta_e",
 ]
 
@@ -110,7 +114,8 @@ def use_style() -> None:
             "font.size": 10,
         }
     )
-    _show_audits()
+    if os.environ.get(AUDIT_ENV) == "1":
+        _show_audits()
 
 
 def log_axis(ax, axis: str = "x", ticks=None) -> None:
@@ -139,6 +144,7 @@ COLUMN_PX = 684
 # The smallest text a figure may show on the page, in CSS pixels (the body text is 16 px).
 MIN_TEXT_PX = 11.0
 AUDIT_MIME = "application/vnd.normlab.figure-audit+json"
+AUDIT_ENV = "NORMLAB_AUDIT_FIGURES"  # "1": show each figure's audit beside it (the notebook test)
 
 
 def _texts(fig):
@@ -160,7 +166,7 @@ def _texts(fig):
 def _dashes(artist):
     # The drawn dash pattern: a legend's patch copies it from the artist it stands for, but its
     # get_linestyle() then still says "solid"; custom dashes read as "--" there too.
-    offset, dashes = getattr(artist, "_dash_pattern", (0, None))
+    _offset, dashes = getattr(artist, "_dash_pattern", (0, None))
     return None if dashes is None else tuple(round(float(d), 2) for d in dashes)
 
 
