@@ -62,6 +62,30 @@ def test_every_chapter_folder_has_a_narrative_page():
             assert (folder / "index.md").exists(), f"{folder.name}/ has no index.md"
 
 
+def _labs_before_claims(text):
+    """Whether a chapter page lists its labs (a Labs section holding the toc) before its Claims box."""
+    marks = ("\n## Labs\n", "```{tableofcontents}", "\n## Claims, checked\n")
+    labs, toc, claims = (text.find(s) for s in marks)
+    return -1 < labs < toc < claims
+
+
+def test_every_chapter_lists_its_labs_before_its_claims_box():
+    """Sphinx numbers a page's sub-pages where its toctree sits: in the Labs section, the labs are part of
+    the chapter (5.6.1, ...); left at the page's end, after "Claims, checked" and the Questions (5.9)."""
+    with_labs = {f.split("/")[1] for f in toc_files() if f.startswith("chapters/") and "/lab" in f}
+    assert with_labs
+    for chapter in sorted(with_labs):
+        text = (ROOT / "chapters" / chapter / "index.md").read_text()
+        where = f"chapters/{chapter}/index.md"
+        assert _labs_before_claims(text), f"{where}: no Labs section with its toc before the Claims box"
+
+
+def test_the_labs_rule_sees_a_toc_left_at_the_end():
+    good = "# C\n\n## Labs\n\n```{tableofcontents}\n```\n\n## Claims, checked\n\n## Questions\n"
+    assert _labs_before_claims(good)
+    assert not _labs_before_claims("# C\n\n## Claims, checked\n\n## Questions\n")
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
 def test_every_cell_has_a_unique_id(path):
     """nbformat 4.5 requires cell ids (a missing one is a warning today, an error in later nbformat)."""
